@@ -1,0 +1,147 @@
+//! The admin server: `/healthz` (the process is alive), `/readyz` (every readiness gate is
+//! open) and `/metrics` (Prometheus text format). It listens on its own port so that none
+//! of it is reachable through the metadata address.
+
+use std::{convert::Infallible, net::SocketAddr, time::Duration};
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::{body::Incoming, service::service_fn};
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo, TokioTimer},
+    server::{conn::auto, graceful::GracefulShutdown},
+};
+use prometheus::{Encoder, Registry, TextEncoder};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::readiness::Readiness;
+
+/// How long in-flight admin requests may take after shutdown starts.
+const GRACE: Duration = Duration::from_secs(5);
+
+/// Admin server flags.
+#[derive(Clone, Debug, clap::Args)]
+pub struct AdminArgs {
+    /// Address of the admin server (/healthz, /readyz, /metrics).
+    #[arg(long, env = "PODIAM_ADMIN_ADDR", default_value = "0.0.0.0:9620")]
+    pub admin_addr: SocketAddr,
+}
+
+/// What the admin server serves.
+#[derive(Clone, Debug)]
+pub struct Admin {
+    registry: Registry,
+    readiness: Readiness,
+}
+
+// === impl Admin ===
+
+impl Admin {
+    /// Serves `registry` (to which the process collector is added) and `readiness`.
+    pub fn new(registry: Registry, readiness: Readiness) -> Self {
+        let process = prometheus::process_collector::ProcessCollector::for_self();
+        if let Err(error) = registry.register(Box::new(process)) {
+            // Only possible when the caller registered one already: harmless.
+            tracing::debug!(%error, "process collector not registered");
+        }
+        Self {
+            registry,
+            readiness,
+        }
+    }
+
+    /// Serves until `shutdown` is cancelled, then lets open requests finish for a grace
+    /// period.
+    pub async fn serve(self, listener: TcpListener, shutdown: CancellationToken) {
+        let graceful = GracefulShutdown::new();
+        let builder = {
+            let mut b = auto::Builder::new(TokioExecutor::new());
+            b.http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10));
+            b
+        };
+        loop {
+            let (stream, _) = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                accepted = listener.accept() => match accepted {
+                    Ok(conn) => conn,
+                    Err(error) => {
+                        // Typically EMFILE: back off instead of spinning on the error.
+                        tracing::warn!(%error, "admin server: accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+            };
+            let admin = self.clone();
+            let service = service_fn(move |req| {
+                let admin = admin.clone();
+                async move { Ok::<_, Infallible>(admin.handle(&req)) }
+            });
+            let conn = builder.serve_connection(TokioIo::new(stream), service);
+            let conn = graceful.watch(conn.into_owned());
+            tokio::spawn(async move {
+                if let Err(error) = conn.await {
+                    tracing::debug!(%error, "admin connection ended with an error");
+                }
+            });
+        }
+        if tokio::time::timeout(GRACE, graceful.shutdown())
+            .await
+            .is_err()
+        {
+            tracing::warn!("admin server: connections still open after the grace period");
+        }
+    }
+
+    fn handle(&self, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+        if req.method() != Method::GET && req.method() != Method::HEAD {
+            return text(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method not allowed\n".into(),
+            );
+        }
+        match req.uri().path() {
+            "/healthz" | "/livez" => text(StatusCode::OK, "ok\n".into()),
+            "/readyz" => {
+                if self.readiness.is_ready() {
+                    text(StatusCode::OK, "ready\n".into())
+                } else {
+                    let waiting = self.readiness.waiting_for().join(", ");
+                    text(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!("not ready: waiting for {waiting}\n"),
+                    )
+                }
+            }
+            "/metrics" => self.metrics(),
+            _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
+        }
+    }
+
+    fn metrics(&self) -> Response<Full<Bytes>> {
+        let encoder = TextEncoder::new();
+        let mut body = Vec::with_capacity(16 * 1024);
+        if let Err(error) = encoder.encode(&self.registry.gather(), &mut body) {
+            tracing::warn!(%error, "metrics encoding failed");
+            return text(StatusCode::INTERNAL_SERVER_ERROR, format!("{error}\n"));
+        }
+        response(StatusCode::OK, encoder.format_type(), body.into())
+    }
+}
+
+fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    response(status, "text/plain; charset=utf-8", body.into())
+}
+
+fn response(status: StatusCode, content_type: &str, body: Bytes) -> Response<Full<Bytes>> {
+    let mut rsp = Response::new(Full::new(body));
+    *rsp.status_mut() = status;
+    if let Ok(value) = header::HeaderValue::from_str(content_type) {
+        rsp.headers_mut().insert(header::CONTENT_TYPE, value);
+    }
+    rsp
+}

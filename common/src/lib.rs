@@ -1,0 +1,16 @@
+//! Pieces shared by the podiam agent and server.
+//!
+//! - [`annotations`]: the Kubernetes annotation names podiam reads (kiam's and kube2iam's).
+//! - [`arn`]: IAM role ARNs: parsing a full ARN, or resolving a bare name or `path/name`
+//!   against a base ARN.
+//! - [`admin`]: the admin HTTP server (`/healthz`, `/readyz`, `/metrics`) on its own port,
+//!   with [`readiness::Readiness`] gates that each subsystem releases.
+//! - [`shutdown`]: one cancellation token for SIGTERM/SIGINT; a second signal aborts.
+//! - [`logging`]: `tracing` setup from `--log-format` and `--log-level`.
+
+pub mod admin;
+pub mod annotations;
+pub mod arn;
+pub mod logging;
+pub mod readiness;
+pub mod shutdown;

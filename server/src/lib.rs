@@ -1,0 +1,13 @@
+//! podiam server.
+//!
+//! Data model: a [`pods::ClusterIndex`] holds every pod (stripped to
+//! [`pods::PodInfo`]: key, node, IPs, phase, the podiam annotations) and every namespace
+//! (with its compiled [`policy::NamespacePolicy`]), fed by kube-runtime watchers. A
+//! request's source IP maps to at most one live pod; [`policy::Decision::for_pod`] turns
+//! that pod and its namespace into an allowed role with session parameters, or a denial
+//! with a reason a human can act on.
+
+pub mod args;
+pub mod explain;
+pub mod pods;
+pub mod policy;

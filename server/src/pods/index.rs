@@ -1,0 +1,390 @@
+//! The pod and namespace indexes: plain synchronous structs, fed by one watcher each,
+//! read by every request. Lookups by IP are a hash lookup; nothing here scans.
+
+use std::{
+    collections::{HashMap, HashSet},
+    net::IpAddr,
+    sync::{Arc, Weak},
+};
+
+use podiam_common::arn::BaseRoleArn;
+
+use crate::policy::NamespacePolicy;
+
+/// A pod's namespace and name.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PodKey {
+    /// The namespace.
+    pub namespace: Arc<str>,
+    /// The pod's name.
+    pub name: Arc<str>,
+}
+
+/// What the server keeps of a pod: only what identity and policy need.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodInfo {
+    /// Namespace and name.
+    pub key: PodKey,
+    /// `metadata.uid`, for Events.
+    pub uid: Box<str>,
+    /// `spec.nodeName`, once scheduled.
+    pub node_name: Option<Box<str>>,
+    /// `spec.serviceAccountName`.
+    pub service_account: Option<Box<str>>,
+    /// Every address of `status.podIPs` (or `status.podIP`), v4 and v6.
+    pub ips: Box<[IpAddr]>,
+    /// `spec.hostNetwork`: such pods share the node's address and are never identified by it.
+    pub host_network: bool,
+    /// `status.phase`.
+    pub phase: PodPhase,
+    /// The annotations podiam reads; every other annotation is dropped.
+    pub annotations: PodAnnotations,
+}
+
+/// The pod annotations podiam reads.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PodAnnotations {
+    /// `iam.amazonaws.com/role`.
+    pub role: Option<Box<str>>,
+    /// `iam.amazonaws.com/external-id`.
+    pub external_id: Option<Box<str>>,
+    /// `iam.amazonaws.com/session-name`.
+    pub session_name: Option<Box<str>>,
+    /// `iam.amazonaws.com/session-duration`.
+    pub session_duration: Option<Box<str>>,
+}
+
+/// `status.phase`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PodPhase {
+    /// Not yet running (or no phase reported yet).
+    Pending,
+    /// Running.
+    Running,
+    /// Finished successfully: its IP may already belong to another pod.
+    Succeeded,
+    /// Finished with an error: its IP may already belong to another pod.
+    Failed,
+    /// The node stopped reporting.
+    Unknown,
+}
+
+/// The answer to "which pod has this IP?".
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum IpLookup {
+    /// Exactly one live pod claims the IP.
+    Found(Arc<PodInfo>),
+    /// Several live pods claim it: nobody gets credentials from it until that resolves.
+    Ambiguous(Vec<PodKey>),
+    /// No live pod claims it.
+    NotFound,
+}
+
+/// Pods by key, and the live ones by IP.
+#[derive(Debug, Default)]
+pub struct PodIndex {
+    pods: HashMap<PodKey, Arc<PodInfo>>,
+    by_ip: HashMap<IpAddr, Claims>,
+    /// IPs with more than one claimant.
+    collisions: usize,
+}
+
+/// A namespace as the server keeps it.
+#[derive(Debug)]
+pub struct NamespaceInfo {
+    /// The namespace's name.
+    pub name: Arc<str>,
+    /// Its compiled role policy (shared between namespaces with the same annotations).
+    pub policy: Arc<NamespacePolicy>,
+}
+
+/// Namespaces by name, with their compiled policies.
+#[derive(Debug, Default)]
+pub struct NamespaceIndex {
+    base: Option<BaseRoleArn>,
+    namespaces: HashMap<Arc<str>, Arc<NamespaceInfo>>,
+    /// Compiled policies by annotation values, so that a thousand namespaces with the same
+    /// policy share one compiled regex.
+    compiled: HashMap<PolicySource, Weak<NamespacePolicy>>,
+}
+
+/// The two policy annotations' raw values.
+pub type PolicySource = (Option<Box<str>>, Option<Box<str>>);
+
+/// Most IPs have one claimant; only collisions allocate.
+#[derive(Debug)]
+enum Claims {
+    One(PodKey),
+    Many(Vec<PodKey>),
+}
+
+// === impl PodInfo ===
+
+impl PodInfo {
+    /// Whether requests from the pod's IPs are this pod's: live pods with their own
+    /// network namespace.
+    pub fn claims_ips(&self) -> bool {
+        !self.host_network && !matches!(self.phase, PodPhase::Succeeded | PodPhase::Failed)
+    }
+}
+
+impl std::fmt::Display for PodKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+// === impl PodPhase ===
+
+impl PodPhase {
+    /// Parses `status.phase`; a missing phase is `Pending`.
+    pub fn parse(phase: Option<&str>) -> Self {
+        match phase {
+            None | Some("Pending") => PodPhase::Pending,
+            Some("Running") => PodPhase::Running,
+            Some("Succeeded") => PodPhase::Succeeded,
+            Some("Failed") => PodPhase::Failed,
+            Some(_) => PodPhase::Unknown,
+        }
+    }
+
+    /// The phase as Kubernetes writes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PodPhase::Pending => "Pending",
+            PodPhase::Running => "Running",
+            PodPhase::Succeeded => "Succeeded",
+            PodPhase::Failed => "Failed",
+            PodPhase::Unknown => "Unknown",
+        }
+    }
+}
+
+// === impl PodIndex ===
+
+impl PodIndex {
+    /// Adds or replaces a pod.
+    pub fn apply(&mut self, pod: PodInfo) {
+        let pod = Arc::new(pod);
+        if let Some(old) = self.pods.insert(pod.key.clone(), pod.clone())
+            && old.claims_ips()
+        {
+            for ip in old.ips.iter() {
+                self.unclaim(*ip, &old.key);
+            }
+        }
+        if pod.claims_ips() {
+            for ip in pod.ips.iter() {
+                self.claim(*ip, &pod.key);
+            }
+        }
+    }
+
+    /// Removes a pod; returns whether it was known.
+    pub fn delete(&mut self, key: &PodKey) -> bool {
+        let Some(old) = self.pods.remove(key) else {
+            return false;
+        };
+        if old.claims_ips() {
+            for ip in old.ips.iter() {
+                self.unclaim(*ip, &old.key);
+            }
+        }
+        true
+    }
+
+    /// After a re-list: removes every pod not in `keep` (deleted while the watch was down).
+    pub fn retain(&mut self, keep: &HashSet<PodKey>) -> usize {
+        let gone: Vec<PodKey> = self
+            .pods
+            .keys()
+            .filter(|k| !keep.contains(*k))
+            .cloned()
+            .collect();
+        for key in &gone {
+            self.delete(key);
+        }
+        gone.len()
+    }
+
+    /// The pod with this key.
+    pub fn get(&self, key: &PodKey) -> Option<Arc<PodInfo>> {
+        self.pods.get(key).cloned()
+    }
+
+    /// Which live pod has this IP.
+    pub fn lookup_ip(&self, ip: IpAddr) -> IpLookup {
+        match self.by_ip.get(&canonical(ip)) {
+            None => IpLookup::NotFound,
+            Some(Claims::One(key)) => match self.pods.get(key) {
+                Some(pod) => IpLookup::Found(pod.clone()),
+                // `by_ip` only holds keys of `pods`; treat a miss as unknown, never guess.
+                None => IpLookup::NotFound,
+            },
+            Some(Claims::Many(keys)) => IpLookup::Ambiguous(keys.clone()),
+        }
+    }
+
+    /// Number of pods (live or not).
+    pub fn len(&self) -> usize {
+        self.pods.len()
+    }
+
+    /// Whether there are no pods.
+    pub fn is_empty(&self) -> bool {
+        self.pods.is_empty()
+    }
+
+    /// Number of IPs claimed by live pods.
+    pub fn ip_count(&self) -> usize {
+        self.by_ip.len()
+    }
+
+    /// Number of IPs claimed by more than one live pod.
+    pub fn collisions(&self) -> usize {
+        self.collisions
+    }
+
+    fn claim(&mut self, ip: IpAddr, key: &PodKey) {
+        let ip = canonical(ip);
+        match self.by_ip.get_mut(&ip) {
+            None => {
+                self.by_ip.insert(ip, Claims::One(key.clone()));
+            }
+            Some(Claims::One(existing)) if existing == key => {}
+            Some(claims) => {
+                let keys = match claims {
+                    Claims::One(existing) => {
+                        self.collisions += 1;
+                        vec![existing.clone(), key.clone()]
+                    }
+                    Claims::Many(keys) if keys.contains(key) => return,
+                    Claims::Many(keys) => {
+                        let mut keys = std::mem::take(keys);
+                        keys.push(key.clone());
+                        keys
+                    }
+                };
+                tracing::warn!(
+                    %ip,
+                    pods = %keys.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "),
+                    "IP claimed by more than one live pod: requests from it are refused until only one remains"
+                );
+                *claims = Claims::Many(keys);
+            }
+        }
+    }
+
+    fn unclaim(&mut self, ip: IpAddr, key: &PodKey) {
+        let ip = canonical(ip);
+        let Some(claims) = self.by_ip.get_mut(&ip) else {
+            return;
+        };
+        match claims {
+            Claims::One(existing) => {
+                if existing == key {
+                    self.by_ip.remove(&ip);
+                }
+            }
+            Claims::Many(keys) => {
+                keys.retain(|k| k != key);
+                if keys.len() == 1 {
+                    self.collisions -= 1;
+                    let last = keys.remove(0);
+                    *claims = Claims::One(last);
+                }
+            }
+        }
+    }
+}
+
+/// IPv4-mapped IPv6 addresses (`::ffff:10.0.0.1`, as a dual-stack socket reports v4 peers)
+/// are the IPv4 address.
+pub fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map(IpAddr::V4)
+            .unwrap_or(IpAddr::V6(v6)),
+        v4 => v4,
+    }
+}
+
+// === impl NamespaceIndex ===
+
+impl NamespaceIndex {
+    /// An empty index; bare names in `allowed-roles` resolve against `base`.
+    pub fn new(base: Option<BaseRoleArn>) -> Self {
+        Self {
+            base,
+            ..Self::default()
+        }
+    }
+
+    /// Adds or replaces a namespace from its policy annotations' values.
+    pub fn apply(&mut self, name: &str, permitted: Option<&str>, allowed_roles: Option<&str>) {
+        let source: PolicySource = (permitted.map(Into::into), allowed_roles.map(Into::into));
+        let policy = match self.compiled.get(&source).and_then(Weak::upgrade) {
+            Some(policy) => policy,
+            None => {
+                let policy = Arc::new(NamespacePolicy::compile(
+                    permitted,
+                    allowed_roles,
+                    self.base.as_ref(),
+                ));
+                self.compiled.insert(source, Arc::downgrade(&policy));
+                policy
+            }
+        };
+        let name: Arc<str> = name.into();
+        self.namespaces
+            .insert(name.clone(), Arc::new(NamespaceInfo { name, policy }));
+        self.prune();
+    }
+
+    /// Removes a namespace; returns whether it was known.
+    pub fn delete(&mut self, name: &str) -> bool {
+        let known = self.namespaces.remove(name).is_some();
+        self.prune();
+        known
+    }
+
+    /// After a re-list: removes every namespace not in `keep`.
+    pub fn retain(&mut self, keep: &HashSet<Arc<str>>) -> usize {
+        let before = self.namespaces.len();
+        self.namespaces.retain(|name, _| keep.contains(name));
+        self.prune();
+        before - self.namespaces.len()
+    }
+
+    /// The namespace with this name.
+    pub fn get(&self, name: &str) -> Option<Arc<NamespaceInfo>> {
+        self.namespaces.get(name).cloned()
+    }
+
+    /// Number of namespaces.
+    pub fn len(&self) -> usize {
+        self.namespaces.len()
+    }
+
+    /// Whether there are no namespaces.
+    pub fn is_empty(&self) -> bool {
+        self.namespaces.is_empty()
+    }
+
+    /// Number of distinct compiled policies.
+    pub fn policies(&self) -> usize {
+        self.compiled.len()
+    }
+
+    /// Drops cache entries whose policy no namespace uses any more; amortised so that a
+    /// steady stream of updates does not scan the cache each time.
+    fn prune(&mut self) {
+        if self.compiled.len() > 2 * self.namespaces.len() + 16 {
+            self.compiled.retain(|_, p| p.strong_count() > 0);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

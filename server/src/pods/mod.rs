@@ -1,0 +1,122 @@
+//! Pod identity: which pod has an IP, what it is annotated with, and its namespace's
+//! policy.
+//!
+//! Two kube-runtime watchers (pods in all namespaces, namespaces) feed two plain indexes
+//! ([`PodIndex`], [`NamespaceIndex`]) behind locks in one [`ClusterIndex`]. Objects are
+//! stripped to [`PodInfo`] / [`NamespaceInfo`] before they are stored. Every change bumps
+//! a watch channel, so a lookup that misses can wait for the index to change instead of
+//! polling. Only [`watch`] and [`resources`] know about Kubernetes clients.
+
+use std::{net::IpAddr, sync::Arc, time::Duration};
+
+use parking_lot::{RwLock, RwLockReadGuard};
+use podiam_common::arn::BaseRoleArn;
+use tokio::{sync::watch as signal, time::Instant};
+
+mod index;
+pub mod metrics;
+pub mod resources;
+pub mod watch;
+
+pub use self::index::{
+    IpLookup, NamespaceIndex, NamespaceInfo, PodAnnotations, PodIndex, PodInfo, PodKey, PodPhase,
+    canonical,
+};
+
+/// How long a lookup for an unknown IP waits for the pod to appear, by default. A pod's
+/// first request can race the watch event that announces its IP.
+pub const DEFAULT_LOOKUP_WAIT: Duration = Duration::from_secs(3);
+
+/// The pod and namespace indexes, shared by the watchers (writers) and requests
+/// (readers). Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct ClusterIndex {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    pods: RwLock<PodIndex>,
+    namespaces: RwLock<NamespaceIndex>,
+    changed: signal::Sender<()>,
+}
+
+// === impl ClusterIndex ===
+
+impl ClusterIndex {
+    /// Empty indexes; `base` resolves bare names in kube2iam `allowed-roles` lists.
+    pub fn new(base: Option<BaseRoleArn>) -> Self {
+        let (changed, _) = signal::channel(());
+        Self {
+            inner: Arc::new(Inner {
+                pods: RwLock::new(PodIndex::default()),
+                namespaces: RwLock::new(NamespaceIndex::new(base)),
+                changed,
+            }),
+        }
+    }
+
+    /// Changes the pod index, then wakes every waiting lookup.
+    pub fn update_pods<R>(&self, f: impl FnOnce(&mut PodIndex) -> R) -> R {
+        let r = f(&mut self.inner.pods.write());
+        self.inner.changed.send_replace(());
+        r
+    }
+
+    /// Changes the namespace index, then wakes every waiting lookup.
+    pub fn update_namespaces<R>(&self, f: impl FnOnce(&mut NamespaceIndex) -> R) -> R {
+        let r = f(&mut self.inner.namespaces.write());
+        self.inner.changed.send_replace(());
+        r
+    }
+
+    /// Reads the pod index. Hold the guard briefly: writers wait for it.
+    pub fn pods(&self) -> RwLockReadGuard<'_, PodIndex> {
+        self.inner.pods.read()
+    }
+
+    /// Reads the namespace index. Hold the guard briefly: writers wait for it.
+    pub fn namespaces(&self) -> RwLockReadGuard<'_, NamespaceIndex> {
+        self.inner.namespaces.read()
+    }
+
+    /// The namespace with this name.
+    pub fn namespace(&self, name: &str) -> Option<Arc<NamespaceInfo>> {
+        self.inner.namespaces.read().get(name)
+    }
+
+    /// Which live pod has `ip`. When none does, waits up to `wait` for the index to
+    /// change (woken by the watchers, not by polling) and looks again.
+    pub async fn lookup_ip(&self, ip: IpAddr, wait: Duration) -> IpLookup {
+        let deadline = Instant::now() + wait;
+        // Subscribing before the first look means no change can slip in between.
+        let mut changed = self.inner.changed.subscribe();
+        loop {
+            let found = self.inner.pods.read().lookup_ip(ip);
+            if !matches!(found, IpLookup::NotFound) {
+                return found;
+            }
+            match tokio::time::timeout_at(deadline, changed.changed()).await {
+                Ok(Ok(())) => continue,
+                // Timed out, or the sender is gone (impossible while `self` lives).
+                _ => return IpLookup::NotFound,
+            }
+        }
+    }
+
+    /// Waits until `ready(self)` holds, re-checking after every index change; `false` if
+    /// `timeout` passes first.
+    pub async fn wait_until(&self, timeout: Duration, ready: impl Fn(&Self) -> bool) -> bool {
+        let mut changed = self.inner.changed.subscribe();
+        let deadline = Instant::now() + timeout;
+        loop {
+            if ready(self) {
+                return true;
+            }
+            match tokio::time::timeout_at(deadline, changed.changed()).await {
+                Ok(Ok(())) => continue,
+                _ => return ready(self),
+            }
+        }
+    }
+}

@@ -1,0 +1,234 @@
+//! A namespace's role policy, compiled once when the namespace is seen, not per request.
+//!
+//! - kiam: `iam.amazonaws.com/permitted` is a regular expression matched against the whole
+//!   role ARN (anchored: `web` does not permit `web-admin`).
+//! - kube2iam: `iam.amazonaws.com/allowed-roles` is a JSON list of role names, `path/name`s
+//!   or ARNs, where `*` matches any run of characters (kube2iam's glob).
+//!
+//! A namespace may carry both during a migration; a role is permitted when either permits
+//! it. A namespace with neither permits nothing. A malformed annotation permits nothing and
+//! says why.
+
+use std::fmt;
+
+use podiam_common::{
+    annotations,
+    arn::{BaseRoleArn, RoleArn},
+};
+use regex::{Regex, RegexBuilder};
+
+/// Compiled regexes are bounded so that an annotation cannot make the server allocate
+/// without limit.
+const REGEX_SIZE_LIMIT: usize = 1 << 20;
+
+/// Longest `allowed-roles` list accepted.
+const MAX_ALLOWED_ROLES: usize = 1000;
+
+/// A namespace's compiled role policy.
+#[derive(Clone, Debug, Default)]
+pub struct NamespacePolicy {
+    permitted: Option<Rule>,
+    allowed_roles: Option<Rule>,
+}
+
+/// Why a namespace's policy did not permit a role.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Violation {
+    /// The namespace has neither annotation.
+    NoPolicy,
+    /// An annotation could not be compiled.
+    Invalid {
+        /// The annotation's name.
+        annotation: &'static str,
+        /// Why it is invalid.
+        reason: String,
+    },
+    /// The policy is valid and the role is not in it.
+    NotPermitted {
+        /// The policy as written, for the message.
+        policy: String,
+        /// A hint for a common mistake, if one applies.
+        hint: Option<String>,
+    },
+}
+
+#[derive(Clone, Debug)]
+enum Rule {
+    Compiled {
+        source: String,
+        patterns: Vec<Regex>,
+    },
+    Invalid {
+        reason: String,
+    },
+}
+
+// === impl NamespacePolicy ===
+
+impl NamespacePolicy {
+    /// Compiles the two annotations' values (either may be absent). Bare role names in
+    /// `allowed-roles` are resolved against `base`.
+    pub fn compile(
+        permitted: Option<&str>,
+        allowed_roles: Option<&str>,
+        base: Option<&BaseRoleArn>,
+    ) -> Self {
+        Self {
+            permitted: permitted.map(compile_permitted),
+            allowed_roles: allowed_roles.map(|v| compile_allowed_roles(v, base)),
+        }
+    }
+
+    /// Whether the namespace has any policy annotation at all.
+    pub fn is_empty(&self) -> bool {
+        self.permitted.is_none() && self.allowed_roles.is_none()
+    }
+
+    /// Checks `role` against the policy.
+    pub fn check(&self, role: &RoleArn) -> Result<(), Violation> {
+        let rules = [
+            (annotations::PERMITTED, &self.permitted),
+            (annotations::ALLOWED_ROLES, &self.allowed_roles),
+        ];
+        if rules.iter().all(|(_, r)| r.is_none()) {
+            return Err(Violation::NoPolicy);
+        }
+        // Fail closed: a malformed annotation denies even when the other would permit.
+        for (annotation, rule) in &rules {
+            if let Some(Rule::Invalid { reason }) = rule {
+                return Err(Violation::Invalid {
+                    annotation,
+                    reason: reason.clone(),
+                });
+            }
+        }
+        let mut written = Vec::new();
+        let mut hint = None;
+        for (annotation, rule) in rules {
+            let Some(Rule::Compiled { source, patterns }) = rule else {
+                continue;
+            };
+            if patterns.iter().any(|p| p.is_match(role.as_str())) {
+                return Ok(());
+            }
+            written.push(format!("{annotation}={source}"));
+            if annotation == annotations::PERMITTED && hint.is_none() {
+                hint = name_only_hint(&patterns[0], role);
+            }
+        }
+        Err(Violation::NotPermitted {
+            policy: written.join(" "),
+            hint,
+        })
+    }
+}
+
+impl fmt::Display for Violation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Violation::NoPolicy => write!(
+                f,
+                "the namespace has no {} or {} annotation, so it permits no role",
+                annotations::PERMITTED,
+                annotations::ALLOWED_ROLES
+            ),
+            Violation::Invalid { annotation, reason } => {
+                write!(
+                    f,
+                    "the namespace's {annotation} annotation is invalid: {reason}"
+                )
+            }
+            Violation::NotPermitted { policy, hint } => {
+                write!(f, "the namespace's policy does not permit it ({policy})")?;
+                if let Some(hint) = hint {
+                    write!(f, "; {hint}")?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+// === helpers ===
+
+fn compile_permitted(value: &str) -> Rule {
+    let source = value.trim().to_string();
+    match anchored(&source) {
+        Ok(regex) => Rule::Compiled {
+            source,
+            patterns: vec![regex],
+        },
+        Err(error) => Rule::Invalid {
+            reason: format!("{source:?} is not a valid regular expression: {error}"),
+        },
+    }
+}
+
+fn compile_allowed_roles(value: &str, base: Option<&BaseRoleArn>) -> Rule {
+    let entries: Vec<String> = match serde_json::from_str(value) {
+        Ok(entries) => entries,
+        Err(error) => {
+            return Rule::Invalid {
+                reason: format!("expected a JSON list of role names or ARNs: {error}"),
+            };
+        }
+    };
+    if entries.len() > MAX_ALLOWED_ROLES {
+        return Rule::Invalid {
+            reason: format!("more than {MAX_ALLOWED_ROLES} entries"),
+        };
+    }
+    let mut patterns = Vec::with_capacity(entries.len());
+    for entry in &entries {
+        let entry = entry.trim();
+        let full = if entry.starts_with("arn:") {
+            entry.to_string()
+        } else if let Some(base) = base {
+            format!("{base}{}", entry.trim_start_matches('/'))
+        } else {
+            return Rule::Invalid {
+                reason: format!(
+                    "entry {entry:?} is not an ARN and no base role ARN is configured (--base-role-arn)"
+                ),
+            };
+        };
+        // kube2iam's glob: `*` matches any run of characters, nothing else is special.
+        let pattern = full
+            .split('*')
+            .map(regex::escape)
+            .collect::<Vec<_>>()
+            .join(".*");
+        match anchored(&pattern) {
+            Ok(regex) => patterns.push(regex),
+            Err(error) => {
+                return Rule::Invalid {
+                    reason: format!("entry {entry:?}: {error}"),
+                };
+            }
+        }
+    }
+    Rule::Compiled {
+        source: value.trim().to_string(),
+        patterns,
+    }
+}
+
+fn anchored(pattern: &str) -> Result<Regex, regex::Error> {
+    RegexBuilder::new(&format!("^(?:{pattern})$"))
+        .size_limit(REGEX_SIZE_LIMIT)
+        .build()
+}
+
+/// kiam before v4 matched `permitted` against the role as annotated; a regex written for
+/// that matches the name but not the ARN. Say so rather than leave the user guessing.
+fn name_only_hint(regex: &Regex, role: &RoleArn) -> Option<String> {
+    let relative = format!("{}{}", role.path().trim_start_matches('/'), role.name());
+    (regex.is_match(role.name()) || regex.is_match(&relative)).then(|| {
+        format!(
+            "the regex matches the role name but is matched against the full ARN {role}: \
+             write it as e.g. arn:{}:iam::{}:role/<regex>",
+            role.partition(),
+            role.account()
+        )
+    })
+}

@@ -1,0 +1,94 @@
+//! The optional session annotations, validated to STS's rules so that a bad value is a
+//! denial with a reason here rather than an STS error later.
+
+use std::time::Duration;
+
+use podiam_common::annotations;
+
+use super::{Denial, MAX_SESSION, MIN_SESSION};
+
+/// `iam.amazonaws.com/external-id`: STS allows `[\w+=,.@:/-]{2,1224}`.
+pub(super) fn external_id(value: Option<&str>) -> Result<Option<String>, Denial> {
+    let Some(value) = non_empty(value) else {
+        return Ok(None);
+    };
+    let ok = (2..=1224).contains(&value.len())
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_+=,.@:/-".contains(&b));
+    if !ok {
+        return Err(invalid(
+            annotations::EXTERNAL_ID,
+            value,
+            "2 to 1224 characters of letters, digits and _ + = , . @ : / -",
+        ));
+    }
+    Ok(Some(value.to_string()))
+}
+
+/// `iam.amazonaws.com/session-name`: STS allows `[\w+=,.@-]{2,64}`.
+pub(super) fn session_name(value: Option<&str>) -> Result<Option<String>, Denial> {
+    let Some(value) = non_empty(value) else {
+        return Ok(None);
+    };
+    let ok = (2..=64).contains(&value.len())
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_+=,.@-".contains(&b));
+    if !ok {
+        return Err(invalid(
+            annotations::SESSION_NAME,
+            value,
+            "2 to 64 characters of letters, digits and _ + = , . @ -",
+        ));
+    }
+    Ok(Some(value.to_string()))
+}
+
+/// `iam.amazonaws.com/session-duration`: plain seconds or a duration such as `1h`,
+/// `90m`, `1h30m`; within what STS accepts.
+pub(super) fn duration(value: Option<&str>) -> Result<Option<Duration>, Denial> {
+    let Some(value) = non_empty(value) else {
+        return Ok(None);
+    };
+    let parsed = match value.parse::<u64>() {
+        Ok(secs) => Duration::from_secs(secs),
+        Err(_) => humantime::parse_duration(value).map_err(|error| {
+            invalid(
+                annotations::SESSION_DURATION,
+                value,
+                &format!("not a duration ({error}); write e.g. 3600, 3600s, 90m or 1h"),
+            )
+        })?,
+    };
+    if !(MIN_SESSION..=MAX_SESSION).contains(&parsed) {
+        return Err(invalid(
+            annotations::SESSION_DURATION,
+            value,
+            "STS accepts 15m (900 s) to 12h (43200 s)",
+        ));
+    }
+    Ok(Some(parsed))
+}
+
+pub(super) fn serialize_secs<S: serde::Serializer>(
+    value: &Option<Duration>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    match value {
+        Some(d) => s.serialize_u64(d.as_secs()),
+        None => s.serialize_none(),
+    }
+}
+
+fn non_empty(value: Option<&str>) -> Option<&str> {
+    value.map(str::trim).filter(|v| !v.is_empty())
+}
+
+fn invalid(annotation: &'static str, value: &str, reason: &str) -> Denial {
+    Denial::InvalidAnnotation {
+        annotation,
+        value: value.to_string(),
+        reason: reason.to_string(),
+    }
+}
