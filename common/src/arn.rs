@@ -6,7 +6,7 @@
 //! [`BaseRoleArn`]. Every form is checked against IAM's own rules, so that a malformed
 //! value is refused here, with the reason, rather than by STS later.
 
-use std::{fmt, str::FromStr};
+use std::{fmt, str::FromStr, sync::Arc};
 
 /// The AWS partitions podiam accepts in role ARNs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -23,15 +23,11 @@ pub enum Partition {
     AwsIsoB,
 }
 
-/// A validated IAM role ARN, `arn:PARTITION:iam::ACCOUNT:role/PATH/NAME`.
+/// A validated IAM role ARN, `arn:PARTITION:iam::ACCOUNT:role/PATH/NAME`. Cheap to clone;
+/// its parts are derived from the validated text on access.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct RoleArn {
-    full: String,
-    partition: Partition,
-    /// Byte ranges into `full`.
-    account: (usize, usize),
-    path: (usize, usize),
-    name: (usize, usize),
+    full: Arc<str>,
 }
 
 /// The prefix that bare role names are resolved against:
@@ -147,16 +143,7 @@ impl RoleArn {
         validate_name(name)?;
 
         let full = format!("arn:{}:iam::{account}:role{path}{name}", partition.as_str());
-        let account_start = "arn:".len() + partition.as_str().len() + ":iam::".len();
-        let path_start = account_start + account.len() + ":role".len();
-        let name_start = path_start + path.len();
-        Ok(Self {
-            partition,
-            account: (account_start, account_start + account.len()),
-            path: (path_start, name_start),
-            name: (name_start, full.len()),
-            full,
-        })
+        Ok(Self { full: full.into() })
     }
 
     /// Resolves what a pod annotation (or `--default-role`) says: a full ARN is parsed as
@@ -185,22 +172,34 @@ impl RoleArn {
 
     /// The partition.
     pub fn partition(&self) -> Partition {
-        self.partition
+        let name = self.full.split(':').nth(1).unwrap_or_default();
+        // `full` was validated in `parse`, so the partition is one of ours.
+        Partition::parse(name).unwrap_or(Partition::Aws)
     }
 
     /// The 12-digit account ID.
     pub fn account(&self) -> &str {
-        &self.full[self.account.0..self.account.1]
+        self.full.split(':').nth(4).unwrap_or_default()
     }
 
     /// The role's path: `/` or `/a/b/`.
     pub fn path(&self) -> &str {
-        &self.full[self.path.0..self.path.1]
+        let (path, _) = self.path_and_name();
+        path
     }
 
     /// The role's name, without its path.
     pub fn name(&self) -> &str {
-        &self.full[self.name.0..self.name.1]
+        let (_, name) = self.path_and_name();
+        name
+    }
+
+    fn path_and_name(&self) -> (&str, &str) {
+        // `full` is `arn:P:iam::A:role/PATH/NAME`; the resource starts after the fifth ':'.
+        let resource = self.full.splitn(6, ':').nth(5).unwrap_or_default();
+        let rest = resource.strip_prefix("role").unwrap_or(resource);
+        let cut = rest.rfind('/').map_or(0, |i| i + 1);
+        rest.split_at(cut)
     }
 }
 
@@ -377,7 +376,8 @@ mod tests {
 
     #[test]
     fn rejects_bad_arns_with_the_reason() {
-        let cases: &[(&str, fn(&ArnError) -> bool)] = &[
+        type Check = fn(&ArnError) -> bool;
+        let cases: &[(&str, Check)] = &[
             ("", |e| matches!(e, ArnError::Empty)),
             ("   ", |e| matches!(e, ArnError::Empty)),
             ("arn:aws:iam::123456789012", |e| {

@@ -46,7 +46,7 @@ enum Output {
 #[derive(Debug, Serialize)]
 struct Report {
     #[serde(skip_serializing_if = "Option::is_none")]
-    pod: Option<PodSummary>,
+    pod: Option<Box<PodSummary>>,
     #[serde(flatten)]
     verdict: Verdict,
 }
@@ -111,7 +111,7 @@ impl ExplainArgs {
             Ok(pod) => pod,
             Err(report) => return report,
         };
-        let summary = Some(PodSummary::from(&pod));
+        let summary = Some(Box::new(PodSummary::from(&pod)));
         if let Some(reason) = not_served(&pod) {
             return Report {
                 pod: summary,

@@ -1,1 +1,11 @@
+//! podiam's test harness. Everything here is a **test double** or a helper for tests and
+//! benchmarks; none of it ships.
+//!
+//! - [`kube_api::FakeKube`]: a stand-in Kubernetes API server, driven from test code,
+//!   that the real kube client (in the real server) talks to over HTTP.
+//! - [`http`]: a minimal HTTP client for admin endpoints.
+//! - [`objects`]: builders for the Pod and Namespace manifests tests feed it.
 
+pub mod http;
+pub mod kube_api;
+pub mod objects;

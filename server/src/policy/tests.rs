@@ -231,7 +231,7 @@ fn kube2iam_allowed_roles_globs() {
 
 #[test]
 fn either_annotation_may_permit() {
-    let re = format!("{}", arn("a"));
+    let re = arn("a");
     let list = r#"["b"]"#;
     for role in ["a", "b"] {
         let d = decide_with(&mk_pod(Some(role)), Some(&re), Some(list), &config());

@@ -1,0 +1,318 @@
+//! The `podiam-server` binary, black box: flags, `explain`, the admin server and shutdown,
+//! against the stand-in API server.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::{
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use podiam_tests::{
+    http,
+    kube_api::FakeKube,
+    objects::{namespace, pod},
+};
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_podiam-server");
+const BASE: &str = "arn:aws:iam::123456789012:role/";
+
+struct Cluster {
+    kube: FakeKube,
+    _dir: tempfile::TempDir,
+    kubeconfig: PathBuf,
+}
+
+async fn cluster() -> Cluster {
+    let kube = FakeKube::start().await.unwrap();
+    kube.apply(namespace(
+        "team-a",
+        &[("iam.amazonaws.com/permitted", &format!("{BASE}web"))],
+    ));
+    kube.apply(namespace(
+        "team-b",
+        &[("iam.amazonaws.com/allowed-roles", r#"["batch-*"]"#)],
+    ));
+    kube.apply(pod("team-a", "web-0").ip("10.0.0.1").role("web").build());
+    kube.apply(pod("team-a", "admin").ip("10.0.0.2").role("admin").build());
+    kube.apply(pod("team-b", "job").ip("10.0.0.3").role("batch-7").build());
+    kube.apply(
+        pod("team-b", "host")
+            .ip("192.0.2.1")
+            .role("batch-1")
+            .host_network()
+            .build(),
+    );
+    kube.apply(pod("team-a", "twin-1").ip("10.0.0.9").role("web").build());
+    kube.apply(
+        pod("team-b", "twin-2")
+            .ip("10.0.0.9")
+            .role("batch-1")
+            .build(),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    kube.write_kubeconfig(&kubeconfig).unwrap();
+    Cluster {
+        kube,
+        _dir: dir,
+        kubeconfig,
+    }
+}
+
+/// Runs `podiam-server explain ARGS` off the async runtime's threads.
+async fn explain(kubeconfig: &Path, args: &[&str]) -> Output {
+    let mut cmd = Command::new(BIN);
+    cmd.env_clear()
+        .arg("explain")
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .args(["--base-role-arn", BASE, "--log-level", "warn"])
+        .args(args);
+    tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap()
+}
+
+fn json(out: &Output) -> Value {
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+#[test]
+fn help_documents_every_flag_with_its_env_var() {
+    for args in [&["--help"][..], &["explain", "--help"]] {
+        let out = Command::new(BIN).args(args).output().unwrap();
+        assert!(out.status.success());
+        let help = String::from_utf8(out.stdout).unwrap();
+        let is_flag = |l: &&str| {
+            let l = l.trim_start();
+            l.starts_with("--") || (l.len() > 4 && l.starts_with('-') && &l[2..4] == ", ")
+        };
+        let flags = help.lines().filter(is_flag).count();
+        assert!(flags >= 4, "{help}");
+        let envs = help.matches("[env: PODIAM_").count();
+        // Every flag but --help/--version carries its environment variable.
+        let exempt = help.matches("--help").count() + help.matches("--version").count();
+        assert_eq!(envs + exempt, flags, "{help}");
+    }
+    let out = Command::new(BIN).arg("--version").output().unwrap();
+    assert!(
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .starts_with("podiam-server ")
+    );
+}
+
+#[test]
+fn bad_flags_fail_with_a_clear_message() {
+    let out = Command::new(BIN)
+        .env_clear()
+        .args([
+            "--base-role-arn",
+            "arn:aws:iam::12:role/",
+            "--admin-addr",
+            "127.0.0.1:0",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("invalid --base-role-arn") && err.contains("12-digit"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[tokio::test]
+async fn explain_allowed_denied_undecided() {
+    let c = cluster().await;
+
+    let out = explain(&c.kubeconfig, &["--namespace", "team-a", "--pod", "web-0"]).await;
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("decision:   allowed"), "{text}");
+    assert!(
+        text.contains(&format!(
+            "{BASE}web (from annotation iam.amazonaws.com/role)"
+        )),
+        "{text}"
+    );
+
+    let out = explain(
+        &c.kubeconfig,
+        &["-n", "team-a", "--pod", "admin", "-o", "json"],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(1));
+    let v = json(&out);
+    assert_eq!(v["decision"], "denied");
+    assert_eq!(v["reason"], "role_not_permitted");
+    assert!(
+        v["message"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("{BASE}admin"))
+    );
+    assert_eq!(v["pod"]["name"], "admin");
+
+    // By IP, as the server does; kube2iam's glob policy.
+    let out = explain(&c.kubeconfig, &["--ip", "10.0.0.3", "-o", "json"]).await;
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let v = json(&out);
+    assert_eq!(v["decision"], "allowed");
+    assert_eq!(v["role_arn"], format!("{BASE}batch-7"));
+    assert_eq!(v["pod"]["namespace"], "team-b");
+
+    let out = explain(&c.kubeconfig, &["--ip", "10.0.0.9", "-o", "json"]).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(json(&out)["reason"], "ambiguous_ip");
+
+    let out = explain(
+        &c.kubeconfig,
+        &["-n", "team-b", "--pod", "host", "-o", "json"],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(json(&out)["reason"], "not_served");
+
+    let out = explain(&c.kubeconfig, &["--ip", "192.0.2.1", "-o", "json"]).await;
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(json(&out)["reason"], "pod_not_found");
+
+    let out = explain(
+        &c.kubeconfig,
+        &["-n", "team-a", "--pod", "nope", "-o", "json"],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(json(&out)["decision"], "undecided");
+    assert_eq!(json(&out)["reason"], "pod_not_found");
+
+    // Neither target given: a usage error from clap.
+    let out = explain(&c.kubeconfig, &[]).await;
+    assert_eq!(out.status.code(), Some(2));
+    drop(c.kube);
+}
+
+#[tokio::test]
+async fn explain_with_the_api_unreachable_is_undecided() {
+    let c = cluster().await;
+    let kubeconfig = c.kubeconfig.clone();
+    drop(c.kube); // the port now refuses connections
+    let out = explain(
+        &kubeconfig,
+        &["-n", "team-a", "--pod", "web-0", "-o", "json"],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert_eq!(json(&out)["reason"], "api_unreachable");
+}
+
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts the server with its admin server on a free port, which it announces in its log.
+fn start_server(kubeconfig: &Path) -> (Server, SocketAddr) {
+    let mut child = Command::new(BIN)
+        .env_clear()
+        .args([
+            "--admin-addr",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+            "--base-role-arn",
+            BASE,
+        ])
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let addr = loop {
+        let line = lines
+            .next()
+            .expect("server exited before announcing its admin address")
+            .unwrap();
+        let v: Value = serde_json::from_str(&line).unwrap_or_default();
+        if v["message"] == "admin server listening" {
+            break v["addr"].as_str().unwrap().parse().unwrap();
+        }
+    };
+    // Keep draining the log so the server never blocks on a full pipe.
+    std::thread::spawn(move || lines.for_each(drop));
+    (Server(child), addr)
+}
+
+#[tokio::test]
+async fn readyz_waits_for_both_lists_and_sigterm_stops_cleanly() {
+    let c = cluster().await;
+    let hold = c.kube.hold_lists();
+    let kubeconfig = c.kubeconfig.clone();
+    let (mut server, admin) = tokio::task::spawn_blocking(move || start_server(&kubeconfig))
+        .await
+        .unwrap();
+
+    assert_eq!(http::get(admin, "/healthz").await.unwrap().0, 200);
+    assert!(
+        c.kube
+            .wait_lists(podiam_tests::kube_api::Kind::Pod, 1)
+            .await
+    );
+    assert!(
+        c.kube
+            .wait_lists(podiam_tests::kube_api::Kind::Namespace, 1)
+            .await
+    );
+    let (code, body) = http::get(admin, "/readyz").await.unwrap();
+    assert_eq!(code, 503);
+    assert!(
+        body.contains("pods") && body.contains("namespaces"),
+        "{body}"
+    );
+    drop(hold);
+
+    // /readyz is the server's readiness signal; poll it with a deadline.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if http::get(admin, "/readyz").await.unwrap().0 == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "server never became ready");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (code, metrics) = http::get(admin, "/metrics").await.unwrap();
+    assert_eq!(code, 200);
+    assert!(metrics.contains("podiam_pod_index_pods 6"), "{metrics}");
+    assert!(
+        metrics.contains("podiam_pod_index_ip_collisions 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("podiam_namespace_index_namespaces 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("process_resident_memory_bytes"),
+        "{metrics}"
+    );
+    assert_eq!(http::get(admin, "/nope").await.unwrap().0, 404);
+
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(server.0.id()).unwrap());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let status = tokio::task::spawn_blocking(move || server.0.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+}

@@ -1,0 +1,672 @@
+//! **Test double**: a stand-in Kubernetes API server.
+//!
+//! It speaks enough of the real API for kube-runtime's watcher and `Api::get`: paged
+//! lists with `limit`/`continue` and a `resourceVersion`, watches from a resourceVersion
+//! (replaying retained history), bookmarks, `410 Gone` (as an in-stream ERROR event, as
+//! the real API server sends it) for a resourceVersion older than the last compaction,
+//! and single-object GETs with `404 NotFound` Status bodies.
+//!
+//! Tests drive it directly: [`FakeKube::apply`] / [`FakeKube::delete`] change objects and
+//! notify watchers; [`FakeKube::drop_watches`] ends every open watch;
+//! [`FakeKube::compact`] forgets history so that resuming needs a re-list;
+//! [`FakeKube::hold_lists`] and [`FakeKube::hold_watches`] make requests wait, so a test
+//! can change the cluster while the client is disconnected, or look at the client while
+//! its re-list is in flight. Counters with async waits ([`FakeKube::wait_lists`],
+//! [`FakeKube::wait_watches`]) are the readiness signals tests synchronise on.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    convert::Infallible,
+    net::SocketAddr,
+    path::Path,
+    sync::Arc,
+    time::Duration,
+};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
+use hyper::{body::Frame, service::service_fn};
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo},
+    server::conn::auto,
+};
+use parking_lot::Mutex;
+use serde_json::{Value, json};
+use tokio::{
+    net::TcpListener,
+    sync::{broadcast, mpsc, watch},
+};
+use tokio_util::sync::CancellationToken;
+
+type Body = BoxBody<Bytes, Infallible>;
+
+/// The kinds of object the stand-in serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Kind {
+    /// `v1/Pod`, namespaced.
+    Pod,
+    /// `v1/Namespace`, cluster-scoped.
+    Namespace,
+}
+
+/// A running stand-in API server; stops when dropped.
+#[derive(Debug)]
+pub struct FakeKube {
+    shared: Arc<Shared>,
+    addr: SocketAddr,
+    stop: CancellationToken,
+}
+
+/// While held, list (or watch) requests wait.
+#[derive(Debug)]
+pub struct Hold {
+    gate: watch::Sender<bool>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    state: Mutex<State>,
+    changes: broadcast::Sender<Message>,
+    drop_watches: Mutex<CancellationToken>,
+    list_gate: watch::Sender<bool>,
+    watch_gate: watch::Sender<bool>,
+    lists: watch::Sender<HashMap<Kind, u64>>,
+    watches: watch::Sender<u64>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    rv: u64,
+    /// Watches from a resourceVersion below this get 410 Gone.
+    compacted: u64,
+    objects: HashMap<Kind, BTreeMap<(String, String), Arc<Value>>>,
+    history: HashMap<Kind, Vec<Arc<Record>>>,
+    uid: u64,
+}
+
+#[derive(Debug)]
+struct Record {
+    rv: u64,
+    kind: Kind,
+    event: &'static str,
+    namespace: String,
+    object: Arc<Value>,
+}
+
+#[derive(Clone, Debug)]
+enum Message {
+    Change(Arc<Record>),
+    Bookmark(u64),
+}
+
+struct WatchRequest {
+    kind: Kind,
+    namespace: Option<String>,
+    from: Option<u64>,
+    timeout: Duration,
+    bookmarks: bool,
+}
+
+const DEFAULT_WATCH_TIMEOUT: Duration = Duration::from_secs(290);
+const WAIT: Duration = Duration::from_secs(20);
+
+// === impl FakeKube ===
+
+impl FakeKube {
+    /// Starts on a free loopback port.
+    pub async fn start() -> std::io::Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let (changes, _) = broadcast::channel(16 * 1024);
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State {
+                rv: 1,
+                ..State::default()
+            }),
+            changes,
+            drop_watches: Mutex::new(CancellationToken::new()),
+            list_gate: watch::channel(true).0,
+            watch_gate: watch::channel(true).0,
+            lists: watch::channel(HashMap::new()).0,
+            watches: watch::channel(0).0,
+        });
+        let stop = CancellationToken::new();
+        tokio::spawn(serve(listener, shared.clone(), stop.clone()));
+        Ok(Self { shared, addr, stop })
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Writes a kubeconfig that points at this server.
+    pub fn write_kubeconfig(&self, path: &Path) -> std::io::Result<()> {
+        let config = format!(
+            "apiVersion: v1\nkind: Config\ncurrent-context: fake\n\
+             clusters:\n- name: fake\n  cluster:\n    server: {}\n\
+             contexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\n\
+             users:\n- name: fake\n  user: {{}}\n",
+            self.url()
+        );
+        std::fs::write(path, config)
+    }
+
+    /// Creates or replaces an object (its `kind` says which); returns its resourceVersion.
+    ///
+    /// # Panics
+    /// If the manifest has no known kind or no name: a bug in the test.
+    pub fn apply(&self, mut object: Value) -> u64 {
+        let kind = match object["kind"].as_str() {
+            Some("Pod") => Kind::Pod,
+            Some("Namespace") => Kind::Namespace,
+            other => panic!("FakeKube::apply: unsupported kind {other:?}"),
+        };
+        let key = object_key(kind, &object);
+        let mut state = self.shared.state.lock();
+        state.rv += 1;
+        let rv = state.rv;
+        let existing = state.objects.get(&kind).and_then(|m| m.get(&key)).cloned();
+        let uid = match existing
+            .as_ref()
+            .and_then(|o| o["metadata"]["uid"].as_str())
+        {
+            Some(uid) => uid.to_string(),
+            None => {
+                state.uid += 1;
+                format!("00000000-0000-0000-0000-{:012}", state.uid)
+            }
+        };
+        object["metadata"]["resourceVersion"] = json!(rv.to_string());
+        object["metadata"]["uid"] = json!(uid);
+        let object = Arc::new(object);
+        state
+            .objects
+            .entry(kind)
+            .or_default()
+            .insert(key.clone(), object.clone());
+        let event = if existing.is_some() {
+            "MODIFIED"
+        } else {
+            "ADDED"
+        };
+        self.record(&mut state, kind, event, key.0, object);
+        rv
+    }
+
+    /// Deletes an object; returns whether it existed.
+    pub fn delete(&self, kind: Kind, namespace: &str, name: &str) -> bool {
+        let key = match kind {
+            Kind::Pod => (namespace.to_string(), name.to_string()),
+            Kind::Namespace => (String::new(), name.to_string()),
+        };
+        let mut state = self.shared.state.lock();
+        let Some(old) = state.objects.get_mut(&kind).and_then(|m| m.remove(&key)) else {
+            return false;
+        };
+        state.rv += 1;
+        let mut object = (*old).clone();
+        object["metadata"]["resourceVersion"] = json!(state.rv.to_string());
+        self.record(&mut state, kind, "DELETED", key.0, Arc::new(object));
+        true
+    }
+
+    /// Deletes a pod.
+    pub fn delete_pod(&self, namespace: &str, name: &str) -> bool {
+        self.delete(Kind::Pod, namespace, name)
+    }
+
+    /// Forgets all history: a watch resuming from any earlier resourceVersion gets 410.
+    pub fn compact(&self) {
+        let mut state = self.shared.state.lock();
+        state.compacted = state.rv;
+        state.history.clear();
+    }
+
+    /// Sends a bookmark at the current resourceVersion to every watch that asked for them.
+    pub fn bookmark(&self) {
+        let rv = self.shared.state.lock().rv;
+        let _ = self.shared.changes.send(Message::Bookmark(rv));
+    }
+
+    /// Ends every open watch (clients see the stream end and re-watch).
+    pub fn drop_watches(&self) {
+        let mut token = self.shared.drop_watches.lock();
+        token.cancel();
+        *token = CancellationToken::new();
+    }
+
+    /// Makes list requests wait until the returned guard is dropped.
+    pub fn hold_lists(&self) -> Hold {
+        self.shared.list_gate.send_replace(false);
+        Hold {
+            gate: self.shared.list_gate.clone(),
+        }
+    }
+
+    /// Makes new watch requests wait until the returned guard is dropped (open watches
+    /// are not affected; see [`FakeKube::drop_watches`]).
+    pub fn hold_watches(&self) -> Hold {
+        self.shared.watch_gate.send_replace(false);
+        Hold {
+            gate: self.shared.watch_gate.clone(),
+        }
+    }
+
+    /// List requests for `kind` received so far (including held ones).
+    pub fn lists(&self, kind: Kind) -> u64 {
+        self.shared.lists.borrow().get(&kind).copied().unwrap_or(0)
+    }
+
+    /// Watch requests received so far (including held ones).
+    pub fn watches(&self) -> u64 {
+        *self.shared.watches.borrow()
+    }
+
+    /// Waits until at least `n` list requests for `kind` have arrived; `false` after 20 s.
+    pub async fn wait_lists(&self, kind: Kind, n: u64) -> bool {
+        let mut rx = self.shared.lists.subscribe();
+        let reached = rx.wait_for(|m| m.get(&kind).copied().unwrap_or(0) >= n);
+        tokio::time::timeout(WAIT, reached)
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    /// Waits until at least `n` watch requests have arrived; `false` after 20 s.
+    pub async fn wait_watches(&self, n: u64) -> bool {
+        wait_count(&self.shared.watches, n).await
+    }
+
+    /// Number of objects of `kind`.
+    pub fn count(&self, kind: Kind) -> usize {
+        self.shared
+            .state
+            .lock()
+            .objects
+            .get(&kind)
+            .map_or(0, BTreeMap::len)
+    }
+
+    fn record(
+        &self,
+        state: &mut State,
+        kind: Kind,
+        event: &'static str,
+        namespace: String,
+        object: Arc<Value>,
+    ) {
+        let record = Arc::new(Record {
+            rv: state.rv,
+            kind,
+            event,
+            namespace,
+            object,
+        });
+        state.history.entry(kind).or_default().push(record.clone());
+        // Sent under the state lock, so watchers see changes in resourceVersion order and
+        // a new watcher's backlog and live stream neither overlap nor leave a gap.
+        let _ = self.shared.changes.send(Message::Change(record));
+    }
+}
+
+impl Drop for FakeKube {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        self.drop_watches();
+    }
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        self.gate.send_replace(true);
+    }
+}
+
+async fn wait_count(counter: &watch::Sender<u64>, n: u64) -> bool {
+    let mut rx = counter.subscribe();
+    tokio::time::timeout(WAIT, rx.wait_for(|c| *c >= n))
+        .await
+        .is_ok_and(|r| r.is_ok())
+}
+
+fn object_key(kind: Kind, object: &Value) -> (String, String) {
+    let meta = &object["metadata"];
+    let name = meta["name"]
+        .as_str()
+        .unwrap_or_else(|| panic!("FakeKube: object without metadata.name: {object}"));
+    let namespace = match kind {
+        Kind::Pod => meta["namespace"].as_str().unwrap_or("default"),
+        Kind::Namespace => "",
+    };
+    (namespace.to_string(), name.to_string())
+}
+
+// === HTTP ===
+
+async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: CancellationToken) {
+    loop {
+        let stream = tokio::select! {
+            _ = stop.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(_) => continue,
+            },
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| {
+                let shared = shared.clone();
+                async move { Ok::<_, Infallible>(route(shared, req).await) }
+            });
+            let _ = auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+async fn route(shared: Arc<Shared>, req: Request<hyper::body::Incoming>) -> Response<Body> {
+    if req.method() != Method::GET {
+        return status(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "MethodNotAllowed",
+            "only GET is served",
+        );
+    }
+    let query = parse_query(req.uri().query().unwrap_or(""));
+    let segments: Vec<&str> = req.uri().path().trim_matches('/').split('/').collect();
+    let (kind, namespace, name) = match segments.as_slice() {
+        ["api", "v1", "pods"] => (Kind::Pod, None, None),
+        ["api", "v1", "namespaces", ns, "pods"] => (Kind::Pod, Some(*ns), None),
+        ["api", "v1", "namespaces", ns, "pods", name] => (Kind::Pod, Some(*ns), Some(*name)),
+        ["api", "v1", "namespaces"] => (Kind::Namespace, None, None),
+        ["api", "v1", "namespaces", name] => (Kind::Namespace, None, Some(*name)),
+        _ => {
+            return status(
+                StatusCode::NOT_FOUND,
+                "NotFound",
+                "the server could not find the requested resource",
+            );
+        }
+    };
+    if let Some(name) = name {
+        return get(&shared, kind, namespace.unwrap_or(""), name);
+    }
+    let namespace = namespace.map(str::to_string);
+    if query.get("watch").is_some_and(|w| w == "true" || w == "1") {
+        let from = query
+            .get("resourceVersion")
+            .and_then(|rv| rv.parse::<u64>().ok())
+            .filter(|rv| *rv != 0);
+        let timeout = query
+            .get("timeoutSeconds")
+            .and_then(|t| t.parse().ok())
+            .map_or(DEFAULT_WATCH_TIMEOUT, Duration::from_secs);
+        let bookmarks = query
+            .get("allowWatchBookmarks")
+            .is_some_and(|b| b == "true");
+        shared.watches.send_modify(|n| *n += 1);
+        let mut gate = shared.watch_gate.subscribe();
+        let _ = gate.wait_for(|open| *open).await;
+        return watch_stream(
+            &shared,
+            WatchRequest {
+                kind,
+                namespace,
+                from,
+                timeout,
+                bookmarks,
+            },
+        );
+    }
+    list(&shared, kind, namespace, &query).await
+}
+
+fn get(shared: &Shared, kind: Kind, namespace: &str, name: &str) -> Response<Body> {
+    let state = shared.state.lock();
+    let key = (namespace.to_string(), name.to_string());
+    match state.objects.get(&kind).and_then(|m| m.get(&key)) {
+        Some(object) => json_response(StatusCode::OK, object),
+        None => status(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            &format!("{kind:?} {name:?} not found"),
+        ),
+    }
+}
+
+async fn list(
+    shared: &Shared,
+    kind: Kind,
+    namespace: Option<String>,
+    query: &HashMap<String, String>,
+) -> Response<Body> {
+    shared
+        .lists
+        .send_modify(|m| *m.entry(kind).or_default() += 1);
+    let mut gate = shared.list_gate.subscribe();
+    let _ = gate.wait_for(|open| *open).await;
+
+    let limit = query
+        .get("limit")
+        .and_then(|l| l.parse::<usize>().ok())
+        .filter(|l| *l > 0)
+        .unwrap_or(usize::MAX);
+    // continue token: "<rv>-<hex of the last key>"
+    let resume = query.get("continue").and_then(|c| {
+        let (rv, key) = c.split_once('-')?;
+        Some((
+            rv.parse::<u64>().ok()?,
+            String::from_utf8(hex_decode(key)?).ok()?,
+        ))
+    });
+    let state = shared.state.lock();
+    let rv = resume.as_ref().map_or(state.rv, |(rv, _)| *rv);
+    let empty = BTreeMap::new();
+    let objects = state.objects.get(&kind).unwrap_or(&empty);
+    let after = resume.map(|(_, key)| key);
+    let mut items = Vec::new();
+    let mut last = None;
+    let mut more = false;
+    for ((ns, name), object) in objects {
+        let flat = format!("{ns}/{name}");
+        if after.as_ref().is_some_and(|a| flat.as_str() <= a.as_str()) {
+            continue;
+        }
+        if namespace.as_ref().is_some_and(|want| want != ns) {
+            continue;
+        }
+        if items.len() == limit {
+            more = true;
+            break;
+        }
+        items.push(object.clone());
+        last = Some(flat);
+    }
+    let mut metadata = json!({"resourceVersion": rv.to_string()});
+    if more && let Some(last) = last {
+        metadata["continue"] = json!(format!("{rv}-{}", hex_encode(last.as_bytes())));
+    }
+    let list_kind = match kind {
+        Kind::Pod => "PodList",
+        Kind::Namespace => "NamespaceList",
+    };
+    #[derive(serde::Serialize)]
+    #[serde(rename_all = "camelCase")]
+    struct ListBody<'a> {
+        kind: &'a str,
+        api_version: &'a str,
+        metadata: Value,
+        items: Vec<&'a Value>,
+    }
+    let body = ListBody {
+        kind: list_kind,
+        api_version: "v1",
+        metadata,
+        items: items.iter().map(|o| o.as_ref()).collect(),
+    };
+    bytes_response(
+        StatusCode::OK,
+        serde_json::to_vec(&body).unwrap_or_default().into(),
+    )
+}
+
+fn watch_stream(shared: &Arc<Shared>, req: WatchRequest) -> Response<Body> {
+    let WatchRequest {
+        kind,
+        namespace,
+        from,
+        timeout,
+        bookmarks,
+    } = req;
+    let in_scope =
+        move |r: &Record| r.kind == kind && namespace.as_ref().is_none_or(|ns| *ns == r.namespace);
+    let (backlog, mut changes, cancel) = {
+        let state = shared.state.lock();
+        let cancel = shared.drop_watches.lock().clone();
+        let backlog: Vec<Value> = match from {
+            Some(rv) if rv < state.compacted => {
+                let gone = json!({
+                    "type": "ERROR",
+                    "object": {
+                        "kind": "Status", "apiVersion": "v1", "metadata": {},
+                        "status": "Failure", "reason": "Expired", "code": 410,
+                        "message": format!("too old resource version: {rv} ({})", state.compacted)
+                    }
+                });
+                return ndjson(vec![gone]);
+            }
+            Some(rv) => state
+                .history
+                .get(&kind)
+                .into_iter()
+                .flatten()
+                .filter(|r| r.rv > rv && in_scope(r))
+                .map(|r| event_json(r.event, &r.object))
+                .collect(),
+            // No resourceVersion: the current state as ADDED events, then changes.
+            None => state
+                .objects
+                .get(&kind)
+                .into_iter()
+                .flat_map(BTreeMap::iter)
+                .filter(|((ns, _), _)| {
+                    in_scope(&Record {
+                        rv: 0,
+                        kind,
+                        event: "",
+                        namespace: ns.clone(),
+                        object: Arc::new(Value::Null),
+                    })
+                })
+                .map(|(_, o)| event_json("ADDED", o))
+                .collect(),
+        };
+        (backlog, shared.changes.subscribe(), cancel)
+    };
+
+    let (tx, rx) = mpsc::channel::<Bytes>(256);
+    let bookmark_kind = match kind {
+        Kind::Pod => "Pod",
+        Kind::Namespace => "Namespace",
+    };
+    tokio::spawn(async move {
+        for event in backlog {
+            if tx.send(line(&event)).await.is_err() {
+                return;
+            }
+        }
+        let deadline = tokio::time::sleep(timeout);
+        tokio::pin!(deadline);
+        loop {
+            let event = tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = &mut deadline => return,
+                msg = changes.recv() => match msg {
+                    Ok(Message::Change(r)) if in_scope(&r) => event_json(r.event, &r.object),
+                    Ok(Message::Bookmark(rv)) if bookmarks => json!({
+                        "type": "BOOKMARK",
+                        "object": {"kind": bookmark_kind, "apiVersion": "v1",
+                                   "metadata": {"resourceVersion": rv.to_string()}}
+                    }),
+                    Ok(_) => continue,
+                    // Lagging or shut down: end the watch; the client resumes from its
+                    // last resourceVersion, as with a real API server.
+                    Err(_) => return,
+                },
+            };
+            if tx.send(line(&event)).await.is_err() {
+                return;
+            }
+        }
+    });
+    let stream = tokio_stream::wrappers::ReceiverStream::new(rx).map(|b| Ok(Frame::data(b)));
+    let mut rsp = Response::new(BodyExt::boxed(StreamBody::new(stream)));
+    rsp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    rsp
+}
+
+fn ndjson(events: Vec<Value>) -> Response<Body> {
+    let mut body = Vec::new();
+    for e in events {
+        body.extend_from_slice(&line(&e));
+    }
+    bytes_response(StatusCode::OK, body.into())
+}
+
+fn event_json(event: &str, object: &Value) -> Value {
+    json!({"type": event, "object": object})
+}
+
+fn line(value: &Value) -> Bytes {
+    let mut bytes = serde_json::to_vec(value).unwrap_or_default();
+    bytes.push(b'\n');
+    bytes.into()
+}
+
+fn json_response(code: StatusCode, value: &Value) -> Response<Body> {
+    bytes_response(code, serde_json::to_vec(value).unwrap_or_default().into())
+}
+
+fn bytes_response(code: StatusCode, body: Bytes) -> Response<Body> {
+    let mut rsp = Response::new(Full::new(body).boxed());
+    *rsp.status_mut() = code;
+    rsp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    rsp
+}
+
+fn status(code: StatusCode, reason: &str, message: &str) -> Response<Body> {
+    let body = json!({
+        "kind": "Status", "apiVersion": "v1", "metadata": {},
+        "status": "Failure", "reason": reason, "message": message, "code": code.as_u16()
+    });
+    json_response(code, &body)
+}
+
+fn parse_query(query: &str) -> HashMap<String, String> {
+    query
+        .split('&')
+        .filter_map(|pair| pair.split_once('=').or(Some((pair, ""))))
+        .filter(|(k, _)| !k.is_empty())
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+fn hex_encode(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn hex_decode(s: &str) -> Option<Vec<u8>> {
+    (0..s.len())
+        .step_by(2)
+        .map(|i| s.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok()))
+        .collect()
+}

@@ -1,0 +1,89 @@
+//! Builders for the Kubernetes objects that tests load into [`crate::kube_api::FakeKube`].
+//! They produce ordinary manifests (JSON), as `kubectl get -o json` would show them.
+
+use serde_json::{Value, json};
+
+/// A Pod manifest under construction.
+#[derive(Clone, Debug)]
+pub struct PodBuilder {
+    value: Value,
+}
+
+/// A Pod named `name` in `namespace`, Running, scheduled on `node-a`, with no IP yet.
+pub fn pod(namespace: &str, name: &str) -> PodBuilder {
+    PodBuilder {
+        value: json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"namespace": namespace, "name": name, "annotations": {}},
+            "spec": {
+                "nodeName": "node-a",
+                "serviceAccountName": "default",
+                "containers": [{"name": "app", "image": "example/app:1"}]
+            },
+            "status": {"phase": "Running"}
+        }),
+    }
+}
+
+/// A Namespace manifest with the given annotations.
+pub fn namespace(name: &str, annotations: &[(&str, &str)]) -> Value {
+    let annotations: serde_json::Map<String, Value> = annotations
+        .iter()
+        .map(|(k, v)| ((*k).to_string(), Value::String((*v).to_string())))
+        .collect();
+    json!({
+        "apiVersion": "v1",
+        "kind": "Namespace",
+        "metadata": {"name": name, "annotations": annotations}
+    })
+}
+
+impl PodBuilder {
+    /// Sets `status.podIP` and `status.podIPs` to `ips` (the first is the primary).
+    pub fn ips(mut self, ips: &[&str]) -> Self {
+        let status = &mut self.value["status"];
+        status["podIP"] = json!(ips.first());
+        status["podIPs"] = Value::Array(ips.iter().map(|ip| json!({"ip": ip})).collect());
+        self
+    }
+
+    /// Sets one IP.
+    pub fn ip(self, ip: &str) -> Self {
+        self.ips(&[ip])
+    }
+
+    /// Sets an annotation.
+    pub fn annotation(mut self, key: &str, value: &str) -> Self {
+        self.value["metadata"]["annotations"][key] = json!(value);
+        self
+    }
+
+    /// Sets the `iam.amazonaws.com/role` annotation.
+    pub fn role(self, role: &str) -> Self {
+        self.annotation("iam.amazonaws.com/role", role)
+    }
+
+    /// Sets `spec.nodeName`.
+    pub fn node(mut self, node: &str) -> Self {
+        self.value["spec"]["nodeName"] = json!(node);
+        self
+    }
+
+    /// Sets `status.phase`.
+    pub fn phase(mut self, phase: &str) -> Self {
+        self.value["status"]["phase"] = json!(phase);
+        self
+    }
+
+    /// Sets `spec.hostNetwork`.
+    pub fn host_network(mut self) -> Self {
+        self.value["spec"]["hostNetwork"] = json!(true);
+        self
+    }
+
+    /// The manifest.
+    pub fn build(self) -> Value {
+        self.value
+    }
+}
