@@ -297,7 +297,7 @@ impl From<&PodInfo> for PodSummary {
             namespace: pod.key.namespace.to_string(),
             name: pod.key.name.to_string(),
             node: pod.node_name.as_deref().map(Into::into),
-            ips: pod.ips.to_vec(),
+            ips: pod.ips.iter().collect(),
             phase: pod.phase.as_str(),
             host_network: pod.host_network,
             service_account: pod.service_account.as_deref().map(Into::into),

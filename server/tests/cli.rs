@@ -3,17 +3,16 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::{
-    io::{BufRead, BufReader},
-    net::SocketAddr,
     path::{Path, PathBuf},
-    process::{Child, Command, Output, Stdio},
-    time::{Duration, Instant},
+    process::{Command, Output},
+    time::Duration,
 };
 
 use podiam_tests::{
     http,
     kube_api::FakeKube,
     objects::{namespace, pod},
+    process::Process,
 };
 use serde_json::Value;
 
@@ -213,46 +212,13 @@ async fn explain_with_the_api_unreachable_is_undecided() {
     assert_eq!(json(&out)["reason"], "api_unreachable");
 }
 
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Starts the server with its admin server on a free port, which it announces in its log.
-fn start_server(kubeconfig: &Path) -> (Server, SocketAddr) {
-    let mut child = Command::new(BIN)
-        .env_clear()
-        .args([
-            "--admin-addr",
-            "127.0.0.1:0",
-            "--log-format",
-            "json",
-            "--base-role-arn",
-            BASE,
-        ])
-        .arg("--kubeconfig")
-        .arg(kubeconfig)
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let addr = loop {
-        let line = lines
-            .next()
-            .expect("server exited before announcing its admin address")
-            .unwrap();
-        let v: Value = serde_json::from_str(&line).unwrap_or_default();
-        if v["message"] == "admin server listening" {
-            break v["addr"].as_str().unwrap().parse().unwrap();
-        }
-    };
-    // Keep draining the log so the server never blocks on a full pipe.
-    std::thread::spawn(move || lines.for_each(drop));
-    (Server(child), addr)
+fn server_command(kubeconfig: &Path) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.env_clear()
+        .args(["--admin-addr", "127.0.0.1:0", "--log-format", "json"])
+        .args(["--base-role-arn", BASE, "--kubeconfig"])
+        .arg(kubeconfig);
+    cmd
 }
 
 #[tokio::test]
@@ -260,9 +226,11 @@ async fn readyz_waits_for_both_lists_and_sigterm_stops_cleanly() {
     let c = cluster().await;
     let hold = c.kube.hold_lists();
     let kubeconfig = c.kubeconfig.clone();
-    let (mut server, admin) = tokio::task::spawn_blocking(move || start_server(&kubeconfig))
+    let server = tokio::task::spawn_blocking(move || Process::spawn(server_command(&kubeconfig)))
         .await
+        .unwrap()
         .unwrap();
+    let admin = server.admin;
 
     assert_eq!(http::get(admin, "/healthz").await.unwrap().0, 200);
     assert!(
@@ -283,15 +251,9 @@ async fn readyz_waits_for_both_lists_and_sigterm_stops_cleanly() {
     );
     drop(hold);
 
-    // /readyz is the server's readiness signal; poll it with a deadline.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if http::get(admin, "/readyz").await.unwrap().0 == 200 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "server never became ready");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    http::wait_ready(admin, Duration::from_secs(20))
+        .await
+        .unwrap();
     let (code, metrics) = http::get(admin, "/metrics").await.unwrap();
     assert_eq!(code, 200);
     assert!(metrics.contains("podiam_pod_index_pods 6"), "{metrics}");
@@ -309,10 +271,9 @@ async fn readyz_waits_for_both_lists_and_sigterm_stops_cleanly() {
     );
     assert_eq!(http::get(admin, "/nope").await.unwrap().0, 404);
 
-    let pid = nix::unistd::Pid::from_raw(i32::try_from(server.0.id()).unwrap());
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
-    let status = tokio::task::spawn_blocking(move || server.0.wait().unwrap())
+    let status = tokio::task::spawn_blocking(move || server.terminate(Duration::from_secs(10)))
         .await
+        .unwrap()
         .unwrap();
     assert!(status.success(), "{status:?}");
 }

@@ -31,3 +31,24 @@ pub async fn get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)>
         .to_bytes();
     Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }
+
+/// Polls `GET /readyz` (the process's readiness signal) every 5 ms until it answers 200;
+/// returns how long that took, or an error once `timeout` has passed.
+pub async fn wait_ready(
+    addr: SocketAddr,
+    timeout: std::time::Duration,
+) -> std::io::Result<std::time::Duration> {
+    let started = std::time::Instant::now();
+    loop {
+        if let Ok((200, _)) = get(addr, "/readyz").await {
+            return Ok(started.elapsed());
+        }
+        if started.elapsed() > timeout {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("{addr} not ready after {timeout:?}"),
+            ));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+}

@@ -81,7 +81,9 @@ struct State {
     rv: u64,
     /// Watches from a resourceVersion below this get 410 Gone.
     compacted: u64,
-    objects: HashMap<Kind, BTreeMap<(String, String), Arc<Value>>>,
+    /// Objects as serialised JSON: lists and events are built by concatenation, so the
+    /// stand-in stays cheap at 100k pods.
+    objects: HashMap<Kind, BTreeMap<(String, String), Bytes>>,
     history: HashMap<Kind, Vec<Arc<Record>>>,
     uid: u64,
 }
@@ -92,7 +94,7 @@ struct Record {
     kind: Kind,
     event: &'static str,
     namespace: String,
-    object: Arc<Value>,
+    object: Bytes,
 }
 
 #[derive(Clone, Debug)]
@@ -169,11 +171,12 @@ impl FakeKube {
         state.rv += 1;
         let rv = state.rv;
         let existing = state.objects.get(&kind).and_then(|m| m.get(&key)).cloned();
-        let uid = match existing
+        let old_uid = existing
             .as_ref()
-            .and_then(|o| o["metadata"]["uid"].as_str())
-        {
-            Some(uid) => uid.to_string(),
+            .and_then(|o| serde_json::from_slice::<Value>(o).ok())
+            .and_then(|o| o["metadata"]["uid"].as_str().map(str::to_string));
+        let uid = match old_uid {
+            Some(uid) => uid,
             None => {
                 state.uid += 1;
                 format!("00000000-0000-0000-0000-{:012}", state.uid)
@@ -181,7 +184,7 @@ impl FakeKube {
         };
         object["metadata"]["resourceVersion"] = json!(rv.to_string());
         object["metadata"]["uid"] = json!(uid);
-        let object = Arc::new(object);
+        let object = to_bytes(&object);
         state
             .objects
             .entry(kind)
@@ -207,9 +210,10 @@ impl FakeKube {
             return false;
         };
         state.rv += 1;
-        let mut object = (*old).clone();
+        let mut object: Value = serde_json::from_slice(&old).unwrap_or_default();
         object["metadata"]["resourceVersion"] = json!(state.rv.to_string());
-        self.record(&mut state, kind, "DELETED", key.0, Arc::new(object));
+        let object = to_bytes(&object);
+        self.record(&mut state, kind, "DELETED", key.0, object);
         true
     }
 
@@ -295,7 +299,7 @@ impl FakeKube {
         kind: Kind,
         event: &'static str,
         namespace: String,
-        object: Arc<Value>,
+        object: Bytes,
     ) {
         let record = Arc::new(Record {
             rv: state.rv,
@@ -428,7 +432,7 @@ fn get(shared: &Shared, kind: Kind, namespace: &str, name: &str) -> Response<Bod
     let state = shared.state.lock();
     let key = (namespace.to_string(), name.to_string());
     match state.objects.get(&kind).and_then(|m| m.get(&key)) {
-        Some(object) => json_response(StatusCode::OK, object),
+        Some(object) => bytes_response(StatusCode::OK, object.clone()),
         None => status(
             StatusCode::NOT_FOUND,
             "NotFound",
@@ -493,24 +497,19 @@ async fn list(
         Kind::Pod => "PodList",
         Kind::Namespace => "NamespaceList",
     };
-    #[derive(serde::Serialize)]
-    #[serde(rename_all = "camelCase")]
-    struct ListBody<'a> {
-        kind: &'a str,
-        api_version: &'a str,
-        metadata: Value,
-        items: Vec<&'a Value>,
+    let mut body = Vec::with_capacity(items.iter().map(|o| o.len() + 1).sum::<usize>() + 256);
+    body.extend_from_slice(
+        format!(r#"{{"kind":"{list_kind}","apiVersion":"v1","metadata":{metadata},"items":["#)
+            .as_bytes(),
+    );
+    for (i, object) in items.iter().enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(object);
     }
-    let body = ListBody {
-        kind: list_kind,
-        api_version: "v1",
-        metadata,
-        items: items.iter().map(|o| o.as_ref()).collect(),
-    };
-    bytes_response(
-        StatusCode::OK,
-        serde_json::to_vec(&body).unwrap_or_default().into(),
-    )
+    body.extend_from_slice(b"]}");
+    bytes_response(StatusCode::OK, body.into())
 }
 
 fn watch_stream(shared: &Arc<Shared>, req: WatchRequest) -> Response<Body> {
@@ -521,12 +520,15 @@ fn watch_stream(shared: &Arc<Shared>, req: WatchRequest) -> Response<Body> {
         timeout,
         bookmarks,
     } = req;
-    let in_scope =
-        move |r: &Record| r.kind == kind && namespace.as_ref().is_none_or(|ns| *ns == r.namespace);
+    let in_namespace = move |ns: &str| namespace.as_ref().is_none_or(|want| want == ns);
+    let in_scope = {
+        let in_namespace = in_namespace.clone();
+        move |r: &Record| r.kind == kind && in_namespace(&r.namespace)
+    };
     let (backlog, mut changes, cancel) = {
         let state = shared.state.lock();
         let cancel = shared.drop_watches.lock().clone();
-        let backlog: Vec<Value> = match from {
+        let backlog: Vec<Bytes> = match from {
             Some(rv) if rv < state.compacted => {
                 let gone = json!({
                     "type": "ERROR",
@@ -536,7 +538,7 @@ fn watch_stream(shared: &Arc<Shared>, req: WatchRequest) -> Response<Body> {
                         "message": format!("too old resource version: {rv} ({})", state.compacted)
                     }
                 });
-                return ndjson(vec![gone]);
+                return bytes_response(StatusCode::OK, line(&gone));
             }
             Some(rv) => state
                 .history
@@ -544,7 +546,7 @@ fn watch_stream(shared: &Arc<Shared>, req: WatchRequest) -> Response<Body> {
                 .into_iter()
                 .flatten()
                 .filter(|r| r.rv > rv && in_scope(r))
-                .map(|r| event_json(r.event, &r.object))
+                .map(|r| event_line(r.event, &r.object))
                 .collect(),
             // No resourceVersion: the current state as ADDED events, then changes.
             None => state
@@ -552,16 +554,8 @@ fn watch_stream(shared: &Arc<Shared>, req: WatchRequest) -> Response<Body> {
                 .get(&kind)
                 .into_iter()
                 .flat_map(BTreeMap::iter)
-                .filter(|((ns, _), _)| {
-                    in_scope(&Record {
-                        rv: 0,
-                        kind,
-                        event: "",
-                        namespace: ns.clone(),
-                        object: Arc::new(Value::Null),
-                    })
-                })
-                .map(|(_, o)| event_json("ADDED", o))
+                .filter(|((ns, _), _)| in_namespace(ns))
+                .map(|(_, o)| event_line("ADDED", o))
                 .collect(),
         };
         (backlog, shared.changes.subscribe(), cancel)
@@ -574,7 +568,7 @@ fn watch_stream(shared: &Arc<Shared>, req: WatchRequest) -> Response<Body> {
     };
     tokio::spawn(async move {
         for event in backlog {
-            if tx.send(line(&event)).await.is_err() {
+            if tx.send(event).await.is_err() {
                 return;
             }
         }
@@ -585,19 +579,19 @@ fn watch_stream(shared: &Arc<Shared>, req: WatchRequest) -> Response<Body> {
                 _ = cancel.cancelled() => return,
                 _ = &mut deadline => return,
                 msg = changes.recv() => match msg {
-                    Ok(Message::Change(r)) if in_scope(&r) => event_json(r.event, &r.object),
-                    Ok(Message::Bookmark(rv)) if bookmarks => json!({
+                    Ok(Message::Change(r)) if in_scope(&r) => event_line(r.event, &r.object),
+                    Ok(Message::Bookmark(rv)) if bookmarks => line(&json!({
                         "type": "BOOKMARK",
                         "object": {"kind": bookmark_kind, "apiVersion": "v1",
                                    "metadata": {"resourceVersion": rv.to_string()}}
-                    }),
+                    })),
                     Ok(_) => continue,
                     // Lagging or shut down: end the watch; the client resumes from its
                     // last resourceVersion, as with a real API server.
                     Err(_) => return,
                 },
             };
-            if tx.send(line(&event)).await.is_err() {
+            if tx.send(event).await.is_err() {
                 return;
             }
         }
@@ -611,16 +605,16 @@ fn watch_stream(shared: &Arc<Shared>, req: WatchRequest) -> Response<Body> {
     rsp
 }
 
-fn ndjson(events: Vec<Value>) -> Response<Body> {
-    let mut body = Vec::new();
-    for e in events {
-        body.extend_from_slice(&line(&e));
-    }
-    bytes_response(StatusCode::OK, body.into())
+fn event_line(event: &str, object: &[u8]) -> Bytes {
+    let mut bytes = Vec::with_capacity(object.len() + 32);
+    bytes.extend_from_slice(format!(r#"{{"type":"{event}","object":"#).as_bytes());
+    bytes.extend_from_slice(object);
+    bytes.extend_from_slice(b"}\n");
+    bytes.into()
 }
 
-fn event_json(event: &str, object: &Value) -> Value {
-    json!({"type": event, "object": object})
+fn to_bytes(value: &Value) -> Bytes {
+    serde_json::to_vec(value).unwrap_or_default().into()
 }
 
 fn line(value: &Value) -> Bytes {

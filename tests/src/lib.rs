@@ -4,8 +4,12 @@
 //! - [`kube_api::FakeKube`]: a stand-in Kubernetes API server, driven from test code,
 //!   that the real kube client (in the real server) talks to over HTTP.
 //! - [`http`]: a minimal HTTP client for admin endpoints.
+//! - [`manifests`]: loads multi-document YAML manifests into the stand-in.
+//! - [`process`]: podiam binaries as child processes (admin address, RSS, CPU).
 //! - [`objects`]: builders for the Pod and Namespace manifests tests feed it.
 
 pub mod http;
 pub mod kube_api;
+pub mod manifests;
 pub mod objects;
+pub mod process;

@@ -294,3 +294,23 @@ async fn a_lookup_waits_for_a_pod_that_appears() {
         other => panic!("{other:?}"),
     }
 }
+
+#[tokio::test]
+async fn initial_list_spans_many_pages() {
+    // kube-runtime lists 500 objects per page; 1,234 pods take three pages.
+    let kube = FakeKube::start().await.unwrap();
+    kube.apply(namespace("bulk", &[(PERMITTED, ".*")]));
+    for i in 0..1234 {
+        kube.apply(
+            pod("bulk", &format!("p-{i}"))
+                .role("web")
+                .ip(&format!("10.2.{}.{}", i / 250, i % 250))
+                .build(),
+        );
+    }
+    let h = Harness::start(kube).await;
+    h.ready().await;
+    assert_eq!(h.index.pods().len(), 1234);
+    assert!(h.kube.lists(Kind::Pod) >= 3, "expected a paged list");
+    assert_eq!(h.owner("10.2.4.233").as_deref(), Some("bulk/p-1233"));
+}

@@ -3,7 +3,8 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    net::IpAddr,
+    fmt,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     sync::{Arc, Weak},
 };
 
@@ -20,19 +21,21 @@ pub struct PodKey {
     pub name: Arc<str>,
 }
 
-/// What the server keeps of a pod: only what identity and policy need.
+/// What the server keeps of a pod: only what identity and policy need. Strings shared by
+/// many pods (namespace, node, service account, annotation values) are interned by the
+/// index, so 100k pods cost little more than their names.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PodInfo {
     /// Namespace and name.
     pub key: PodKey,
     /// `metadata.uid`, for Events.
-    pub uid: Box<str>,
+    pub uid: Option<PodUid>,
     /// `spec.nodeName`, once scheduled.
-    pub node_name: Option<Box<str>>,
+    pub node_name: Option<Arc<str>>,
     /// `spec.serviceAccountName`.
-    pub service_account: Option<Box<str>>,
-    /// Every address of `status.podIPs` (or `status.podIP`), v4 and v6.
-    pub ips: Box<[IpAddr]>,
+    pub service_account: Option<Arc<str>>,
+    /// The addresses of `status.podIPs` (or `status.podIP`): one per family at most.
+    pub ips: PodIps,
     /// `spec.hostNetwork`: such pods share the node's address and are never identified by it.
     pub host_network: bool,
     /// `status.phase`.
@@ -45,13 +48,24 @@ pub struct PodInfo {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PodAnnotations {
     /// `iam.amazonaws.com/role`.
-    pub role: Option<Box<str>>,
+    pub role: Option<Arc<str>>,
     /// `iam.amazonaws.com/external-id`.
-    pub external_id: Option<Box<str>>,
+    pub external_id: Option<Arc<str>>,
     /// `iam.amazonaws.com/session-name`.
-    pub session_name: Option<Box<str>>,
+    pub session_name: Option<Arc<str>>,
     /// `iam.amazonaws.com/session-duration`.
-    pub session_duration: Option<Box<str>>,
+    pub session_duration: Option<Arc<str>>,
+}
+
+/// A pod's UID (a UUID), kept as 16 bytes.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PodUid(u128);
+
+/// A pod's addresses: Kubernetes allows one IPv4 and one IPv6 at most.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PodIps {
+    v4: Option<Ipv4Addr>,
+    v6: Option<Ipv6Addr>,
 }
 
 /// `status.phase`.
@@ -87,6 +101,16 @@ pub struct PodIndex {
     by_ip: HashMap<IpAddr, Claims>,
     /// IPs with more than one claimant.
     collisions: usize,
+    strings: Interner,
+}
+
+/// Shares one allocation per distinct string; entries nobody else holds are dropped in
+/// amortised sweeps.
+#[derive(Debug, Default)]
+struct Interner {
+    set: HashSet<Arc<str>>,
+    /// Size after the last sweep: the next one runs when the set has doubled.
+    swept: usize,
 }
 
 /// A namespace as the server keeps it.
@@ -160,22 +184,131 @@ impl PodPhase {
     }
 }
 
+// === impl PodUid ===
+
+impl PodUid {
+    /// Parses a UUID (`8-4-4-4-12` hex digits); anything else is `None`.
+    pub fn parse(uid: &str) -> Option<Self> {
+        let groups: Vec<&str> = uid.split('-').collect();
+        let shape = [8, 4, 4, 4, 12];
+        if groups.len() != shape.len() || groups.iter().zip(shape).any(|(g, n)| g.len() != n) {
+            return None;
+        }
+        let hex: String = groups.concat();
+        if !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return None;
+        }
+        u128::from_str_radix(&hex, 16).ok().map(Self)
+    }
+}
+
+impl fmt::Display for PodUid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let h = format!("{:032x}", self.0);
+        write!(
+            f,
+            "{}-{}-{}-{}-{}",
+            &h[..8],
+            &h[8..12],
+            &h[12..16],
+            &h[16..20],
+            &h[20..]
+        )
+    }
+}
+
+impl fmt::Debug for PodUid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PodUid({self})")
+    }
+}
+
+// === impl PodIps ===
+
+impl PodIps {
+    /// Adds `ip` unless its family already has a different address; returns whether it
+    /// was kept.
+    pub fn add(&mut self, ip: IpAddr) -> bool {
+        match canonical(ip) {
+            IpAddr::V4(v4) => *self.v4.get_or_insert(v4) == v4,
+            IpAddr::V6(v6) => *self.v6.get_or_insert(v6) == v6,
+        }
+    }
+
+    /// The addresses, IPv4 first.
+    pub fn iter(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        let v4 = self.v4.map(IpAddr::V4);
+        let v6 = self.v6.map(IpAddr::V6);
+        v4.into_iter().chain(v6)
+    }
+
+    /// Whether the pod has no address yet.
+    pub fn is_empty(&self) -> bool {
+        self.v4.is_none() && self.v6.is_none()
+    }
+}
+
+impl FromIterator<IpAddr> for PodIps {
+    fn from_iter<I: IntoIterator<Item = IpAddr>>(iter: I) -> Self {
+        let mut ips = Self::default();
+        for ip in iter {
+            ips.add(ip);
+        }
+        ips
+    }
+}
+
+// === impl Interner ===
+
+impl Interner {
+    fn intern(&mut self, s: &Arc<str>) -> Arc<str> {
+        if let Some(shared) = self.set.get(s) {
+            return shared.clone();
+        }
+        self.set.insert(s.clone());
+        if self.set.len() > 2 * self.swept + 1024 {
+            self.set.retain(|s| Arc::strong_count(s) > 1);
+            self.swept = self.set.len();
+        }
+        s.clone()
+    }
+
+    fn intern_opt(&mut self, s: &mut Option<Arc<str>>) {
+        if let Some(s) = s {
+            *s = self.intern(s);
+        }
+    }
+}
+
 // === impl PodIndex ===
 
 impl PodIndex {
     /// Adds or replaces a pod.
-    pub fn apply(&mut self, pod: PodInfo) {
+    pub fn apply(&mut self, mut pod: PodInfo) {
+        let strings = &mut self.strings;
+        pod.key.namespace = strings.intern(&pod.key.namespace);
+        strings.intern_opt(&mut pod.node_name);
+        strings.intern_opt(&mut pod.service_account);
+        let ann = &mut pod.annotations;
+        for value in [
+            &mut ann.role,
+            &mut ann.external_id,
+            &mut ann.session_name,
+            &mut ann.session_duration,
+        ] {
+            strings.intern_opt(value);
+        }
         let pod = Arc::new(pod);
         if let Some(old) = self.pods.insert(pod.key.clone(), pod.clone())
             && old.claims_ips()
         {
             for ip in old.ips.iter() {
-                self.unclaim(*ip, &old.key);
+                self.unclaim(ip, &old.key);
             }
         }
         if pod.claims_ips() {
             for ip in pod.ips.iter() {
-                self.claim(*ip, &pod.key);
+                self.claim(ip, &pod.key);
             }
         }
     }
@@ -187,7 +320,7 @@ impl PodIndex {
         };
         if old.claims_ips() {
             for ip in old.ips.iter() {
-                self.unclaim(*ip, &old.key);
+                self.unclaim(ip, &old.key);
             }
         }
         true

@@ -19,8 +19,8 @@ pub mod resources;
 pub mod watch;
 
 pub use self::index::{
-    IpLookup, NamespaceIndex, NamespaceInfo, PodAnnotations, PodIndex, PodInfo, PodKey, PodPhase,
-    canonical,
+    IpLookup, NamespaceIndex, NamespaceInfo, PodAnnotations, PodIndex, PodInfo, PodIps, PodKey,
+    PodPhase, PodUid, canonical,
 };
 
 /// How long a lookup for an unknown IP waits for the pod to appear, by default. A pod's

@@ -1,22 +1,27 @@
-//! The Kubernetes objects as the server reads them: only the fields it uses are
-//! deserialised (containers, volumes and the rest are skipped by the parser), then the
-//! object is stripped further into a [`PodInfo`] before it is stored.
+//! The Kubernetes objects as the server reads them. Only the fields it uses are
+//! deserialised: containers, volumes, labels, managed fields and every annotation outside
+//! `iam.amazonaws.com/` are skipped by the parser and never allocated. The object is then
+//! stripped further into a [`PodInfo`] before it is stored.
 
-use std::net::IpAddr;
+use std::{collections::BTreeMap, fmt, net::IpAddr};
 
 use k8s_openapi::{
     ClusterResourceScope, Metadata, NamespaceResourceScope, Resource,
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 use podiam_common::annotations;
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer, de};
 
-use super::{PodAnnotations, PodInfo, PodKey, PodPhase};
+use super::{PodAnnotations, PodInfo, PodIps, PodKey, PodPhase, PodUid};
+
+/// The annotation prefix podiam reads; all others are dropped while parsing.
+const ANNOTATION_PREFIX: &str = "iam.amazonaws.com/";
 
 /// A Pod, reduced to what the server reads.
 #[derive(Clone, Debug, Default, Deserialize)]
 pub struct WatchedPod {
-    /// Standard metadata.
+    /// Name, namespace, uid, resourceVersion and podiam's annotations only.
+    #[serde(deserialize_with = "lean_meta")]
     pub metadata: ObjectMeta,
     /// The part of `spec` the server reads.
     #[serde(default)]
@@ -62,8 +67,21 @@ pub struct PodIp {
 /// A Namespace, reduced to its metadata.
 #[derive(Clone, Debug, Default, Deserialize)]
 pub struct WatchedNamespace {
-    /// Standard metadata.
+    /// Name, uid, resourceVersion and podiam's annotations only.
+    #[serde(deserialize_with = "lean_meta")]
     pub metadata: ObjectMeta,
+}
+
+/// The metadata fields the server reads.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct LeanMeta {
+    name: Option<String>,
+    namespace: Option<String>,
+    uid: Option<String>,
+    resource_version: Option<String>,
+    #[serde(default, deserialize_with = "podiam_annotations")]
+    annotations: Option<BTreeMap<String, String>>,
 }
 
 /// The object could not be indexed.
@@ -115,7 +133,7 @@ impl WatchedPod {
         let key = self.key()?;
         let spec = self.spec.unwrap_or_default();
         let status = self.status.unwrap_or_default();
-        let mut ips: Vec<IpAddr> = Vec::new();
+        let mut ips = PodIps::default();
         let listed = status.pod_ips.unwrap_or_default();
         let raw = listed
             .iter()
@@ -124,9 +142,8 @@ impl WatchedPod {
         for text in raw {
             match text.parse::<IpAddr>() {
                 Ok(ip) => {
-                    let ip = super::canonical(ip);
-                    if !ips.contains(&ip) {
-                        ips.push(ip);
+                    if !ips.add(ip) {
+                        tracing::warn!(pod = %key, %ip, "ignoring a second IP of the same family");
                     }
                 }
                 Err(_) if text.is_empty() => {}
@@ -136,7 +153,7 @@ impl WatchedPod {
             }
         }
         let mut ann = self.metadata.annotations.unwrap_or_default();
-        let mut take = |name: &str| ann.remove(name).map(String::into_boxed_str);
+        let mut take = |name: &str| ann.remove(name).map(Into::into);
         let annotations = PodAnnotations {
             role: take(annotations::ROLE),
             external_id: take(annotations::EXTERNAL_ID),
@@ -145,10 +162,10 @@ impl WatchedPod {
         };
         Ok(PodInfo {
             key,
-            uid: self.metadata.uid.unwrap_or_default().into_boxed_str(),
+            uid: self.metadata.uid.as_deref().and_then(PodUid::parse),
             node_name: spec.node_name.filter(|n| !n.is_empty()).map(Into::into),
             service_account: spec.service_account_name.map(Into::into),
-            ips: ips.into_boxed_slice(),
+            ips,
             host_network: spec.host_network.unwrap_or(false),
             phase: PodPhase::parse(status.phase.as_deref()),
             annotations,
@@ -196,5 +213,107 @@ impl WatchedNamespace {
         };
         let get = |k: &str| map.get(k).map(String::as_str);
         (get(annotations::PERMITTED), get(annotations::ALLOWED_ROLES))
+    }
+}
+
+// === lean deserialisation ===
+
+fn lean_meta<'de, D: Deserializer<'de>>(d: D) -> Result<ObjectMeta, D::Error> {
+    let m = LeanMeta::deserialize(d)?;
+    Ok(ObjectMeta {
+        name: m.name,
+        namespace: m.namespace,
+        uid: m.uid,
+        resource_version: m.resource_version,
+        annotations: m.annotations,
+        ..ObjectMeta::default()
+    })
+}
+
+/// Keeps only `iam.amazonaws.com/` annotations; the values of others are skipped unread.
+fn podiam_annotations<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Option<BTreeMap<String, String>>, D::Error> {
+    struct Visitor;
+    impl<'de> de::Visitor<'de> for Visitor {
+        type Value = Option<BTreeMap<String, String>>;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a map of annotations")
+        }
+
+        fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+
+        fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+
+        fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            d.deserialize_map(self)
+        }
+
+        fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut kept = BTreeMap::new();
+            while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                if key.starts_with(ANNOTATION_PREFIX) {
+                    kept.insert(key.into_owned(), map.next_value::<String>()?);
+                } else {
+                    map.next_value::<de::IgnoredAny>()?;
+                }
+            }
+            Ok(Some(kept))
+        }
+    }
+    d.deserialize_option(Visitor)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_only_what_the_server_reads() {
+        let pod: WatchedPod = serde_json::from_value(serde_json::json!({
+            "metadata": {
+                "name": "web", "namespace": "ns", "resourceVersion": "7",
+                "uid": "6d1c3b4a-2f0e-4c8d-9b7a-1e2f3a4b5c6d",
+                "labels": {"app": "web"},
+                "annotations": {"iam.amazonaws.com/role": "r", "other": "x", "big": {"not": "a string"}},
+                "managedFields": [{"manager": "kubelet"}]
+            },
+            "spec": {"nodeName": "n1", "containers": [{"name": "c"}], "hostNetwork": false},
+            "status": {"phase": "Running", "podIP": "10.0.0.1",
+                       "podIPs": [{"ip": "10.0.0.1"}, {"ip": "fd00::1"}, {"ip": "10.9.9.9"}, {"ip": "junk"}]}
+        }))
+        .unwrap();
+        assert!(pod.metadata.labels.is_none() && pod.metadata.managed_fields.is_none());
+        assert_eq!(pod.metadata.resource_version.as_deref(), Some("7"));
+        let info = pod.into_info().unwrap();
+        assert_eq!(info.key.to_string(), "ns/web");
+        assert_eq!(info.annotations.role.as_deref(), Some("r"));
+        assert_eq!(
+            info.uid.map(|u| u.to_string()).as_deref(),
+            Some("6d1c3b4a-2f0e-4c8d-9b7a-1e2f3a4b5c6d")
+        );
+        // One address per family; the second IPv4 and the junk are dropped.
+        let ips: Vec<String> = info.ips.iter().map(|ip| ip.to_string()).collect();
+        assert_eq!(ips, ["10.0.0.1", "fd00::1"]);
+    }
+
+    #[test]
+    fn missing_or_null_parts_are_not_errors() {
+        let pod: WatchedPod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "p", "namespace": "ns", "annotations": null, "uid": "not-a-uuid"},
+            "spec": null
+        }))
+        .unwrap();
+        let info = pod.into_info().unwrap();
+        assert!(info.ips.is_empty() && info.uid.is_none());
+        assert_eq!(info.phase, PodPhase::Pending);
+        let nameless: WatchedPod =
+            serde_json::from_value(serde_json::json!({"metadata": {}})).unwrap();
+        assert!(nameless.into_info().is_err());
     }
 }

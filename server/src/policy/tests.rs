@@ -28,10 +28,10 @@ fn mk_pod(role: Option<&str>) -> PodInfo {
             namespace: "team-a".into(),
             name: "web-0".into(),
         },
-        uid: "uid-1".into(),
+        uid: None,
         node_name: Some("node-a".into()),
         service_account: Some("default".into()),
-        ips: vec!["10.0.0.1".parse().unwrap()].into(),
+        ips: ["10.0.0.1".parse().unwrap()].into_iter().collect(),
         host_network: false,
         phase: PodPhase::Running,
         annotations: PodAnnotations {

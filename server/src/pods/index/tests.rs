@@ -17,7 +17,7 @@ fn key(ns: &str, name: &str) -> PodKey {
 fn mk_pod(ns: &str, name: &str, ips: &[&str]) -> PodInfo {
     PodInfo {
         key: key(ns, name),
-        uid: format!("uid-{name}").into(),
+        uid: None,
         node_name: Some("node-a".into()),
         service_account: None,
         ips: ips.iter().map(|s| ip(s)).collect(),

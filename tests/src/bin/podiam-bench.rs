@@ -1,0 +1,276 @@
+//! podiam's benchmarks (not tests: they report numbers and assert nothing but sanity).
+//!
+//! `podiam-bench index`: server memory and time to ready at scale. The stand-in API server
+//! (in this process) is loaded with N realistic pods (~2.5 KB of JSON each, with labels,
+//! owner references, managed fields, containers and conditions) in M namespaces, each
+//! namespace with its own `permitted` regex. The real `podiam-server` binary (release
+//! build) is started against it; we time spawn → `/readyz` 200 and read its RSS.
+
+use std::{
+    path::PathBuf,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use podiam_tests::{
+    http,
+    kube_api::{FakeKube, Kind},
+    objects::namespace,
+    process::Process,
+};
+use serde_json::{Value, json};
+
+#[derive(Debug, Parser)]
+#[command(about = "podiam benchmarks: report numbers, assert nothing")]
+struct Args {
+    #[command(subcommand)]
+    bench: Bench,
+}
+
+#[derive(Debug, Subcommand)]
+enum Bench {
+    /// Server RSS and time to ready with many pods.
+    Index {
+        /// Sizes as PODS:NAMESPACES, comma-separated.
+        #[arg(long, default_value = "100000:5000", value_delimiter = ',')]
+        sizes: Vec<String>,
+        /// Runs per size (medians and spreads are reported).
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// The server binary (default: podiam-server next to this binary).
+        #[arg(long)]
+        server: Option<PathBuf>,
+        /// `distinct`: every namespace has its own `permitted` regex (the worst case);
+        /// `shared`: all namespaces have the same one.
+        #[arg(long, value_enum, default_value_t = Policies::Distinct)]
+        policies: Policies,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Policies {
+    Distinct,
+    Shared,
+}
+
+const ACCOUNT: &str = "123456789012";
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    match Args::parse().bench {
+        Bench::Index {
+            sizes,
+            runs,
+            server,
+            policies,
+        } => {
+            let server = match server {
+                Some(s) => s,
+                None => std::env::current_exe()?.with_file_name("podiam-server"),
+            };
+            if !server.exists() {
+                bail!(
+                    "{} not found: build it first (scripts/bench does)",
+                    server.display()
+                );
+            }
+            println!("server binary: {}", server.display());
+            println!(
+                "| pods | namespaces | time to ready (median, min-max) | RSS at ready (median, min-max) | peak RSS | RSS 5 s later | CPU to ready |"
+            );
+            println!("|---:|---:|---|---|---:|---:|---:|");
+            for size in sizes {
+                let (pods, namespaces) = size
+                    .split_once(':')
+                    .and_then(|(p, n)| Some((p.parse().ok()?, n.parse().ok()?)))
+                    .with_context(|| format!("size {size:?} is not PODS:NAMESPACES"))?;
+                index(&server, pods, namespaces, runs, policies).await?;
+            }
+        }
+    }
+    Ok(())
+}
+
+struct Sample {
+    ready: Duration,
+    rss_mib: f64,
+    peak_mib: f64,
+    settled_mib: f64,
+    cpu: Duration,
+}
+
+async fn index(
+    server: &PathBuf,
+    pods: usize,
+    namespaces: usize,
+    runs: usize,
+    policies: Policies,
+) -> anyhow::Result<()> {
+    let kube = FakeKube::start().await?;
+    let started = Instant::now();
+    for n in 0..namespaces {
+        let permitted = match policies {
+            Policies::Distinct => format!("arn:aws:iam::{ACCOUNT}:role/ns-{n}-.*"),
+            Policies::Shared => format!("arn:aws:iam::{ACCOUNT}:role/ns-.*"),
+        };
+        kube.apply(namespace(
+            &format!("ns-{n}"),
+            &[("iam.amazonaws.com/permitted", &permitted)],
+        ));
+    }
+    let mut bytes = 0;
+    for i in 0..pods {
+        let pod = realistic_pod(i, i % namespaces.max(1));
+        bytes += pod.to_string().len();
+        kube.apply(pod);
+    }
+    kube.compact();
+    eprintln!(
+        "loaded {pods} pods ({:.0} MB of JSON, {} B each) in {namespaces} namespaces ({policies:?} policies) in {:.1?}",
+        bytes as f64 / 1e6,
+        bytes / pods.max(1),
+        started.elapsed()
+    );
+    let dir = tempfile::tempdir()?;
+    let kubeconfig = dir.path().join("kubeconfig");
+    kube.write_kubeconfig(&kubeconfig)?;
+
+    let mut samples = Vec::new();
+    for run in 0..runs {
+        let mut cmd = Command::new(server);
+        cmd.env_clear()
+            .args([
+                "--admin-addr",
+                "127.0.0.1:0",
+                "--log-format",
+                "json",
+                "--log-level",
+                "warn,podiam_server=info",
+            ])
+            .args(["--base-role-arn", &format!("arn:aws:iam::{ACCOUNT}:role/")])
+            .arg("--kubeconfig")
+            .arg(&kubeconfig);
+        let t0 = Instant::now();
+        let process = tokio::task::spawn_blocking(move || Process::spawn(cmd)).await??;
+        http::wait_ready(process.admin, Duration::from_secs(600)).await?;
+        let ready = t0.elapsed();
+        let rss = process.rss_kib().unwrap_or(0);
+        let peak = process.peak_rss_kib().unwrap_or(0);
+        let cpu = process.cpu_time().unwrap_or_default();
+        let (_, metrics) = http::get(process.admin, "/metrics").await?;
+        let indexed = metric(&metrics, "podiam_pod_index_pods");
+        if indexed != Some(pods as f64) {
+            bail!("server indexed {indexed:?} pods, expected {pods}");
+        }
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let settled = process.rss_kib().unwrap_or(0);
+        eprintln!(
+            "run {}: ready in {ready:.2?}, RSS {} MiB (peak {} MiB, {} MiB 5 s later), CPU {cpu:.2?}",
+            run + 1,
+            rss / 1024,
+            peak / 1024,
+            settled / 1024
+        );
+        samples.push(Sample {
+            ready,
+            rss_mib: rss as f64 / 1024.0,
+            peak_mib: peak as f64 / 1024.0,
+            settled_mib: settled as f64 / 1024.0,
+            cpu,
+        });
+        tokio::task::spawn_blocking(move || process.terminate(Duration::from_secs(10))).await??;
+    }
+    let stat = |f: &dyn Fn(&Sample) -> f64| {
+        let mut v: Vec<f64> = samples.iter().map(f).collect();
+        v.sort_by(f64::total_cmp);
+        (v[v.len() / 2], v[0], v[v.len() - 1])
+    };
+    let (ready, rmin, rmax) = stat(&|s| s.ready.as_secs_f64());
+    let (rss, smin, smax) = stat(&|s| s.rss_mib);
+    let (peak, _, _) = stat(&|s| s.peak_mib);
+    let (settled, _, _) = stat(&|s| s.settled_mib);
+    let (cpu, _, _) = stat(&|s| s.cpu.as_secs_f64());
+    println!(
+        "| {pods} | {namespaces} | {ready:.2} s ({rmin:.2}-{rmax:.2}) | {rss:.1} MiB ({smin:.1}-{smax:.1}) | {peak:.1} MiB | {settled:.1} MiB | {cpu:.2} s |"
+    );
+    assert_eq!(kube.count(Kind::Pod), pods);
+    Ok(())
+}
+
+fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// A pod as a Deployment creates it, with the fields a real API server returns.
+fn realistic_pod(i: usize, ns: usize) -> Value {
+    let ip = format!("100.{}.{}.{}", 64 + (i >> 16), (i >> 8) & 255, i & 255);
+    let name = format!("app-{i}-7d9f8c6b5-x2k4p");
+    let node = format!("node-{}", i % 500);
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {
+            "name": name, "namespace": format!("ns-{ns}"),
+            "generateName": format!("app-{i}-7d9f8c6b5-"),
+            "labels": {"app": format!("app-{i}"), "pod-template-hash": "7d9f8c6b5", "team": format!("team-{ns}")},
+            "annotations": {
+                "iam.amazonaws.com/role": format!("ns-{ns}-app"),
+                "kubectl.kubernetes.io/restartedAt": "2026-11-01T00:00:00Z",
+                "prometheus.io/scrape": "true", "prometheus.io/port": "9090"
+            },
+            "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": format!("app-{i}-7d9f8c6b5"),
+                "uid": "6d1c3b4a-2f0e-4c8d-9b7a-1e2f3a4b5c6d", "controller": true, "blockOwnerDeletion": true}],
+            "creationTimestamp": "2026-11-01T00:00:00Z",
+            "managedFields": [{
+                "manager": "kube-controller-manager", "operation": "Update", "apiVersion": "v1",
+                "time": "2026-11-01T00:00:00Z", "fieldsType": "FieldsV1",
+                "fieldsV1": {"f:metadata": {"f:generateName": {}, "f:labels": {".": {}, "f:app": {}, "f:pod-template-hash": {}},
+                    "f:ownerReferences": {".": {}, "k:{\"uid\":\"6d1c3b4a\"}": {}}},
+                    "f:spec": {"f:containers": {"k:{\"name\":\"app\"}": {".": {}, "f:image": {}, "f:name": {}, "f:ports": {}}}}}
+            }, {
+                "manager": "kubelet", "operation": "Update", "apiVersion": "v1", "subresource": "status",
+                "time": "2026-11-01T00:00:05Z", "fieldsType": "FieldsV1",
+                "fieldsV1": {"f:status": {"f:conditions": {}, "f:containerStatuses": {}, "f:hostIP": {}, "f:phase": {}, "f:podIP": {}, "f:podIPs": {}}}
+            }]
+        },
+        "spec": {
+            "nodeName": node, "serviceAccountName": "app", "restartPolicy": "Always", "dnsPolicy": "ClusterFirst",
+            "schedulerName": "default-scheduler", "terminationGracePeriodSeconds": 30,
+            "containers": [{
+                "name": "app", "image": "registry.example/app:1.2.3", "imagePullPolicy": "IfNotPresent",
+                "ports": [{"containerPort": 8080, "protocol": "TCP"}],
+                "env": [{"name": "AWS_REGION", "value": "us-east-1"}, {"name": "LOG_LEVEL", "value": "info"}],
+                "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "256Mi"}},
+                "volumeMounts": [{"name": "kube-api-access", "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount", "readOnly": true}],
+                "terminationMessagePath": "/dev/termination-log", "terminationMessagePolicy": "File"
+            }],
+            "tolerations": [
+                {"key": "node.kubernetes.io/not-ready", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 300},
+                {"key": "node.kubernetes.io/unreachable", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 300}
+            ],
+            "volumes": [{"name": "kube-api-access", "projected": {"defaultMode": 420, "sources": [
+                {"serviceAccountToken": {"expirationSeconds": 3607, "path": "token"}},
+                {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}}
+            ]}}]
+        },
+        "status": {
+            "phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}], "hostIP": "100.127.0.1", "qosClass": "Burstable",
+            "startTime": "2026-11-01T00:00:01Z",
+            "conditions": [
+                {"type": "Initialized", "status": "True", "lastTransitionTime": "2026-11-01T00:00:01Z"},
+                {"type": "Ready", "status": "True", "lastTransitionTime": "2026-11-01T00:00:05Z"},
+                {"type": "ContainersReady", "status": "True", "lastTransitionTime": "2026-11-01T00:00:05Z"},
+                {"type": "PodScheduled", "status": "True", "lastTransitionTime": "2026-11-01T00:00:00Z"}
+            ],
+            "containerStatuses": [{
+                "name": "app", "ready": true, "started": true, "restartCount": 0,
+                "image": "registry.example/app:1.2.3",
+                "imageID": "registry.example/app@sha256:0f1e2d3c4b5a69788796a5b4c3d2e1f00f1e2d3c4b5a69788796a5b4c3d2e1f0",
+                "containerID": "containerd://5c4b3a29180f7e6d5c4b3a29180f7e6d5c4b3a29180f7e6d5c4b3a29180f7e6d",
+                "state": {"running": {"startedAt": "2026-11-01T00:00:04Z"}}, "lastState": {}
+            }]
+        }
+    })
+}

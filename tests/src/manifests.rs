@@ -1,0 +1,141 @@
+//! Loading ordinary Kubernetes manifests (multi-document YAML) into the stand-in API
+//! server, as the demo and the sandbox do.
+
+use std::{collections::BTreeMap, path::Path};
+
+use serde_json::{Value, json};
+
+use crate::kube_api::FakeKube;
+
+/// What was loaded: pods as `(namespace, name, node, ip)`.
+#[derive(Clone, Debug, Default)]
+pub struct Loaded {
+    /// Namespaces by name.
+    pub namespaces: Vec<String>,
+    /// Pods in file order.
+    pub pods: Vec<LoadedPod>,
+}
+
+/// One loaded pod.
+#[derive(Clone, Debug)]
+pub struct LoadedPod {
+    /// `metadata.namespace` (default `default`).
+    pub namespace: String,
+    /// `metadata.name`.
+    pub name: String,
+    /// `spec.nodeName`.
+    pub node: String,
+    /// `status.podIP`, as given or assigned.
+    pub ip: String,
+}
+
+/// Why a manifest file could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    /// The file could not be read.
+    #[error("reading {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The YAML is malformed.
+    #[error("parsing {path}: {message}")]
+    Parse {
+        /// The file.
+        path: String,
+        /// The parser's message.
+        message: String,
+    },
+    /// A document is not a Namespace or Pod, or lacks required fields.
+    #[error("{path}, document {index}: {message}")]
+    Invalid {
+        /// The file.
+        path: String,
+        /// 1-based document number.
+        index: usize,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// Loads the Namespace and Pod documents of `path` into `kube`. Pods without
+/// `status.podIP` get `100.64.<node>.<n>` (one /24 per node, in file order of nodes);
+/// pods without a phase are Running; pods without a node go to `node-a`.
+pub fn load(kube: &FakeKube, path: &Path) -> Result<Loaded, ManifestError> {
+    let shown = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|source| ManifestError::Read {
+        path: shown.clone(),
+        source,
+    })?;
+    let docs: Vec<Value> =
+        serde_saphyr::from_multiple(&text).map_err(|e| ManifestError::Parse {
+            path: shown.clone(),
+            message: e.to_string(),
+        })?;
+    let mut loaded = Loaded::default();
+    let mut nodes: BTreeMap<String, (usize, u8)> = BTreeMap::new();
+    for (i, mut doc) in docs.into_iter().enumerate() {
+        if doc.is_null() {
+            continue;
+        }
+        let invalid = |message: String| ManifestError::Invalid {
+            path: shown.clone(),
+            index: i + 1,
+            message,
+        };
+        if doc["metadata"]["name"].as_str().is_none_or(str::is_empty) {
+            return Err(invalid("metadata.name is required".into()));
+        }
+        match doc["kind"].as_str() {
+            Some("Namespace") => {
+                loaded
+                    .namespaces
+                    .push(doc["metadata"]["name"].as_str().unwrap_or_default().into());
+            }
+            Some("Pod") => {
+                if doc["metadata"]["namespace"].as_str().is_none() {
+                    doc["metadata"]["namespace"] = json!("default");
+                }
+                if doc["spec"]["nodeName"].as_str().is_none() {
+                    doc["spec"]["nodeName"] = json!("node-a");
+                }
+                let node = doc["spec"]["nodeName"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string();
+                let next = nodes.len();
+                let (index, count) = nodes.entry(node.clone()).or_insert((next, 0));
+                if doc["status"]["podIP"].as_str().is_none() {
+                    *count = count
+                        .checked_add(1)
+                        .filter(|c| *c < 255)
+                        .ok_or_else(|| invalid(format!("more than 254 pods on {node}")))?;
+                    let ip = format!("100.64.{}.{}", *index + 1, *count + 1);
+                    doc["status"]["podIP"] = json!(ip);
+                    doc["status"]["podIPs"] = json!([{ "ip": ip }]);
+                }
+                if doc["status"]["phase"].as_str().is_none() {
+                    doc["status"]["phase"] = json!("Running");
+                }
+                loaded.pods.push(LoadedPod {
+                    namespace: doc["metadata"]["namespace"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .into(),
+                    name: doc["metadata"]["name"].as_str().unwrap_or_default().into(),
+                    node,
+                    ip: doc["status"]["podIP"].as_str().unwrap_or_default().into(),
+                });
+            }
+            other => {
+                return Err(invalid(format!(
+                    "kind {other:?} is not supported (Namespace and Pod are)"
+                )));
+            }
+        }
+        kube.apply(doc);
+    }
+    Ok(loaded)
+}

@@ -1,0 +1,110 @@
+//! Running podiam binaries as child processes in tests and benchmarks: the admin address
+//! is read from the process's own log line, its stderr is drained so it never blocks, and
+//! its memory is read from `/proc`.
+
+use std::{
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    process::{Child, Command, ExitStatus, Stdio},
+    time::{Duration, Instant},
+};
+
+use nix::{sys::signal, unistd::Pid};
+
+/// A running server or agent; killed when dropped.
+#[derive(Debug)]
+pub struct Process {
+    child: Child,
+    /// The admin server's address, as the process announced it.
+    pub admin: SocketAddr,
+}
+
+impl Process {
+    /// Spawns `cmd`, which must log JSON (`--log-format json`) and bind its admin server
+    /// (`--admin-addr 127.0.0.1:0`), and waits for its `admin server listening` line.
+    pub fn spawn(mut cmd: Command) -> std::io::Result<Self> {
+        let mut child = cmd.stderr(Stdio::piped()).spawn()?;
+        let stderr = child
+            .stderr
+            .take()
+            .ok_or_else(|| std::io::Error::other("no stderr"))?;
+        let mut lines = BufReader::new(stderr).lines();
+        let admin = loop {
+            let Some(line) = lines.next() else {
+                let status = child.wait()?;
+                return Err(std::io::Error::other(format!(
+                    "process exited ({status}) before announcing its admin address"
+                )));
+            };
+            let line = line?;
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+            if v["message"] == "admin server listening"
+                && let Some(addr) = v["addr"].as_str().and_then(|a| a.parse().ok())
+            {
+                break addr;
+            }
+            // Not JSON, or another line: show it, it may explain a failure.
+            eprintln!("{line}");
+        };
+        // Keep draining so the process never blocks on a full pipe.
+        std::thread::spawn(move || lines.for_each(drop));
+        Ok(Self { child, admin })
+    }
+
+    /// The process ID.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Resident memory now (VmRSS), in KiB.
+    pub fn rss_kib(&self) -> Option<u64> {
+        proc_status_kib(self.pid(), "VmRSS:")
+    }
+
+    /// Peak resident memory (VmHWM), in KiB.
+    pub fn peak_rss_kib(&self) -> Option<u64> {
+        proc_status_kib(self.pid(), "VmHWM:")
+    }
+
+    /// User plus system CPU time used so far.
+    pub fn cpu_time(&self) -> Option<Duration> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).ok()?;
+        // Fields after the command name, which is in parentheses and may contain spaces.
+        let rest = &stat[stat.rfind(')')? + 2..];
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ticks: u64 =
+            fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+        let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok()??;
+        Some(Duration::from_secs_f64(ticks as f64 / hz as f64))
+    }
+
+    /// Sends SIGTERM and waits for the exit, up to `timeout` (then kills).
+    pub fn terminate(mut self, timeout: Duration) -> std::io::Result<ExitStatus> {
+        let pid = Pid::from_raw(i32::try_from(self.child.id()).map_err(std::io::Error::other)?);
+        signal::kill(pid, signal::Signal::SIGTERM).map_err(std::io::Error::other)?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                self.child.kill()?;
+                return Err(std::io::Error::other("did not exit after SIGTERM"));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
