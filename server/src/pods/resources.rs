@@ -92,28 +92,41 @@ pub enum ObjectError {
     NoKey,
 }
 
+/// `k8s_openapi`'s traits for a lean object type, which give it kube's `Resource`.
+macro_rules! lean_resource {
+    ($ty:ty, $kind:literal, $plural:literal, $scope:ty) => {
+        impl Resource for $ty {
+            const API_VERSION: &'static str = "v1";
+            const GROUP: &'static str = "";
+            const KIND: &'static str = $kind;
+            const VERSION: &'static str = "v1";
+            const URL_PATH_SEGMENT: &'static str = $plural;
+            type Scope = $scope;
+        }
+
+        impl Metadata for $ty {
+            type Ty = ObjectMeta;
+
+            fn metadata(&self) -> &ObjectMeta {
+                &self.metadata
+            }
+
+            fn metadata_mut(&mut self) -> &mut ObjectMeta {
+                &mut self.metadata
+            }
+        }
+    };
+}
+
+lean_resource!(WatchedPod, "Pod", "pods", NamespaceResourceScope);
+lean_resource!(
+    WatchedNamespace,
+    "Namespace",
+    "namespaces",
+    ClusterResourceScope
+);
+
 // === impl WatchedPod ===
-
-impl Resource for WatchedPod {
-    const API_VERSION: &'static str = "v1";
-    const GROUP: &'static str = "";
-    const KIND: &'static str = "Pod";
-    const VERSION: &'static str = "v1";
-    const URL_PATH_SEGMENT: &'static str = "pods";
-    type Scope = NamespaceResourceScope;
-}
-
-impl Metadata for WatchedPod {
-    type Ty = ObjectMeta;
-
-    fn metadata(&self) -> &ObjectMeta {
-        &self.metadata
-    }
-
-    fn metadata_mut(&mut self) -> &mut ObjectMeta {
-        &mut self.metadata
-    }
-}
 
 impl WatchedPod {
     /// The pod's key, if it has a namespace and a name.
@@ -174,27 +187,6 @@ impl WatchedPod {
 }
 
 // === impl WatchedNamespace ===
-
-impl Resource for WatchedNamespace {
-    const API_VERSION: &'static str = "v1";
-    const GROUP: &'static str = "";
-    const KIND: &'static str = "Namespace";
-    const VERSION: &'static str = "v1";
-    const URL_PATH_SEGMENT: &'static str = "namespaces";
-    type Scope = ClusterResourceScope;
-}
-
-impl Metadata for WatchedNamespace {
-    type Ty = ObjectMeta;
-
-    fn metadata(&self) -> &ObjectMeta {
-        &self.metadata
-    }
-
-    fn metadata_mut(&mut self) -> &mut ObjectMeta {
-        &mut self.metadata
-    }
-}
 
 impl WatchedNamespace {
     /// The namespace's name.

@@ -7,40 +7,48 @@ use podiam_common::annotations;
 
 use super::{Denial, MAX_SESSION, MIN_SESSION};
 
-/// `iam.amazonaws.com/external-id`: STS allows `[\w+=,.@:/-]{2,1224}`.
-pub(super) fn external_id(value: Option<&str>) -> Result<Option<String>, Denial> {
-    let Some(value) = non_empty(value) else {
-        return Ok(None);
-    };
-    let ok = (2..=1224).contains(&value.len())
-        && value
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"_+=,.@:/-".contains(&b));
-    if !ok {
-        return Err(invalid(
-            annotations::EXTERNAL_ID,
-            value,
-            "2 to 1224 characters of letters, digits and _ + = , . @ : / -",
-        ));
-    }
-    Ok(Some(value.to_string()))
+/// A string STS accepts: a length range and `[A-Za-z0-9]` plus some punctuation.
+struct Rule {
+    annotation: &'static str,
+    len: std::ops::RangeInclusive<usize>,
+    punctuation: &'static [u8],
+    says: &'static str,
 }
 
+/// `iam.amazonaws.com/external-id`: STS allows `[\w+=,.@:/-]{2,1224}`.
+const EXTERNAL_ID: Rule = Rule {
+    annotation: annotations::EXTERNAL_ID,
+    len: 2..=1224,
+    punctuation: b"_+=,.@:/-",
+    says: "2 to 1224 characters of letters, digits and _ + = , . @ : / -",
+};
+
 /// `iam.amazonaws.com/session-name`: STS allows `[\w+=,.@-]{2,64}`.
+const SESSION_NAME: Rule = Rule {
+    annotation: annotations::SESSION_NAME,
+    len: 2..=64,
+    punctuation: b"_+=,.@-",
+    says: "2 to 64 characters of letters, digits and _ + = , . @ -",
+};
+
+pub(super) fn external_id(value: Option<&str>) -> Result<Option<String>, Denial> {
+    checked(value, &EXTERNAL_ID)
+}
+
 pub(super) fn session_name(value: Option<&str>) -> Result<Option<String>, Denial> {
+    checked(value, &SESSION_NAME)
+}
+
+fn checked(value: Option<&str>, rule: &Rule) -> Result<Option<String>, Denial> {
     let Some(value) = non_empty(value) else {
         return Ok(None);
     };
-    let ok = (2..=64).contains(&value.len())
+    let ok = rule.len.contains(&value.len())
         && value
             .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"_+=,.@-".contains(&b));
+            .all(|b| b.is_ascii_alphanumeric() || rule.punctuation.contains(&b));
     if !ok {
-        return Err(invalid(
-            annotations::SESSION_NAME,
-            value,
-            "2 to 64 characters of letters, digits and _ + = , . @ -",
-        ));
+        return Err(invalid(rule.annotation, value, rule.says));
     }
     Ok(Some(value.to_string()))
 }
