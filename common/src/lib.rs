@@ -7,10 +7,16 @@
 //!   with [`readiness::Readiness`] gates that each subsystem releases.
 //! - [`shutdown`]: one cancellation token for SIGTERM/SIGINT; a second signal aborts.
 //! - [`logging`]: `tracing` setup from `--log-format` and `--log-level`.
+//! - [`protocol`]: the agent ↔ server messages and typed errors.
+//! - [`secret`]: strings that never format (keys, tokens).
+//! - [`tls`]: mutual-TLS configurations from PEM files, reloaded when they change.
 
 pub mod admin;
 pub mod annotations;
 pub mod arn;
 pub mod logging;
+pub mod protocol;
 pub mod readiness;
+pub mod secret;
 pub mod shutdown;
+pub mod tls;

@@ -1,7 +1,7 @@
 //! Command-line flags and the wiring of the server. Every flag has a `PODIAM_*`
 //! environment variable; names follow kiam and kube2iam where their users would look.
 
-use std::{path::PathBuf, process::ExitCode};
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
@@ -12,28 +12,42 @@ use podiam_common::{
     logging::LogArgs,
     readiness::Readiness,
     shutdown,
+    tls::{TlsArgs, TlsMetrics},
 };
 use prometheus::Registry;
 use tokio::{net::TcpListener, task::JoinSet};
 use tracing::Instrument;
 
 use crate::{
+    agents::{self, TokenReviewer, Unbound},
+    api::{AgentApi, ApiMetrics},
+    events::KubeEvents,
     explain::ExplainArgs,
+    issue::{CHAINED_MAX, Issuer, SessionSettings},
     pods::{
         ClusterIndex,
         metrics::{IndexCollector, WatchMetrics},
         watch,
     },
-    policy::PolicyConfig,
+    policy::{MAX_SESSION, MIN_SESSION, PolicyConfig},
+    sts::{
+        Broker, BrokerConfig, SystemClock,
+        aws::{AwsSts, StsSettings},
+        metrics::{BrokerMetrics, SessionsCollector},
+    },
 };
 
-/// podiam server: maps pod IPs to pods, pods to IAM roles, and checks each role against
-/// its namespace's policy. Run without a subcommand to serve.
+/// podiam server: maps pod IPs to pods and pods to IAM roles, checks each role against its
+/// namespace's policy, and assumes it through STS for the agents (mutual TLS). Run
+/// without a subcommand to serve.
 #[derive(Debug, Parser)]
 #[command(name = "podiam-server", version, about, long_about = None)]
 pub struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
+
+    #[command(flatten)]
+    serve: ServeArgs,
 
     #[command(flatten)]
     admin: AdminArgs,
@@ -88,6 +102,126 @@ pub struct PolicyArgs {
     pub default_role: Option<String>,
 }
 
+/// What only the serving server needs.
+#[derive(Clone, Debug, clap::Args)]
+struct ServeArgs {
+    /// Address of the agent API (HTTP/2, mutual TLS).
+    #[arg(long, env = "PODIAM_LISTEN", default_value = "0.0.0.0:8443")]
+    listen: SocketAddr,
+
+    #[command(flatten)]
+    tls: TlsArgs,
+
+    #[command(flatten)]
+    sts: StsArgs,
+
+    #[command(flatten)]
+    binding: BindingArgs,
+
+    /// Derive --base-role-arn from the server's own AWS account (sts:GetCallerIdentity)
+    /// when it is not given (kiam: --role-base-arn-autodetect).
+    #[arg(
+        long,
+        env = "PODIAM_BASE_ROLE_ARN_AUTODETECT",
+        alias = "role-base-arn-autodetect"
+    )]
+    base_role_arn_autodetect: bool,
+
+    /// How long a request from an IP that no pod has (yet) waits for the pod to appear.
+    #[arg(long, env = "PODIAM_IP_LOOKUP_WAIT", default_value = "3s", value_parser = humantime::parse_duration)]
+    ip_lookup_wait: Duration,
+
+    /// At most one Kubernetes Event per pod and reason per this interval.
+    #[arg(long, env = "PODIAM_EVENT_INTERVAL", default_value = "5m", value_parser = humantime::parse_duration)]
+    event_interval: Duration,
+
+    /// Label podiam_credentials_issued_total by role ARN (one series per role: mind the
+    /// cardinality).
+    #[arg(long, env = "PODIAM_METRICS_ROLE_LABELS")]
+    metrics_role_labels: bool,
+}
+
+/// STS and sessions.
+#[derive(Clone, Debug, clap::Args)]
+struct StsArgs {
+    /// AWS region of the STS endpoint (regional, partition-aware: cn-north-1 uses
+    /// amazonaws.com.cn). Default: from the environment or the instance metadata.
+    #[arg(long, env = "PODIAM_REGION")]
+    region: Option<String>,
+
+    /// STS endpoint URL, overriding the regional one (a VPC endpoint, or a test STS).
+    #[arg(long, env = "PODIAM_STS_ENDPOINT", value_name = "URL")]
+    sts_endpoint: Option<String>,
+
+    /// Assume this role first and assume pod roles from its session (role chaining:
+    /// sessions then last at most 1 h). Empty means none.
+    #[arg(long, env = "PODIAM_ASSUME_ROLE_ARN", value_name = "ARN")]
+    assume_role_arn: Option<String>,
+
+    /// Session duration when a pod's iam.amazonaws.com/session-duration sets none
+    /// (kiam: --session-duration).
+    #[arg(long, env = "PODIAM_SESSION_DURATION", default_value = "1h", value_parser = humantime::parse_duration)]
+    session_duration: Duration,
+
+    /// Refresh sessions in use this long before they expire (kiam: --session-refresh).
+    /// Credentials with less than 15 min left are never handed out.
+    #[arg(long, env = "PODIAM_SESSION_REFRESH", default_value = "20m", value_parser = humantime::parse_duration)]
+    session_refresh: Duration,
+
+    /// Tag sessions with kubernetes-namespace, kubernetes-pod-name and
+    /// kubernetes-service-account (role trust policies must allow sts:TagSession).
+    #[arg(long, env = "PODIAM_SESSION_TAGS")]
+    session_tags: bool,
+
+    /// Timeout of one AssumeRole attempt (up to 3 attempts with backoff).
+    #[arg(long, env = "PODIAM_STS_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration)]
+    sts_timeout: Duration,
+
+    /// How long a failed AssumeRole is remembered for the same session before retrying.
+    #[arg(long, env = "PODIAM_STS_NEGATIVE_CACHE", default_value = "5s", value_parser = humantime::parse_duration)]
+    sts_negative_cache: Duration,
+
+    /// Prefetch requests queued at most; overflow is served on demand (kiam:
+    /// --prefetch-buffer-size).
+    #[arg(long, env = "PODIAM_PREFETCH_BUFFER_SIZE", default_value_t = 1000)]
+    prefetch_buffer_size: usize,
+
+    /// Prefetch AssumeRole calls in flight at most.
+    #[arg(long, env = "PODIAM_PREFETCH_CONCURRENCY", default_value_t = 8)]
+    prefetch_concurrency: usize,
+}
+
+/// Node binding: which agent may ask for which pod.
+#[derive(Clone, Debug, clap::Args)]
+struct BindingArgs {
+    /// Answer an agent only for pods on its own node, learnt from its ServiceAccount token
+    /// (TokenReview). `off` is for clusters whose tokens carry no node name.
+    #[arg(long, env = "PODIAM_NODE_BINDING", value_enum, default_value_t = Binding::On)]
+    node_binding: Binding,
+
+    /// The agents' ServiceAccount, NAMESPACE/NAME: tokens of any other account are refused.
+    #[arg(
+        long,
+        env = "PODIAM_AGENT_SERVICE_ACCOUNT",
+        default_value = "podiam/podiam-agent"
+    )]
+    agent_service_account: String,
+
+    /// The audience of the agents' projected ServiceAccount tokens.
+    #[arg(long, env = "PODIAM_TOKEN_AUDIENCE", default_value = "podiam")]
+    token_audience: String,
+
+    /// How long an accepted token is trusted before it is reviewed again.
+    #[arg(long, env = "PODIAM_TOKEN_REVIEW_CACHE", default_value = "30s", value_parser = humantime::parse_duration)]
+    token_review_cache: Duration,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Binding {
+    On,
+    Off,
+}
+
 // === impl Cli ===
 
 impl Cli {
@@ -95,6 +229,7 @@ impl Cli {
     pub async fn run(self) -> ExitCode {
         let Cli {
             command,
+            serve,
             admin,
             kube,
             policy,
@@ -104,91 +239,296 @@ impl Cli {
             eprintln!("podiam-server: {error}");
             return ExitCode::from(2);
         }
-        let policy = match policy.config() {
-            Ok(policy) => policy,
-            Err(error) => {
-                tracing::error!("{error:#}");
-                return ExitCode::from(2);
-            }
-        };
         match command {
             Some(Command::Explain(args)) => {
+                let policy = match policy.config(None) {
+                    Ok(policy) => policy,
+                    Err(error) => {
+                        tracing::error!("{error:#}");
+                        return ExitCode::from(2);
+                    }
+                };
                 let code = args.run(&kube, &policy, &mut std::io::stdout()).await;
                 ExitCode::from(code)
             }
-            None => match serve(admin, kube, policy).await {
+            None => match serve.run(admin, kube, policy).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(error) => {
                     tracing::error!("{error:#}");
-                    ExitCode::FAILURE
+                    ExitCode::from(2)
                 }
             },
         }
     }
 }
 
-async fn serve(admin: AdminArgs, kube: KubeArgs, policy: PolicyConfig) -> anyhow::Result<()> {
-    let AdminArgs { admin_addr } = admin;
-    let shutdown = shutdown::on_signals().context("installing signal handlers")?;
-    let client = kube.client().await?;
+// === impl ServeArgs ===
 
-    let registry = Registry::new();
-    let readiness = Readiness::new();
-    let index = ClusterIndex::new(policy.base_role_arn.clone());
-    IndexCollector::register(&registry, index.clone())?;
-    let watch_metrics = WatchMetrics::register(&registry)?;
-    let pods_ready = readiness.gate("pods");
-    let namespaces_ready = readiness.gate("namespaces");
+impl ServeArgs {
+    async fn run(self, admin: AdminArgs, kube: KubeArgs, policy: PolicyArgs) -> anyhow::Result<()> {
+        let ServeArgs {
+            listen,
+            tls,
+            sts,
+            binding,
+            base_role_arn_autodetect,
+            ip_lookup_wait,
+            event_interval,
+            metrics_role_labels,
+        } = self;
+        let AdminArgs { admin_addr } = admin;
+        let shutdown = shutdown::on_signals().context("installing signal handlers")?;
+        let registry = Registry::new();
+        let readiness = Readiness::new();
 
-    let listener = TcpListener::bind(admin_addr)
-        .await
-        .with_context(|| format!("binding the admin server to {admin_addr}"))?;
-    tracing::info!(addr = %listener.local_addr()?, "admin server listening");
+        // Flags first, so that a bad value fails before anything connects.
+        let (sts_settings, broker_config, sessions) = sts.settings()?;
+        let tls = tls
+            .server(TlsMetrics::register(&registry)?, shutdown.clone())
+            .context("loading the API's TLS files")?;
+        let aws = AwsSts::new(&sts_settings).await;
+        let detected = if base_role_arn_autodetect && policy.base_role_arn.is_none() {
+            Some(detect_base(&aws).await?)
+        } else {
+            None
+        };
+        let policy = policy.config(detected)?;
+        let client = kube.client().await?;
 
-    let mut tasks = JoinSet::new();
-    let admin = Admin::new(registry, readiness);
-    tasks.spawn({
-        let shutdown = shutdown.clone();
-        async move {
-            admin.serve(listener, shutdown).await;
-            Ok("admin server")
-        }
-        .instrument(tracing::info_span!("admin"))
-    });
-    tasks.spawn({
-        let task = watch::pods(
+        let index = ClusterIndex::new(policy.base_role_arn.clone());
+        IndexCollector::register(&registry, index.clone())?;
+        let watch_metrics = WatchMetrics::register(&registry)?;
+        let broker = Broker::new(
+            Arc::new(aws),
+            Arc::new(SystemClock),
+            broker_config,
+            BrokerMetrics::register(&registry)?,
+            shutdown.clone(),
+        );
+        SessionsCollector::register(&registry, broker.clone())?;
+        let notifier = KubeEvents::start(
+            client.clone(),
+            std::env::var("POD_NAME").ok(),
+            event_interval,
+            &registry,
+            shutdown.clone(),
+        )?;
+        let issuer = Issuer::new(
+            index.clone(),
+            policy,
+            broker,
+            sessions,
+            ip_lookup_wait,
+            Arc::new(notifier),
+        );
+        let auth = binding.authenticator(client.clone())?;
+        let api = AgentApi::new(
+            issuer.clone(),
+            auth,
+            readiness.clone(),
+            ApiMetrics::register(&registry)?,
+            metrics_role_labels,
+        );
+
+        let pods_ready = readiness.gate("pods");
+        let namespaces_ready = readiness.gate("namespaces");
+        let admin_listener = TcpListener::bind(admin_addr)
+            .await
+            .with_context(|| format!("binding the admin server to {admin_addr}"))?;
+        let api_listener = TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("binding the agent API to {listen}"))?;
+        tracing::info!(addr = %admin_listener.local_addr()?, "admin server listening");
+        tracing::info!(addr = %api_listener.local_addr()?, "agent API listening");
+
+        let mut tasks = JoinSet::new();
+        let admin = Admin::new(registry, readiness.clone());
+        spawn(&mut tasks, "admin server", "admin", {
+            let shutdown = shutdown.clone();
+            async move {
+                admin.serve(admin_listener, shutdown).await;
+                Ok(())
+            }
+        });
+        spawn(&mut tasks, "agent API", "api", {
+            let shutdown = shutdown.clone();
+            async move {
+                api.serve(api_listener, tls, shutdown).await;
+                Ok(())
+            }
+        });
+        let prefetch: watch::PodHook = {
+            let issuer = issuer.clone();
+            Arc::new(move |pod| issuer.prefetch(pod))
+        };
+        let pods = watch::pods(
             client.clone(),
             index.clone(),
             pods_ready,
             watch_metrics.clone(),
+            Some(prefetch),
             shutdown.clone(),
         );
-        async move { task.await.map(|()| "pod watch").map_err(Into::into) }
-            .instrument(tracing::info_span!("watch", resource = "pods"))
-    });
-    tasks.spawn({
-        let task = watch::namespaces(
+        spawn(&mut tasks, "pod watch", "watch_pods", async move {
+            Ok(pods.await?)
+        });
+        let namespaces = watch::namespaces(
             client,
             index,
             namespaces_ready,
             watch_metrics,
             shutdown.clone(),
         );
-        async move { task.await.map(|()| "namespace watch").map_err(Into::into) }
-            .instrument(tracing::info_span!("watch", resource = "namespaces"))
-    });
+        spawn(
+            &mut tasks,
+            "namespace watch",
+            "watch_namespaces",
+            async move { Ok(namespaces.await?) },
+        );
+        // Once both lists are in, warm every pod's session (pods listed before their
+        // namespace could not be decided when they arrived).
+        spawn(&mut tasks, "start-up prefetch", "prefetch", {
+            let shutdown = shutdown.clone();
+            async move {
+                tokio::select! {
+                    _ = shutdown.cancelled() => {}
+                    _ = readiness.wait_ready() => issuer.prefetch_all().await,
+                }
+                // Finishing is this task's normal end.
+                shutdown.cancelled().await;
+                Ok(())
+            }
+        });
 
-    // A task that ends before shutdown takes the process down, loudly.
-    while let Some(joined) = tasks.join_next().await {
-        match joined {
-            Ok(Ok(_)) if shutdown.is_cancelled() => {}
-            Ok(Ok(name)) => bail!("{name} stopped unexpectedly"),
-            Ok(Err(error)) => return Err(error),
-            Err(error) => bail!("a server task failed: {error}"),
+        // A task that ends before shutdown takes the process down, loudly.
+        while let Some(joined) = tasks.join_next().await {
+            match joined {
+                Ok((_, Ok(()))) if shutdown.is_cancelled() => {}
+                Ok((name, Ok(()))) => bail!("{name} stopped unexpectedly"),
+                Ok((name, Err(error))) => return Err(error.context(name)),
+                Err(error) => bail!("a server task failed: {error}"),
+            }
         }
+        tracing::info!("stopped");
+        Ok(())
     }
-    tracing::info!("stopped");
-    Ok(())
+}
+
+fn spawn(
+    tasks: &mut JoinSet<(&'static str, anyhow::Result<()>)>,
+    name: &'static str,
+    span: &'static str,
+    task: impl Future<Output = anyhow::Result<()>> + Send + 'static,
+) {
+    tasks.spawn(
+        async move { (name, task.await) }.instrument(tracing::info_span!("task", name = span)),
+    );
+}
+
+/// `arn:PARTITION:iam::ACCOUNT:role/` from the server's own identity.
+async fn detect_base(aws: &AwsSts) -> anyhow::Result<String> {
+    let arn = aws
+        .caller_arn()
+        .await
+        .context("--base-role-arn-autodetect: sts:GetCallerIdentity failed")?;
+    let fields: Vec<&str> = arn.split(':').collect();
+    let (Some(partition), Some(account)) = (fields.get(1), fields.get(4)) else {
+        bail!("--base-role-arn-autodetect: unexpected caller ARN {arn:?}");
+    };
+    let base = format!("arn:{partition}:iam::{account}:role/");
+    tracing::info!(base_role_arn = %base, caller = %arn, "base role ARN detected");
+    Ok(base)
+}
+
+// === impl StsArgs ===
+
+impl StsArgs {
+    fn settings(&self) -> anyhow::Result<(StsSettings, BrokerConfig, SessionSettings)> {
+        let StsArgs {
+            region,
+            sts_endpoint,
+            assume_role_arn,
+            session_duration,
+            session_refresh,
+            session_tags,
+            sts_timeout,
+            sts_negative_cache,
+            prefetch_buffer_size,
+            prefetch_concurrency,
+        } = self;
+        let min_refresh = Duration::from_secs(15 * 60);
+        if !(MIN_SESSION..=MAX_SESSION).contains(session_duration) {
+            bail!(
+                "--session-duration must be between 30m and 12h (STS limits, and the 15 min SDKs need)"
+            );
+        }
+        if *session_refresh <= min_refresh || *session_refresh >= *session_duration {
+            bail!(
+                "--session-refresh must be more than 15m (credentials with less are never handed out) and less than --session-duration"
+            );
+        }
+        let assume_role_arn = non_empty(assume_role_arn).map(str::to_string);
+        if let Some(arn) = &assume_role_arn {
+            RoleArn::parse(arn).with_context(|| format!("invalid --assume-role-arn {arn:?}"))?;
+            if *session_duration > CHAINED_MAX {
+                tracing::warn!(
+                    "--assume-role-arn: chained sessions last at most 1h; longer --session-duration and annotations are capped"
+                );
+            }
+        }
+        let sts = StsSettings {
+            region: non_empty(region).map(str::to_string),
+            endpoint: non_empty(sts_endpoint).map(str::to_string),
+            chained: assume_role_arn.is_some(),
+            assume_role_arn,
+            attempt_timeout: *sts_timeout,
+        };
+        let broker = BrokerConfig {
+            refresh_before: *session_refresh,
+            negative_ttl: *sts_negative_cache,
+            prefetch_queue: *prefetch_buffer_size,
+            prefetch_concurrency: *prefetch_concurrency,
+            ..BrokerConfig::default()
+        };
+        let sessions = SessionSettings {
+            default_duration: *session_duration,
+            chained: sts.chained,
+            tags: *session_tags,
+        };
+        Ok((sts, broker, sessions))
+    }
+}
+
+// === impl BindingArgs ===
+
+impl BindingArgs {
+    fn authenticator(&self, client: kube::Client) -> anyhow::Result<Arc<dyn agents::Authenticate>> {
+        let BindingArgs {
+            node_binding,
+            agent_service_account,
+            token_audience,
+            token_review_cache,
+        } = self;
+        if *node_binding == Binding::Off {
+            tracing::warn!(
+                "--node-binding=off: any agent with a valid client certificate may obtain credentials for pods on any node"
+            );
+            return Ok(agents::shared(Unbound));
+        }
+        let Some((namespace, name)) = agent_service_account
+            .split_once('/')
+            .filter(|(ns, n)| !ns.is_empty() && !n.is_empty())
+        else {
+            bail!("--agent-service-account must be NAMESPACE/NAME, got {agent_service_account:?}");
+        };
+        Ok(agents::shared(TokenReviewer::new(
+            client,
+            token_audience.clone(),
+            namespace,
+            name,
+            *token_review_cache,
+        )))
+    }
 }
 
 // === impl KubeArgs ===
@@ -222,13 +562,14 @@ impl KubeArgs {
 // === impl PolicyArgs ===
 
 impl PolicyArgs {
-    /// Validates the flags.
-    pub fn config(&self) -> anyhow::Result<PolicyConfig> {
+    /// Validates the flags; `detected` is the base ARN found by autodetection, used when
+    /// --base-role-arn is not given.
+    pub fn config(&self, detected: Option<String>) -> anyhow::Result<PolicyConfig> {
         let PolicyArgs {
             base_role_arn,
             default_role,
         } = self;
-        let base_role_arn = match non_empty(base_role_arn) {
+        let base_role_arn = match non_empty(base_role_arn).map(str::to_string).or(detected) {
             Some(v) => Some(
                 v.parse::<BaseRoleArn>()
                     .with_context(|| format!("invalid --base-role-arn {v:?}"))?,
@@ -324,11 +665,16 @@ mod tests {
             "arn:aws:iam::123456789012:role/web"
         );
         // Empty values (e.g. an empty env var in a manifest) mean unset.
-        let cfg = args("", " ").config().unwrap();
+        let cfg = args("", " ").config(None).unwrap();
         assert!(cfg.base_role_arn.is_none() && cfg.default_role.is_none());
-        let err = args("arn:aws:iam::1:role/", "").config().unwrap_err();
+        let err = args("arn:aws:iam::1:role/", "").config(None).unwrap_err();
         assert!(format!("{err:#}").contains("--base-role-arn"), "{err:#}");
-        let err = args("", "web").config().unwrap_err();
+        let err = args("", "web").config(None).unwrap_err();
+        // Autodetection fills a missing base.
+        let cfg = args("", "web")
+            .config(Some("arn:aws:iam::123456789012:role/".into()))
+            .unwrap();
+        assert!(cfg.default_role.is_some());
         assert!(format!("{err:#}").contains("no base role ARN"), "{err:#}");
     }
 }

@@ -4,7 +4,9 @@
 //! lists with `limit`/`continue` and a `resourceVersion`, watches from a resourceVersion
 //! (replaying retained history), bookmarks, `410 Gone` (as an in-stream ERROR event, as
 //! the real API server sends it) for a resourceVersion older than the last compaction,
-//! and single-object GETs with `404 NotFound` Status bodies.
+//! and single-object GETs with `404 NotFound` Status bodies. It also answers TokenReviews
+//! for tokens a test registers ([`FakeKube::add_token`]) and records Events
+//! ([`FakeKube::events`]).
 //!
 //! Tests drive it directly: [`FakeKube::apply`] / [`FakeKube::delete`] change objects and
 //! notify watchers; [`FakeKube::drop_watches`] ends every open watch;
@@ -65,8 +67,22 @@ pub struct Hold {
     gate: watch::Sender<bool>,
 }
 
+/// What a registered ServiceAccount token authenticates as.
+#[derive(Clone, Debug)]
+pub struct TokenIdentity {
+    /// `system:serviceaccount:NS:NAME`.
+    pub username: String,
+    /// The node the token's pod runs on (the `authentication.kubernetes.io/node-name` extra).
+    pub node: Option<String>,
+    /// The audiences it was issued for.
+    pub audiences: Vec<String>,
+}
+
 #[derive(Debug)]
 struct Shared {
+    tokens: Mutex<HashMap<String, TokenIdentity>>,
+    reviews: watch::Sender<u64>,
+    events: watch::Sender<Vec<Value>>,
     state: Mutex<State>,
     changes: broadcast::Sender<Message>,
     drop_watches: Mutex<CancellationToken>,
@@ -123,6 +139,9 @@ impl FakeKube {
         let addr = listener.local_addr()?;
         let (changes, _) = broadcast::channel(16 * 1024);
         let shared = Arc::new(Shared {
+            tokens: Mutex::new(HashMap::new()),
+            reviews: watch::channel(0).0,
+            events: watch::channel(Vec::new()).0,
             state: Mutex::new(State {
                 rv: 1,
                 ..State::default()
@@ -283,6 +302,32 @@ impl FakeKube {
         wait_count(&self.shared.watches, n).await
     }
 
+    /// Makes `token` authenticate as `identity` in TokenReviews.
+    pub fn add_token(&self, token: &str, identity: TokenIdentity) {
+        self.shared
+            .tokens
+            .lock()
+            .insert(token.to_string(), identity);
+    }
+
+    /// TokenReviews answered so far.
+    pub fn token_reviews(&self) -> u64 {
+        *self.shared.reviews.borrow()
+    }
+
+    /// Events created or updated so far (events.k8s.io/v1 objects as sent).
+    pub fn events(&self) -> Vec<Value> {
+        self.shared.events.borrow().clone()
+    }
+
+    /// Waits until an Event matches `f`; returns it, or `None` after 20 s.
+    pub async fn wait_event(&self, f: impl Fn(&Value) -> bool) -> Option<Value> {
+        let mut rx = self.shared.events.subscribe();
+        let found = rx.wait_for(|events| events.iter().any(&f));
+        tokio::time::timeout(WAIT, found).await.ok()?.ok()?;
+        self.events().into_iter().find(|e| f(e))
+    }
+
     /// Number of objects of `kind`.
     pub fn count(&self, kind: Kind) -> usize {
         self.shared
@@ -372,12 +417,26 @@ async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: CancellationTok
 }
 
 async fn route(shared: Arc<Shared>, req: Request<hyper::body::Incoming>) -> Response<Body> {
-    if req.method() != Method::GET {
-        return status(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "MethodNotAllowed",
-            "only GET is served",
-        );
+    let path = req.uri().path().to_string();
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match (req.method().clone(), segments.as_slice()) {
+        (Method::POST, ["apis", "authentication.k8s.io", "v1", "tokenreviews"]) => {
+            return token_review(&shared, req).await;
+        }
+        (
+            Method::POST | Method::PATCH,
+            ["apis", "events.k8s.io", "v1", "namespaces", _, "events", ..],
+        ) => {
+            return record_event(&shared, req).await;
+        }
+        (Method::GET, _) => {}
+        _ => {
+            return status(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "MethodNotAllowed",
+                "not served here",
+            );
+        }
     }
     let query = parse_query(req.uri().query().unwrap_or(""));
     let segments: Vec<&str> = req.uri().path().trim_matches('/').split('/').collect();
@@ -426,6 +485,62 @@ async fn route(shared: Arc<Shared>, req: Request<hyper::body::Incoming>) -> Resp
         );
     }
     list(&shared, kind, namespace, &query).await
+}
+
+async fn body_json(req: Request<hyper::body::Incoming>) -> Value {
+    let bytes = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    serde_json::from_slice(&bytes).unwrap_or_default()
+}
+
+async fn token_review(shared: &Shared, req: Request<hyper::body::Incoming>) -> Response<Body> {
+    let mut review = body_json(req).await;
+    let token = review["spec"]["token"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let wanted: Vec<String> = review["spec"]["audiences"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    let identity = shared.tokens.lock().get(&token).cloned();
+    review["status"] = match identity {
+        Some(id) if wanted.is_empty() || wanted.iter().any(|w| id.audiences.contains(w)) => {
+            let audiences: Vec<&String> =
+                wanted.iter().filter(|w| id.audiences.contains(w)).collect();
+            let mut user = json!({"username": id.username, "uid": "sa-uid", "groups": ["system:serviceaccounts"]});
+            if let Some(node) = id.node {
+                user["extra"] = json!({"authentication.kubernetes.io/node-name": [node]});
+            }
+            json!({"authenticated": true, "user": user, "audiences": audiences})
+        }
+        Some(_) => json!({"authenticated": false, "error": "token audiences are invalid"}),
+        None => json!({"authenticated": false, "error": "invalid bearer token"}),
+    };
+    shared.reviews.send_modify(|n| *n += 1);
+    json_response(StatusCode::CREATED, &review)
+}
+
+async fn record_event(shared: &Shared, req: Request<hyper::body::Incoming>) -> Response<Body> {
+    let created = req.method() == Method::POST;
+    let event = body_json(req).await;
+    shared
+        .events
+        .send_modify(|events| events.push(event.clone()));
+    let code = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    json_response(code, &event)
 }
 
 fn get(shared: &Shared, kind: Kind, namespace: &str, name: &str) -> Response<Body> {

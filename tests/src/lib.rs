@@ -4,12 +4,20 @@
 //! - [`kube_api::FakeKube`]: a stand-in Kubernetes API server, driven from test code,
 //!   that the real kube client (in the real server) talks to over HTTP.
 //! - [`http`]: a minimal HTTP client for admin endpoints.
+//! - [`api_client`]: an HTTP/2 mutual-TLS client of the server's agent API.
+//! - [`certs`]: a test PKI (rcgen) for mutual TLS.
+//! - [`moto`]: moto, from the project's venv, as the STS.
+//! - [`sts_proxy`]: a counting, fault-injecting proxy in front of moto (a test double).
 //! - [`manifests`]: loads multi-document YAML manifests into the stand-in.
 //! - [`process`]: podiam binaries as child processes (admin address, RSS, CPU).
 //! - [`objects`]: builders for the Pod and Namespace manifests tests feed it.
 
+pub mod api_client;
+pub mod certs;
 pub mod http;
 pub mod kube_api;
 pub mod manifests;
+pub mod moto;
 pub mod objects;
 pub mod process;
+pub mod sts_proxy;

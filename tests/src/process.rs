@@ -3,11 +3,15 @@
 //! its memory is read from `/proc`.
 
 use std::{
+    collections::HashMap,
     io::{BufRead, BufReader},
     net::SocketAddr,
     process::{Child, Command, ExitStatus, Stdio},
+    sync::Arc,
     time::{Duration, Instant},
 };
+
+use parking_lot::Mutex;
 
 use nix::{sys::signal, unistd::Pid};
 
@@ -17,38 +21,76 @@ pub struct Process {
     child: Child,
     /// The admin server's address, as the process announced it.
     pub admin: SocketAddr,
+    addrs: HashMap<String, SocketAddr>,
+    logs: Arc<Mutex<Vec<String>>>,
 }
 
 impl Process {
     /// Spawns `cmd`, which must log JSON (`--log-format json`) and bind its admin server
     /// (`--admin-addr 127.0.0.1:0`), and waits for its `admin server listening` line.
-    pub fn spawn(mut cmd: Command) -> std::io::Result<Self> {
+    pub fn spawn(cmd: Command) -> std::io::Result<Self> {
+        Self::spawn_announcing(cmd, &[])
+    }
+
+    /// Like [`Process::spawn`], and also waits for each `"<what> listening"` line of
+    /// `others` (e.g. `"agent API"`), whose addresses [`Process::addr`] then returns.
+    pub fn spawn_announcing(mut cmd: Command, others: &[&str]) -> std::io::Result<Self> {
         let mut child = cmd.stderr(Stdio::piped()).spawn()?;
         let stderr = child
             .stderr
             .take()
             .ok_or_else(|| std::io::Error::other("no stderr"))?;
         let mut lines = BufReader::new(stderr).lines();
-        let admin = loop {
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let mut addrs = HashMap::new();
+        let wanted: Vec<String> = std::iter::once("admin server")
+            .chain(others.iter().copied())
+            .map(|w| format!("{w} listening"))
+            .collect();
+        while !wanted.iter().all(|w| addrs.contains_key(w)) {
             let Some(line) = lines.next() else {
                 let status = child.wait()?;
                 return Err(std::io::Error::other(format!(
-                    "process exited ({status}) before announcing its admin address"
+                    "process exited ({status}) before announcing {wanted:?}"
                 )));
             };
             let line = line?;
+            logs.lock().push(line.clone());
             let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-            if v["message"] == "admin server listening"
+            let message = v["message"].as_str().unwrap_or_default();
+            if wanted.iter().any(|w| w == message)
                 && let Some(addr) = v["addr"].as_str().and_then(|a| a.parse().ok())
             {
-                break addr;
+                addrs.insert(message.to_string(), addr);
+            } else if v.is_null() {
+                // Not JSON: show it, it may explain a failure.
+                eprintln!("{line}");
             }
-            // Not JSON, or another line: show it, it may explain a failure.
-            eprintln!("{line}");
-        };
-        // Keep draining so the process never blocks on a full pipe.
-        std::thread::spawn(move || lines.for_each(drop));
-        Ok(Self { child, admin })
+        }
+        let admin = addrs["admin server listening"];
+        // Keep draining (and keeping) the log so the process never blocks on a full pipe.
+        let sink = logs.clone();
+        std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                sink.lock().push(line);
+            }
+        });
+        Ok(Self {
+            child,
+            admin,
+            addrs,
+            logs,
+        })
+    }
+
+    /// The address announced as `"<what> listening"`.
+    pub fn addr(&self, what: &str) -> Option<SocketAddr> {
+        self.addrs.get(&format!("{what} listening")).copied()
+    }
+
+    /// The log lines so far.
+    pub fn logs(&self) -> Vec<String> {
+        self.logs.lock().clone()
     }
 
     /// The process ID.

@@ -283,8 +283,8 @@ impl Interner {
 // === impl PodIndex ===
 
 impl PodIndex {
-    /// Adds or replaces a pod.
-    pub fn apply(&mut self, mut pod: PodInfo) {
+    /// Adds or replaces a pod; returns it as stored.
+    pub fn apply(&mut self, mut pod: PodInfo) -> Arc<PodInfo> {
         let strings = &mut self.strings;
         pod.key.namespace = strings.intern(&pod.key.namespace);
         strings.intern_opt(&mut pod.node_name);
@@ -311,6 +311,7 @@ impl PodIndex {
                 self.claim(ip, &pod.key);
             }
         }
+        pod
     }
 
     /// Removes a pod; returns whether it was known.
@@ -343,6 +344,11 @@ impl PodIndex {
     /// The pod with this key.
     pub fn get(&self, key: &PodKey) -> Option<Arc<PodInfo>> {
         self.pods.get(key).cloned()
+    }
+
+    /// Every pod (a snapshot; the lock is not held while the caller uses it).
+    pub fn all(&self) -> Vec<Arc<PodInfo>> {
+        self.pods.values().cloned().collect()
     }
 
     /// Which live pod has this IP.

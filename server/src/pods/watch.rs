@@ -38,20 +38,25 @@ trait Indexer<K>: Send {
     fn len(&self) -> usize;
 }
 
-struct Pods(ClusterIndex);
+/// Called with every pod as stored after an add or change (e.g. to prefetch its session).
+pub type PodHook = std::sync::Arc<dyn Fn(&super::PodInfo) + Send + Sync>;
+
+struct Pods(ClusterIndex, Option<PodHook>);
 struct Namespaces(ClusterIndex);
 
-/// Watches pods in all namespaces into `index`; opens `ready` after the first full list.
-/// Returns only when `shutdown` is cancelled, or with an error if the stream ends.
+/// Watches pods in all namespaces into `index`; opens `ready` after the first full list;
+/// calls `on_pod` with each added or changed pod. Returns only when `shutdown` is
+/// cancelled, or with an error if the stream ends.
 pub async fn pods(
     client: Client,
     index: ClusterIndex,
     ready: Gate,
     metrics: WatchMetrics,
+    on_pod: Option<PodHook>,
     shutdown: CancellationToken,
 ) -> Result<(), WatchEnded> {
     let api = Api::<WatchedPod>::all(client);
-    run(api, Pods(index), ready, metrics, shutdown).await
+    run(api, Pods(index, on_pod), ready, metrics, shutdown).await
 }
 
 /// Watches namespaces into `index`; opens `ready` after the first full list.
@@ -144,7 +149,10 @@ impl Indexer<WatchedPod> for Pods {
         match pod.into_info() {
             Ok(info) => {
                 let key = info.key.clone();
-                self.0.update_pods(|idx| idx.apply(info));
+                let stored = self.0.update_pods(|idx| idx.apply(info));
+                if let Some(hook) = &self.1 {
+                    hook(&stored);
+                }
                 Some(key)
             }
             Err(error) => {

@@ -23,9 +23,10 @@ mod session;
 
 pub use self::namespace::{NamespacePolicy, Violation};
 
-/// Shortest and longest session STS accepts for `AssumeRole`.
-pub const MIN_SESSION: Duration = Duration::from_secs(900);
-/// See [`MIN_SESSION`].
+/// Shortest session podiam assumes. STS accepts 15 min, but SDKs want credentials with
+/// more than 15 min left, so a shorter session could never be handed out.
+pub const MIN_SESSION: Duration = Duration::from_secs(1800);
+/// Longest session STS accepts for `AssumeRole`.
 pub const MAX_SESSION: Duration = Duration::from_secs(43_200);
 
 /// Policy settings from the command line, validated at startup.

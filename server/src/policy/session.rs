@@ -73,7 +73,7 @@ pub(super) fn duration(value: Option<&str>) -> Result<Option<Duration>, Denial> 
         return Err(invalid(
             annotations::SESSION_DURATION,
             value,
-            "STS accepts 15m (900 s) to 12h (43200 s)",
+            "30m to 12h: STS allows at most 12h, and SDKs refresh credentials with less than 15m left, so shorter sessions could never be handed out",
         ));
     }
     Ok(Some(parsed))

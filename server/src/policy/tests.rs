@@ -327,7 +327,7 @@ fn session_durations() {
         ("3600s", 3600),
         ("90m", 5400),
         ("1h30m", 5400),
-        ("15m", 900),
+        ("30m", 1800),
         ("12h", 43200),
         ("1.5h", 5400),
     ] {
@@ -338,7 +338,7 @@ fn session_durations() {
             "{value}"
         );
     }
-    for bad in ["899", "14m", "13h", "soon", "-1"] {
+    for bad in ["899", "15m", "29m", "13h", "soon", "-1"] {
         let d = denial(with_session(|a| a.session_duration = Some(bad.into())));
         assert_eq!(d.code(), "invalid_annotation", "{bad}");
         assert!(d.to_string().contains("session-duration"), "{d}");

@@ -57,6 +57,7 @@ impl Harness {
             index.clone(),
             readiness.gate("pods"),
             metrics.clone(),
+            None,
             shutdown.clone(),
         ));
         tokio::spawn(watch::namespaces(

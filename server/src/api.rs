@@ -1,0 +1,390 @@
+//! The agent-facing API: HTTP/2 over mutual TLS (rustls), versioned JSON endpoints (see
+//! [`podiam_common::protocol`]).
+//!
+//! A connection must present a client certificate signed by `--ca` or the handshake
+//! fails. Each request then carries the agent's ServiceAccount token, which
+//! [`crate::agents`] turns into the agent's node. Refusals map to a typed
+//! [`ErrorBody`] here, in [`error_response`], and nowhere else.
+
+use std::{convert::Infallible, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::{body::Body, service::service_fn};
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo, TokioTimer},
+    server::graceful::GracefulShutdown,
+};
+use podiam_common::{
+    protocol::{
+        CREDENTIALS_PATH, CredentialsRequest, CredentialsResponse, ErrorBody, ErrorCode,
+        HEALTH_PATH, ROLE_PATH, RoleRequest, RoleResponse,
+    },
+    readiness::Readiness,
+    tls::Reloading,
+};
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
+use rustls::ServerConfig;
+use serde::{Serialize, de::DeserializeOwned};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    agents::{AuthError, Authenticate},
+    issue::{Caller, IssueError, Issuer},
+};
+
+/// Requests larger than this are refused.
+const MAX_BODY: usize = 16 * 1024;
+/// A TLS handshake that takes longer is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// In-flight requests get this long after shutdown starts.
+const GRACE: Duration = Duration::from_secs(10);
+
+/// The API's state; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct AgentApi {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    issuer: Issuer,
+    auth: Arc<dyn Authenticate>,
+    readiness: Readiness,
+    metrics: ApiMetrics,
+    role_labels: bool,
+}
+
+/// API metrics: requests by endpoint and result, latency by endpoint.
+#[derive(Clone, Debug)]
+pub struct ApiMetrics {
+    requests: IntCounterVec,
+    latency: HistogramVec,
+    issued: IntCounterVec,
+    handshakes: IntCounterVec,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Endpoint {
+    Role,
+    Credentials,
+    Health,
+}
+
+type Reply = Result<Response<Full<Bytes>>, (ErrorCode, String)>;
+
+// === impl AgentApi ===
+
+impl AgentApi {
+    /// The API over `issuer`; `role_labels` adds role ARNs as a metric label.
+    pub fn new(
+        issuer: Issuer,
+        auth: Arc<dyn Authenticate>,
+        readiness: Readiness,
+        metrics: ApiMetrics,
+        role_labels: bool,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                issuer,
+                auth,
+                readiness,
+                metrics,
+                role_labels,
+            }),
+        }
+    }
+
+    /// Serves mutual-TLS HTTP/2 on `listener` until `shutdown`, then lets in-flight
+    /// requests finish for a grace period.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        tls: Reloading<ServerConfig>,
+        shutdown: CancellationToken,
+    ) {
+        let graceful = GracefulShutdown::new();
+        loop {
+            let (tcp, peer) = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                accepted = listener.accept() => match accepted {
+                    Ok(conn) => conn,
+                    Err(error) => {
+                        // Typically EMFILE: back off instead of spinning on the error.
+                        tracing::warn!(%error, "API: accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+            };
+            let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
+            let api = self.clone();
+            let watcher = graceful.watcher();
+            tokio::spawn(async move {
+                let handshakes = &api.inner.metrics.handshakes;
+                let stream =
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                        Ok(Ok(stream)) => {
+                            handshakes.with_label_values(&["ok"]).inc();
+                            stream
+                        }
+                        Ok(Err(error)) => {
+                            handshakes.with_label_values(&["refused"]).inc();
+                            tracing::info!(%peer, %error, "TLS handshake refused");
+                            return;
+                        }
+                        Err(_) => {
+                            handshakes.with_label_values(&["timeout"]).inc();
+                            return;
+                        }
+                    };
+                let service = service_fn(move |req| {
+                    let api = api.clone();
+                    async move { Ok::<_, Infallible>(api.handle(req).await) }
+                });
+                let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .timer(TokioTimer::new())
+                    .keep_alive_interval(Some(Duration::from_secs(30)))
+                    .max_concurrent_streams(1024)
+                    .serve_connection(TokioIo::new(stream), service);
+                if let Err(error) = watcher.watch(conn).await {
+                    tracing::debug!(%peer, %error, "API connection ended with an error");
+                }
+            });
+        }
+        if tokio::time::timeout(GRACE, graceful.shutdown())
+            .await
+            .is_err()
+        {
+            tracing::warn!("API: requests still in flight after the grace period");
+        }
+    }
+
+    /// Handles one request (any body type, so tests can call it without sockets).
+    pub async fn handle<B>(&self, req: Request<B>) -> Response<Full<Bytes>>
+    where
+        B: Body,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let started = std::time::Instant::now();
+        let endpoint = match (req.method(), req.uri().path()) {
+            (&Method::POST, ROLE_PATH) => Endpoint::Role,
+            (&Method::POST, CREDENTIALS_PATH) => Endpoint::Credentials,
+            (&Method::GET, HEALTH_PATH) => Endpoint::Health,
+            (method, path) => {
+                let message = format!("no endpoint {method} {path}");
+                return error_response(ErrorCode::InvalidRequest, message);
+            }
+        };
+        let reply = match endpoint {
+            Endpoint::Health => self.health(),
+            Endpoint::Role => self.role(req).await,
+            Endpoint::Credentials => self.credentials(req).await,
+        };
+        let (label, rsp) = match reply {
+            Ok(rsp) => ("ok", rsp),
+            Err((code, message)) => (code.as_str(), error_response(code, message)),
+        };
+        let metrics = &self.inner.metrics;
+        metrics
+            .requests
+            .with_label_values(&[endpoint.as_str(), label])
+            .inc();
+        metrics
+            .latency
+            .with_label_values(&[endpoint.as_str()])
+            .observe(started.elapsed().as_secs_f64());
+        rsp
+    }
+
+    fn health(&self) -> Reply {
+        if !self.inner.readiness.is_ready() {
+            return Err(not_ready(&self.inner.readiness));
+        }
+        Ok(json(StatusCode::OK, &serde_json::json!({"status": "ok"})))
+    }
+
+    async fn role<B>(&self, req: Request<B>) -> Reply
+    where
+        B: Body,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let (caller, request): (Caller, RoleRequest) = self.admit(req).await?;
+        let (pod, grant) = self
+            .inner
+            .issuer
+            .role(request.ip, &caller)
+            .await
+            .map_err(refusal)?;
+        tracing::debug!(ip = %request.ip, pod = %pod.key, role.arn = %grant.role_arn, "role");
+        Ok(json(
+            StatusCode::OK,
+            &RoleResponse {
+                role_arn: grant.role_arn,
+            },
+        ))
+    }
+
+    async fn credentials<B>(&self, req: Request<B>) -> Reply
+    where
+        B: Body,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let (caller, request): (Caller, CredentialsRequest) = self.admit(req).await?;
+        let issued = self
+            .inner
+            .issuer
+            .credentials(request.ip, request.role.as_deref(), &caller)
+            .await
+            .map_err(refusal)?;
+        let role = if self.inner.role_labels {
+            issued.role_arn.as_str()
+        } else {
+            ""
+        };
+        self.inner.metrics.issued.with_label_values(&[role]).inc();
+        tracing::debug!(ip = %request.ip, pod = %issued.pod.key, role.arn = %issued.role_arn, "credentials");
+        Ok(json(
+            StatusCode::OK,
+            &CredentialsResponse {
+                role_arn: issued.role_arn,
+                credentials: issued.credentials,
+            },
+        ))
+    }
+
+    /// Readiness, the agent's token, and the JSON body.
+    async fn admit<B, T>(&self, req: Request<B>) -> Result<(Caller, T), (ErrorCode, String)>
+    where
+        B: Body,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+        T: DeserializeOwned,
+    {
+        if !self.inner.readiness.is_ready() {
+            return Err(not_ready(&self.inner.readiness));
+        }
+        let token = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::to_string);
+        let caller = self
+            .inner
+            .auth
+            .authenticate(token.as_deref())
+            .await
+            .map_err(|error| match error {
+                AuthError::Unavailable(_) => (ErrorCode::NotReady, error.to_string()),
+                _ => {
+                    tracing::info!(%error, "agent refused");
+                    (ErrorCode::Unauthenticated, error.to_string())
+                }
+            })?;
+        let body = Limited::new(req.into_body(), MAX_BODY)
+            .collect()
+            .await
+            .map_err(|e| (ErrorCode::InvalidRequest, format!("reading the body: {e}")))?
+            .to_bytes();
+        let request = serde_json::from_slice(&body)
+            .map_err(|e| (ErrorCode::InvalidRequest, format!("invalid JSON body: {e}")))?;
+        Ok((caller, request))
+    }
+}
+
+fn refusal(error: IssueError) -> (ErrorCode, String) {
+    let code = error.code();
+    match code {
+        ErrorCode::PodNotFound | ErrorCode::RoleMismatch => tracing::debug!(%error, "refused"),
+        _ => tracing::info!(code = code.as_str(), %error, "refused"),
+    }
+    (code, error.to_string())
+}
+
+fn not_ready(readiness: &Readiness) -> (ErrorCode, String) {
+    let waiting = readiness.waiting_for().join(", ");
+    (
+        ErrorCode::NotReady,
+        format!("server not ready: waiting for {waiting}"),
+    )
+}
+
+/// The one place a refusal becomes an HTTP response.
+fn error_response(code: ErrorCode, message: String) -> Response<Full<Bytes>> {
+    let status = StatusCode::from_u16(code.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    json(status, &ErrorBody { code, message })
+}
+
+fn json<T: Serialize>(status: StatusCode, body: &T) -> Response<Full<Bytes>> {
+    let bytes = serde_json::to_vec(body).unwrap_or_default();
+    let mut rsp = Response::new(Full::new(Bytes::from(bytes)));
+    *rsp.status_mut() = status;
+    rsp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    rsp
+}
+
+// === impl Endpoint ===
+
+impl Endpoint {
+    fn as_str(self) -> &'static str {
+        match self {
+            Endpoint::Role => "role",
+            Endpoint::Credentials => "credentials",
+            Endpoint::Health => "health",
+        }
+    }
+}
+
+// === impl ApiMetrics ===
+
+impl ApiMetrics {
+    /// Registers the API metrics in `registry`.
+    pub fn register(registry: &Registry) -> prometheus::Result<Self> {
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "podiam_api_requests_total",
+                "Agent API requests by endpoint and result (ok or an error code)",
+            ),
+            &["endpoint", "result"],
+        )?;
+        let latency = HistogramVec::new(
+            HistogramOpts::new(
+                "podiam_api_request_duration_seconds",
+                "Agent API request latency by endpoint",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 3.0, 5.0,
+            ]),
+            &["endpoint"],
+        )?;
+        let issued = IntCounterVec::new(
+            Opts::new(
+                "podiam_credentials_issued_total",
+                "Credential sets handed to agents (role label empty unless --metrics-role-labels)",
+            ),
+            &["role"],
+        )?;
+        let handshakes = IntCounterVec::new(
+            Opts::new(
+                "podiam_api_tls_handshakes_total",
+                "TLS handshakes by result (ok, refused, timeout)",
+            ),
+            &["result"],
+        )?;
+        registry.register(Box::new(requests.clone()))?;
+        registry.register(Box::new(latency.clone()))?;
+        registry.register(Box::new(issued.clone()))?;
+        registry.register(Box::new(handshakes.clone()))?;
+        Ok(Self {
+            requests,
+            latency,
+            issued,
+            handshakes,
+        })
+    }
+}

@@ -1,0 +1,445 @@
+//! Issuing: from a request's pod IP to that pod's credentials, or a typed refusal.
+//!
+//! `IP → live pod (bounded wait) → the caller's node owns it → policy allows a role → the
+//! requested role is that role → session key → broker`. Each refusal is one
+//! [`IssueError`] whose [`IssueError::code`] is the protocol's error code; denials and STS
+//! failures also raise a (rate-limited) Warning Event through the [`Notifier`]. Every
+//! credential set handed to a pod is written once to the audit log.
+
+use std::{fmt, net::IpAddr, sync::Arc, time::Duration};
+
+use podiam_common::{arn::RoleArn, protocol::Credentials, protocol::ErrorCode};
+
+use crate::{
+    pods::{ClusterIndex, IpLookup, PodInfo, PodKey},
+    policy::{Decision, Denial, Grant, PolicyConfig},
+    sts::{Broker, SessionKey, StsError},
+};
+
+/// STS's longest role-chained session.
+pub const CHAINED_MAX: Duration = Duration::from_secs(3600);
+
+/// How sessions are parameterised.
+#[derive(Clone, Debug)]
+pub struct SessionSettings {
+    /// Duration when the pod's annotation sets none.
+    pub default_duration: Duration,
+    /// Whether the server's own credentials are a chained session (1 h cap).
+    pub chained: bool,
+    /// Whether to tag sessions with the pod's namespace, name and service account.
+    pub tags: bool,
+}
+
+/// Who is asking: the agent's node, learnt from its ServiceAccount token (`None` when node
+/// binding is off).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Caller {
+    /// The agent's node.
+    pub node: Option<Arc<str>>,
+}
+
+/// Publishes Warning Events. Implementations rate-limit and never block the caller.
+pub trait Notifier: Send + Sync + fmt::Debug + 'static {
+    /// A Warning Event on a pod.
+    fn pod_warning(&self, pod: &PodInfo, reason: &'static str, note: String);
+    /// A Warning Event on a node (no pod to attach it to, e.g. an unknown IP).
+    fn node_warning(&self, node: &str, reason: &'static str, note: String);
+}
+
+/// Why a request gets no credentials.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum IssueError {
+    /// No live pod has the IP.
+    #[error("no live pod has IP {0}")]
+    PodNotFound(IpAddr),
+    /// Several live pods claim the IP.
+    #[error("IP {ip} is claimed by several live pods ({})", list(.pods))]
+    AmbiguousIp {
+        /// The IP.
+        ip: IpAddr,
+        /// Its claimants.
+        pods: Vec<PodKey>,
+    },
+    /// The pod is on another node than the asking agent.
+    #[error("pod {pod} runs on node {pod_node:?}, not on the asking agent's node {caller_node:?}")]
+    NodeMismatch {
+        /// The pod.
+        pod: PodKey,
+        /// Its node.
+        pod_node: Option<String>,
+        /// The agent's node.
+        caller_node: String,
+    },
+    /// The pod asked for a role that is not its own.
+    #[error("pod {pod} asked for role {requested:?}, which is not its role")]
+    RoleMismatch {
+        /// The pod.
+        pod: PodKey,
+        /// What it asked for.
+        requested: String,
+    },
+    /// Policy denies the pod a role.
+    #[error("pod {pod}: {denial}")]
+    Forbidden {
+        /// The pod.
+        pod: PodKey,
+        /// Why.
+        denial: Denial,
+    },
+    /// STS failed.
+    #[error("pod {pod}: assuming {role}: {error}")]
+    Sts {
+        /// The pod.
+        pod: PodKey,
+        /// The role.
+        role: RoleArn,
+        /// STS's error.
+        error: StsError,
+    },
+}
+
+/// The server's answer for one pod.
+#[derive(Clone, Debug)]
+pub struct Issued {
+    /// The pod.
+    pub pod: Arc<PodInfo>,
+    /// Its role.
+    pub role_arn: RoleArn,
+    /// Its credentials.
+    pub credentials: Credentials,
+}
+
+/// Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Issuer {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    index: ClusterIndex,
+    policy: PolicyConfig,
+    broker: Broker,
+    sessions: SessionSettings,
+    lookup_wait: Duration,
+    notifier: Arc<dyn Notifier>,
+    /// (pod, access key id) pairs already written to the audit log.
+    audited: moka::sync::Cache<(PodKey, String), ()>,
+}
+
+const AUDIT_MEMORY: Duration = Duration::from_secs(13 * 3600);
+const MAX_SESSION_NAME: usize = 64;
+
+// === impl IssueError ===
+
+impl IssueError {
+    /// The protocol error code: the one place refusals become codes (and so statuses).
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            IssueError::PodNotFound(_) => ErrorCode::PodNotFound,
+            IssueError::AmbiguousIp { .. } => ErrorCode::AmbiguousIp,
+            IssueError::NodeMismatch { .. } => ErrorCode::NodeMismatch,
+            IssueError::RoleMismatch { .. } => ErrorCode::RoleMismatch,
+            IssueError::Forbidden { .. } => ErrorCode::Forbidden,
+            IssueError::Sts { .. } => ErrorCode::StsError,
+        }
+    }
+}
+
+fn list(pods: &[PodKey]) -> String {
+    pods.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+// === impl Issuer ===
+
+impl Issuer {
+    /// Issues from `index` with `policy` through `broker`.
+    pub fn new(
+        index: ClusterIndex,
+        policy: PolicyConfig,
+        broker: Broker,
+        sessions: SessionSettings,
+        lookup_wait: Duration,
+        notifier: Arc<dyn Notifier>,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                index,
+                policy,
+                broker,
+                sessions,
+                lookup_wait,
+                notifier,
+                audited: moka::sync::Cache::builder()
+                    .max_capacity(500_000)
+                    .time_to_live(AUDIT_MEMORY)
+                    .build(),
+            }),
+        }
+    }
+
+    /// The role of the pod with `ip`, if it may have one.
+    pub async fn role(
+        &self,
+        ip: IpAddr,
+        caller: &Caller,
+    ) -> Result<(Arc<PodInfo>, Grant), IssueError> {
+        let pod = self.pod(ip, caller).await?;
+        let grant = self.grant(&pod)?;
+        Ok((pod, grant))
+    }
+
+    /// Credentials for the pod with `ip`; `requested` is the role it asked for, if any.
+    pub async fn credentials(
+        &self,
+        ip: IpAddr,
+        requested: Option<&str>,
+        caller: &Caller,
+    ) -> Result<Issued, IssueError> {
+        let (pod, grant) = self.role(ip, caller).await?;
+        if let Some(requested) = requested.map(str::trim).filter(|r| !r.is_empty())
+            && !is_role(requested, &grant.role_arn)
+        {
+            // Probing for another role: refused like an unknown role, without saying more.
+            return Err(IssueError::RoleMismatch {
+                pod: pod.key.clone(),
+                requested: requested.to_string(),
+            });
+        }
+        let key = self.session_key(&pod, &grant);
+        match self.inner.broker.credentials(&key).await {
+            Ok(credentials) => {
+                self.audit(&pod, &grant.role_arn, &credentials);
+                Ok(Issued {
+                    pod,
+                    role_arn: grant.role_arn,
+                    credentials,
+                })
+            }
+            Err(error) => {
+                let err = IssueError::Sts {
+                    pod: pod.key.clone(),
+                    role: grant.role_arn,
+                    error,
+                };
+                self.inner
+                    .notifier
+                    .pod_warning(&pod, "AssumeRoleFailed", err.to_string());
+                Err(err)
+            }
+        }
+    }
+
+    /// Queues a prefetch of `pod`'s session if it may have a role (a pod appeared or
+    /// changed). Pods that are finished, unscheduled or denied are skipped.
+    pub fn prefetch(&self, pod: &PodInfo) {
+        if let Some(key) = self.prefetch_key(pod) {
+            self.inner.broker.prefetch(key);
+        }
+    }
+
+    /// Like [`Issuer::prefetch`], but waits for room in the queue (for the start-up sweep).
+    pub async fn prefetch_all(&self) {
+        let pods = self.inner.index.pods().all();
+        let mut queued = 0usize;
+        for pod in pods {
+            if let Some(key) = self.prefetch_key(&pod) {
+                self.inner.broker.prefetch_wait(key).await;
+                queued += 1;
+            }
+        }
+        tracing::info!(sessions = queued, "start-up prefetch queued");
+    }
+
+    fn prefetch_key(&self, pod: &PodInfo) -> Option<SessionKey> {
+        if !pod.claims_ips() || pod.node_name.is_none() {
+            return None;
+        }
+        let namespace = self.inner.index.namespace(&pod.key.namespace)?;
+        match Decision::for_pod(pod, Some(&namespace), &self.inner.policy) {
+            Decision::Allowed(grant) => Some(self.session_key(pod, &grant)),
+            Decision::Denied(_) => None,
+        }
+    }
+
+    async fn pod(&self, ip: IpAddr, caller: &Caller) -> Result<Arc<PodInfo>, IssueError> {
+        let pod = match self.inner.index.lookup_ip(ip, self.inner.lookup_wait).await {
+            IpLookup::Found(pod) => pod,
+            IpLookup::NotFound => {
+                if let Some(node) = &caller.node {
+                    self.inner.notifier.node_warning(
+                        node,
+                        "PodNotFound",
+                        format!("a request for credentials came from {ip}, which no live pod has"),
+                    );
+                }
+                return Err(IssueError::PodNotFound(ip));
+            }
+            IpLookup::Ambiguous(pods) => return Err(IssueError::AmbiguousIp { ip, pods }),
+        };
+        if let Some(node) = &caller.node
+            && pod.node_name.as_deref() != Some(node.as_ref())
+        {
+            let err = IssueError::NodeMismatch {
+                pod: pod.key.clone(),
+                pod_node: pod.node_name.as_deref().map(Into::into),
+                caller_node: node.to_string(),
+            };
+            self.inner.notifier.pod_warning(
+                &pod,
+                "CredentialsRequestedFromOtherNode",
+                err.to_string(),
+            );
+            return Err(err);
+        }
+        Ok(pod)
+    }
+
+    fn grant(&self, pod: &Arc<PodInfo>) -> Result<Grant, IssueError> {
+        let namespace = self.inner.index.namespace(&pod.key.namespace);
+        match Decision::for_pod(pod, namespace.as_deref(), &self.inner.policy) {
+            Decision::Allowed(grant) => Ok(grant),
+            Decision::Denied(denial) => {
+                let err = IssueError::Forbidden {
+                    pod: pod.key.clone(),
+                    denial,
+                };
+                if let IssueError::Forbidden { denial, .. } = &err {
+                    self.inner
+                        .notifier
+                        .pod_warning(pod, "CredentialsDenied", denial.to_string());
+                }
+                Err(err)
+            }
+        }
+    }
+
+    /// The session for `pod` under `grant`.
+    pub fn session_key(&self, pod: &PodInfo, grant: &Grant) -> SessionKey {
+        let settings = &self.inner.sessions;
+        let mut duration = grant.session_duration.unwrap_or(settings.default_duration);
+        if settings.chained {
+            duration = duration.min(CHAINED_MAX);
+        }
+        let session_name = match &grant.session_name {
+            Some(name) => name.as_str().into(),
+            None => session_name(&pod.key),
+        };
+        let tags: Arc<[(&'static str, String)]> = if settings.tags {
+            let mut tags = vec![
+                ("kubernetes-namespace", tag_value(&pod.key.namespace)),
+                ("kubernetes-pod-name", tag_value(&pod.key.name)),
+            ];
+            if let Some(sa) = &pod.service_account {
+                tags.push(("kubernetes-service-account", tag_value(sa)));
+            }
+            tags.into()
+        } else {
+            Arc::new([])
+        };
+        SessionKey {
+            role_arn: grant.role_arn.clone(),
+            external_id: grant.external_id.as_deref().map(Into::into),
+            session_name,
+            duration,
+            tags,
+        }
+    }
+
+    fn audit(&self, pod: &PodInfo, role: &RoleArn, credentials: &Credentials) {
+        let key = (pod.key.clone(), credentials.access_key_id.clone());
+        if self.inner.audited.contains_key(&key) {
+            return;
+        }
+        self.inner.audited.insert(key, ());
+        tracing::info!(
+            audit = true,
+            pod.namespace = %pod.key.namespace,
+            pod.name = %pod.key.name,
+            pod.node = pod.node_name.as_deref().unwrap_or(""),
+            role.arn = %role,
+            access_key_id = %credentials.access_key_id,
+            expiration = %humantime::format_rfc3339_seconds(credentials.expiration),
+            "credentials issued"
+        );
+    }
+}
+
+/// Whether what the pod asked for names `role`: the full ARN, or the role's name as it
+/// appears in the metadata URL.
+fn is_role(requested: &str, role: &RoleArn) -> bool {
+    requested == role.as_str() || requested == role.name()
+}
+
+/// `namespace.pod`, reduced to STS's `[\w+=,.@-]{2,64}`; a longer one keeps a hash of the
+/// whole so that two long pod names do not share a session.
+pub fn session_name(pod: &PodKey) -> Arc<str> {
+    let raw = format!("{}.{}", pod.namespace, pod.name);
+    let mut name: String = raw
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "_+=,.@-".contains(c) {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    if name.len() > MAX_SESSION_NAME {
+        let digest = ring::digest::digest(&ring::digest::SHA256, raw.as_bytes());
+        let hash: String = digest.as_ref()[..4]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        name.truncate(MAX_SESSION_NAME - hash.len() - 1);
+        name.push('-');
+        name.push_str(&hash);
+    }
+    name.into()
+}
+
+/// Tag values: `[\p{L}\p{Z}\p{N}_.:/=+\-@]{0,256}`; Kubernetes names already fit.
+fn tag_value(value: &str) -> String {
+    value.chars().take(256).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(ns: &str, name: &str) -> PodKey {
+        PodKey {
+            namespace: ns.into(),
+            name: name.into(),
+        }
+    }
+
+    #[test]
+    fn session_names_follow_sts_rules() {
+        assert_eq!(&*session_name(&key("team-a", "web-0")), "team-a.web-0");
+        let long = session_name(&key("a-very-long-namespace-name", &"p".repeat(60)));
+        assert_eq!(long.len(), 64);
+        let other = session_name(&key(
+            "a-very-long-namespace-name",
+            &format!("{}q", "p".repeat(59)),
+        ));
+        assert_ne!(long, other, "long names keep a hash of the whole");
+        assert!(
+            long.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_+=,.@-".contains(c))
+        );
+    }
+
+    #[test]
+    fn requested_role_by_name_or_arn() {
+        let role = RoleArn::parse("arn:aws:iam::123456789012:role/team/web").unwrap();
+        assert!(is_role("web", &role));
+        assert!(is_role("arn:aws:iam::123456789012:role/team/web", &role));
+        assert!(!is_role("admin", &role));
+        assert!(!is_role("team/web", &role));
+        assert!(!is_role("arn:aws:iam::123456789012:role/web", &role));
+    }
+}

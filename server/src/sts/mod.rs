@@ -1,0 +1,472 @@
+//! The STS broker: the only place podiam assumes roles.
+//!
+//! Data model: a [`SessionKey`] (role ARN, external ID, session name, duration, tags) maps
+//! to at most one cached [`Credentials`]. For each key:
+//! - at most one `AssumeRole` call is in flight, on a detached task that no caller's
+//!   cancellation can abort; every caller waiting for that key shares its result;
+//! - credentials with less than [`BrokerConfig::min_remaining`] left are never handed out;
+//! - a per-entry timer refreshes credentials [`BrokerConfig::refresh_before`] their expiry,
+//!   if they were used since they were fetched (an unused session is left to expire);
+//! - a failed call is remembered for [`BrokerConfig::negative_ttl`], so a broken role does
+//!   not turn every request into an STS call, while still-valid credentials keep being
+//!   served; a failed refresh is retried with jittered exponential backoff;
+//! - prefetch requests (a pod with a role appeared) go through a bounded queue; overflow is
+//!   counted and the pod's first request fetches on demand.
+//!
+//! Expiry decisions read an injected [`Clock`]. The STS itself is behind [`AssumeRole`]
+//! ([`aws::AwsSts`] in production). Nothing here knows about Kubernetes.
+
+use std::{
+    collections::HashMap,
+    fmt,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant, SystemTime},
+};
+
+use futures::{
+    FutureExt,
+    future::{BoxFuture, Shared},
+};
+use parking_lot::Mutex;
+use podiam_common::{arn::RoleArn, protocol::Credentials};
+use rand::Rng;
+use tokio::sync::{Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+
+pub mod aws;
+pub mod metrics;
+
+use self::metrics::BrokerMetrics;
+
+/// What a session is assumed with. Two requests share credentials only when every field
+/// is equal.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct SessionKey {
+    /// The role.
+    pub role_arn: RoleArn,
+    /// `ExternalId`, if the pod's annotation sets one.
+    pub external_id: Option<Arc<str>>,
+    /// `RoleSessionName` (identifies the pod in CloudTrail).
+    pub session_name: Arc<str>,
+    /// `DurationSeconds`.
+    pub duration: Duration,
+    /// Session tags, when enabled.
+    pub tags: Arc<[(&'static str, String)]>,
+}
+
+/// Now, as the broker sees it (injected so that tests can move time).
+pub trait Clock: Send + Sync + fmt::Debug + 'static {
+    /// The current wall-clock time.
+    fn now(&self) -> SystemTime;
+}
+
+/// The system clock.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SystemClock;
+
+/// One `sts:AssumeRole` call.
+pub trait AssumeRole: Send + Sync + fmt::Debug + 'static {
+    /// Assumes `key.role_arn` as described by `key`.
+    fn assume_role(&self, key: &SessionKey) -> BoxFuture<'static, Result<Credentials, StsError>>;
+}
+
+/// Why STS gave no credentials.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum StsError {
+    /// STS answered with an error (after the SDK's own retries).
+    #[error("STS refused: {code}: {message}")]
+    Service {
+        /// The AWS error code (`AccessDenied`, `Throttling`, ...).
+        code: String,
+        /// STS's message.
+        message: String,
+    },
+    /// STS could not be reached or did not answer in time.
+    #[error("STS unreachable: {0}")]
+    Unreachable(String),
+    /// STS answered without usable credentials.
+    #[error("STS answered without usable credentials: {0}")]
+    Malformed(String),
+    /// The broker's own task failed.
+    #[error("internal error while assuming the role: {0}")]
+    Internal(String),
+}
+
+/// Broker settings.
+#[derive(Clone, Debug)]
+pub struct BrokerConfig {
+    /// Refresh this long before expiry.
+    pub refresh_before: Duration,
+    /// Never hand out credentials with less than this left.
+    pub min_remaining: Duration,
+    /// How long a failure is remembered for a key.
+    pub negative_ttl: Duration,
+    /// Capacity of the prefetch queue.
+    pub prefetch_queue: usize,
+    /// Prefetch calls in flight at most.
+    pub prefetch_concurrency: usize,
+    /// Most sessions kept.
+    pub max_sessions: u64,
+}
+
+/// Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Broker {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    sts: Arc<dyn AssumeRole>,
+    clock: Arc<dyn Clock>,
+    config: BrokerConfig,
+    cache: moka::sync::Cache<SessionKey, Arc<Entry>>,
+    failures: moka::sync::Cache<SessionKey, Failure>,
+    inflight: Mutex<HashMap<SessionKey, Fetch>>,
+    prefetch: mpsc::Sender<SessionKey>,
+    metrics: BrokerMetrics,
+    shutdown: CancellationToken,
+}
+
+type Fetch = Shared<BoxFuture<'static, Result<Credentials, StsError>>>;
+
+#[derive(Debug)]
+struct Entry {
+    credentials: Credentials,
+    /// Set when handed out; cleared by each refresh.
+    used: AtomicBool,
+}
+
+#[derive(Clone, Debug)]
+struct Failure {
+    until: SystemTime,
+    error: StsError,
+}
+
+/// Longest wait between refresh retries.
+const MAX_RETRY_BACKOFF: Duration = Duration::from_secs(120);
+/// First wait between refresh retries.
+const FIRST_RETRY_BACKOFF: Duration = Duration::from_secs(2);
+
+// === impl Clock ===
+
+impl Clock for SystemClock {
+    fn now(&self) -> SystemTime {
+        SystemTime::now()
+    }
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        Self {
+            refresh_before: Duration::from_secs(20 * 60),
+            min_remaining: Duration::from_secs(15 * 60),
+            negative_ttl: Duration::from_secs(5),
+            prefetch_queue: 1000,
+            prefetch_concurrency: 8,
+            max_sessions: 200_000,
+        }
+    }
+}
+
+// === impl StsError ===
+
+impl StsError {
+    /// A bounded label for metrics: the AWS error code, or the kind of failure.
+    pub fn code(&self) -> &str {
+        match self {
+            StsError::Service { code, .. } => code,
+            StsError::Unreachable(_) => "Unreachable",
+            StsError::Malformed(_) => "Malformed",
+            StsError::Internal(_) => "Internal",
+        }
+    }
+}
+
+// === impl Broker ===
+
+impl Broker {
+    /// A broker over `sts`; background work (prefetch, refresh timers) stops at `shutdown`.
+    pub fn new(
+        sts: Arc<dyn AssumeRole>,
+        clock: Arc<dyn Clock>,
+        config: BrokerConfig,
+        metrics: BrokerMetrics,
+        shutdown: CancellationToken,
+    ) -> Self {
+        let (prefetch, queue) = mpsc::channel(config.prefetch_queue.max(1));
+        let cache = moka::sync::Cache::builder()
+            .max_capacity(config.max_sessions)
+            .expire_after(ExpireWithCredentials)
+            .build();
+        let failures = moka::sync::Cache::builder()
+            .max_capacity(config.max_sessions)
+            .time_to_live(config.negative_ttl.max(Duration::from_millis(1)))
+            .build();
+        let broker = Self {
+            inner: Arc::new(Inner {
+                sts,
+                clock,
+                cache,
+                failures,
+                inflight: Mutex::new(HashMap::new()),
+                prefetch,
+                metrics,
+                shutdown,
+                config,
+            }),
+        };
+        tokio::spawn(broker.clone().prefetcher(queue));
+        broker
+    }
+
+    /// Credentials for `key`: cached if they have enough life left, else fetched (sharing
+    /// any call already in flight for the key).
+    pub async fn credentials(&self, key: &SessionKey) -> Result<Credentials, StsError> {
+        let inner = &self.inner;
+        if let Some(credentials) = self.cached(key) {
+            inner.metrics.hits.inc();
+            return Ok(credentials);
+        }
+        inner.metrics.misses.inc();
+        if let Some(failure) = inner.failures.get(key)
+            && inner.clock.now() < failure.until
+        {
+            return Err(failure.error);
+        }
+        let credentials = self.fetch(key.clone()).await?;
+        if let Some(entry) = inner.cache.get(key) {
+            entry.used.store(true, Ordering::Relaxed);
+        }
+        Ok(credentials)
+    }
+
+    /// Asks for `key` to be fetched ahead of its first request. Never blocks: when the
+    /// queue is full the request is dropped and counted, and the first request for the key
+    /// fetches it on demand.
+    pub fn prefetch(&self, key: SessionKey) {
+        if self.cached(&key).is_some() {
+            return;
+        }
+        match self.inner.prefetch.try_send(key) {
+            Ok(()) => self.inner.metrics.prefetch_queued.inc(),
+            Err(mpsc::error::TrySendError::Full(key)) => {
+                self.inner.metrics.prefetch_overflow.inc();
+                tracing::debug!(role.arn = %key.role_arn, "prefetch queue full; the first request will fetch");
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
+        }
+    }
+
+    /// Like [`Broker::prefetch`], but waits for room in the queue.
+    pub async fn prefetch_wait(&self, key: SessionKey) {
+        if self.cached(&key).is_some() {
+            return;
+        }
+        if self.inner.prefetch.send(key).await.is_ok() {
+            self.inner.metrics.prefetch_queued.inc();
+        }
+    }
+
+    /// Number of cached sessions.
+    pub fn sessions(&self) -> u64 {
+        self.inner.cache.run_pending_tasks();
+        self.inner.cache.entry_count()
+    }
+
+    /// Prefetch requests waiting in the queue.
+    pub fn prefetch_queue_depth(&self) -> usize {
+        self.inner.prefetch.max_capacity() - self.inner.prefetch.capacity()
+    }
+
+    /// Cached credentials for `key` with enough life left, marked as used.
+    fn cached(&self, key: &SessionKey) -> Option<Credentials> {
+        let entry = self.inner.cache.get(key)?;
+        if self.remaining(&entry.credentials) < self.inner.config.min_remaining {
+            return None;
+        }
+        entry.used.store(true, Ordering::Relaxed);
+        Some(entry.credentials.clone())
+    }
+
+    fn remaining(&self, credentials: &Credentials) -> Duration {
+        credentials
+            .expiration
+            .duration_since(self.inner.clock.now())
+            .unwrap_or_default()
+    }
+
+    /// The one in-flight call for `key`, started if there is none.
+    fn fetch(&self, key: SessionKey) -> Fetch {
+        let mut inflight = self.inner.inflight.lock();
+        if let Some(fetch) = inflight.get(&key) {
+            return fetch.clone();
+        }
+        let task = tokio::spawn(self.clone().assume(key.clone()));
+        let fetch = async move {
+            task.await
+                .unwrap_or_else(|e| Err(StsError::Internal(e.to_string())))
+        }
+        .boxed()
+        .shared();
+        inflight.insert(key, fetch.clone());
+        fetch
+    }
+
+    /// The call itself, on its own task.
+    async fn assume(self, key: SessionKey) -> Result<Credentials, StsError> {
+        let inner = &self.inner;
+        inner.metrics.inflight.inc();
+        let started = Instant::now();
+        let result = inner.sts.assume_role(&key).await;
+        inner
+            .metrics
+            .latency
+            .observe(started.elapsed().as_secs_f64());
+        inner.metrics.inflight.dec();
+        let result = result.and_then(|credentials| {
+            if self.remaining(&credentials) < inner.config.min_remaining {
+                return Err(StsError::Malformed(format!(
+                    "credentials expire at {}, too soon to hand out",
+                    humantime::format_rfc3339_seconds(credentials.expiration)
+                )));
+            }
+            Ok(credentials)
+        });
+        match &result {
+            Ok(credentials) => {
+                inner.metrics.calls.with_label_values(&["ok"]).inc();
+                let entry = Arc::new(Entry {
+                    credentials: credentials.clone(),
+                    used: AtomicBool::new(false),
+                });
+                inner.cache.insert(key.clone(), entry.clone());
+                inner.failures.invalidate(&key);
+                tokio::spawn(self.clone().refresh_later(key.clone(), entry));
+            }
+            Err(error) => {
+                inner.metrics.calls.with_label_values(&["error"]).inc();
+                inner
+                    .metrics
+                    .errors
+                    .with_label_values(&[error.code()])
+                    .inc();
+                tracing::warn!(role.arn = %key.role_arn, session = %key.session_name, %error, "AssumeRole failed");
+                let until = inner.clock.now() + inner.config.negative_ttl;
+                inner.failures.insert(
+                    key.clone(),
+                    Failure {
+                        until,
+                        error: error.clone(),
+                    },
+                );
+            }
+        }
+        // Removed only after the cache holds the result, so no caller falls in between.
+        inner.inflight.lock().remove(&key);
+        result
+    }
+
+    /// The per-entry timer: refresh `refresh_before` the expiry if the entry was used;
+    /// retry failures with jittered backoff while the old credentials are still good.
+    async fn refresh_later(self, key: SessionKey, entry: Arc<Entry>) {
+        let inner = &self.inner;
+        let at = entry
+            .credentials
+            .expiration
+            .checked_sub(inner.config.refresh_before)
+            .unwrap_or(entry.credentials.expiration);
+        let wait = at.duration_since(inner.clock.now()).unwrap_or_default();
+        tokio::select! {
+            _ = inner.shutdown.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+        let mut backoff = FIRST_RETRY_BACKOFF;
+        loop {
+            // Superseded (fetched again since) or evicted: another timer owns the key.
+            match inner.cache.get(&key) {
+                Some(current) if Arc::ptr_eq(&current, &entry) => {}
+                _ => return,
+            }
+            if !entry.used.load(Ordering::Relaxed) {
+                tracing::debug!(role.arn = %key.role_arn, session = %key.session_name, "unused since the last fetch: left to expire");
+                return;
+            }
+            inner.metrics.refreshes.inc();
+            if self.fetch(key.clone()).await.is_ok() {
+                // The new entry has its own timer.
+                return;
+            }
+            if self.remaining(&entry.credentials) == Duration::ZERO {
+                return;
+            }
+            let jittered = backoff.mul_f64(rand::rng().random_range(0.5..1.5));
+            tokio::select! {
+                _ = inner.shutdown.cancelled() => return,
+                _ = tokio::time::sleep(jittered) => {}
+            }
+            backoff = (backoff * 2).min(MAX_RETRY_BACKOFF);
+        }
+    }
+
+    /// Runs prefetch requests with bounded concurrency.
+    async fn prefetcher(self, mut queue: mpsc::Receiver<SessionKey>) {
+        let limit = Arc::new(Semaphore::new(
+            self.inner.config.prefetch_concurrency.max(1),
+        ));
+        loop {
+            let key = tokio::select! {
+                _ = self.inner.shutdown.cancelled() => return,
+                key = queue.recv() => match key {
+                    Some(key) => key,
+                    None => return,
+                },
+            };
+            self.inner.metrics.prefetch_queued.dec();
+            let Ok(permit) = limit.clone().acquire_owned().await else {
+                return;
+            };
+            let broker = self.clone();
+            tokio::spawn(async move {
+                if broker.cached(&key).is_none() {
+                    // The entry is not "used" until a pod asks for it.
+                    let _ = broker.fetch(key).await;
+                }
+                drop(permit);
+            });
+        }
+    }
+}
+
+impl fmt::Debug for Inner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Broker")
+            .field("sts", &self.sts)
+            .field("config", &self.config)
+            .field("sessions", &self.cache.entry_count())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Cache entries are evicted when their credentials expire (memory hygiene only: whether
+/// credentials may be handed out is decided with the injected clock).
+struct ExpireWithCredentials;
+
+impl moka::Expiry<SessionKey, Arc<Entry>> for ExpireWithCredentials {
+    fn expire_after_create(
+        &self,
+        _key: &SessionKey,
+        value: &Arc<Entry>,
+        _created_at: std::time::Instant,
+    ) -> Option<Duration> {
+        Some(
+            value
+                .credentials
+                .expiration
+                .duration_since(SystemTime::now())
+                .unwrap_or_default(),
+        )
+    }
+}

@@ -1,0 +1,90 @@
+//! moto (`moto_server`, from the project's `.venv`) as the STS of the tests: started on a
+//! free loopback port, ready when `/moto-api/` answers, stopped when dropped.
+
+use std::{
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+/// A running moto server.
+#[derive(Debug)]
+pub struct Moto {
+    child: Child,
+    /// Where it listens.
+    pub addr: SocketAddr,
+}
+
+/// The venv `scripts/setup` creates.
+fn moto_server() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/moto_server")
+}
+
+impl Moto {
+    /// Starts moto. Fails loudly when it is not installed: run `scripts/setup`.
+    pub async fn start() -> std::io::Result<Self> {
+        let bin = moto_server();
+        if !bin.exists() {
+            return Err(std::io::Error::other(format!(
+                "{} is missing: run scripts/setup (it installs moto into .venv)",
+                bin.display()
+            )));
+        }
+        let mut child = Command::new(&bin)
+            .args(["-H", "127.0.0.1", "-p", "0"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let stderr = child
+            .stderr
+            .take()
+            .ok_or_else(|| std::io::Error::other("no stderr"))?;
+        let addr = tokio::task::spawn_blocking(move || {
+            let mut lines = BufReader::new(stderr).lines();
+            let addr = loop {
+                let Some(Ok(line)) = lines.next() else {
+                    return Err(std::io::Error::other("moto_server exited before listening"));
+                };
+                if let Some(rest) = line.split(" * Running on http://").nth(1)
+                    && let Ok(addr) = rest.trim().parse::<SocketAddr>()
+                {
+                    break addr;
+                }
+            };
+            // moto logs a line per request and blocks when the pipe fills: keep draining.
+            std::thread::spawn(move || lines.for_each(drop));
+            Ok(addr)
+        })
+        .await
+        .map_err(std::io::Error::other)??;
+        let moto = Self { child, addr };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok((200, _)) = crate::http::get(addr, "/moto-api/").await {
+                return Ok(moto);
+            }
+            if Instant::now() > deadline {
+                return Err(std::io::Error::other(
+                    "moto did not answer /moto-api/ within 20 s",
+                ));
+            }
+            // moto has no readiness signal but its HTTP answer.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

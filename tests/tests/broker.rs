@@ -1,0 +1,244 @@
+//! The STS broker with paused time: refresh ahead, the 15-minute floor, single flight,
+//! negative caching, prefetch overflow. The STS here is a test double (below); the broker
+//! against real STS semantics (moto) is covered by the server's API tests.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, SystemTime},
+};
+
+use futures::{FutureExt, future::BoxFuture};
+use podiam_common::{protocol::Credentials, secret::Secret};
+use podiam_server::sts::{
+    AssumeRole, Broker, BrokerConfig, Clock, SessionKey, StsError, metrics::BrokerMetrics,
+};
+use prometheus::Registry;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+const MIN: Duration = Duration::from_secs(60);
+
+/// **Test double**: wall-clock time that moves with tokio's (paused) clock.
+#[derive(Debug)]
+struct TokioClock {
+    start: Instant,
+    wall: SystemTime,
+}
+
+impl Clock for TokioClock {
+    fn now(&self) -> SystemTime {
+        self.wall + self.start.elapsed()
+    }
+}
+
+/// **Test double**: an STS that issues credentials for `key.duration` from the clock's
+/// now, after `delay`, numbering them; it can be made to fail.
+#[derive(Debug)]
+struct FakeSts {
+    clock: Arc<TokioClock>,
+    calls: AtomicU64,
+    failing: AtomicBool,
+    delay: Duration,
+}
+
+impl AssumeRole for FakeSts {
+    fn assume_role(&self, key: &SessionKey) -> BoxFuture<'static, Result<Credentials, StsError>> {
+        let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
+        let failing = self.failing.load(Ordering::SeqCst);
+        let clock = self.clock.clone();
+        let delay = self.delay;
+        let duration = key.duration;
+        async move {
+            tokio::time::sleep(delay).await;
+            if failing {
+                return Err(StsError::Service {
+                    code: "Throttling".into(),
+                    message: "Rate exceeded".into(),
+                });
+            }
+            Ok(Credentials {
+                access_key_id: format!("ASIAFAKE{n:08}"),
+                secret_access_key: Secret::new(format!("secret-{n}")),
+                session_token: Secret::new(format!("token-{n}")),
+                expiration: clock.now() + duration,
+            })
+        }
+        .boxed()
+    }
+}
+
+struct Setup {
+    broker: Broker,
+    sts: Arc<FakeSts>,
+    metrics: BrokerMetrics,
+    _shutdown: tokio_util::sync::DropGuard,
+}
+
+fn setup(delay: Duration, config: BrokerConfig) -> Setup {
+    let clock = Arc::new(TokioClock {
+        start: Instant::now(),
+        wall: SystemTime::now(),
+    });
+    let sts = Arc::new(FakeSts {
+        clock: clock.clone(),
+        calls: AtomicU64::new(0),
+        failing: AtomicBool::new(false),
+        delay,
+    });
+    let metrics = BrokerMetrics::register(&Registry::new()).unwrap();
+    let shutdown = CancellationToken::new();
+    let broker = Broker::new(
+        sts.clone(),
+        clock,
+        config,
+        metrics.clone(),
+        shutdown.clone(),
+    );
+    Setup {
+        broker,
+        sts,
+        metrics,
+        _shutdown: shutdown.drop_guard(),
+    }
+}
+
+fn key(name: &str) -> SessionKey {
+    SessionKey {
+        role_arn: format!("arn:aws:iam::123456789012:role/{name}")
+            .parse()
+            .unwrap(),
+        external_id: None,
+        session_name: format!("ns.{name}").into(),
+        duration: 60 * MIN,
+        tags: Arc::new([]),
+    }
+}
+
+fn calls(s: &Setup) -> u64 {
+    s.sts.calls.load(Ordering::SeqCst)
+}
+
+/// Lets spawned tasks (refresh timers, prefetch) run at the current paused instant.
+async fn settle() {
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn refreshes_ahead_only_sessions_in_use() {
+    let s = setup(Duration::ZERO, BrokerConfig::default());
+    let first = s.broker.credentials(&key("used")).await.unwrap();
+    s.broker.prefetch(key("idle"));
+    settle().await;
+    assert_eq!(calls(&s), 2);
+
+    // 20 minutes before expiry the used session is refreshed, the idle one is not.
+    tokio::time::sleep(41 * MIN).await;
+    settle().await;
+    assert_eq!(calls(&s), 3, "exactly one refresh");
+    let refreshed = s.broker.credentials(&key("used")).await.unwrap();
+    assert_ne!(refreshed.access_key_id, first.access_key_id);
+    assert_eq!(s.metrics.refreshes.get(), 1);
+
+    // The refreshed session is used again, so it is refreshed again 40 minutes later.
+    tokio::time::sleep(40 * MIN).await;
+    settle().await;
+    assert_eq!(calls(&s), 4);
+}
+
+#[tokio::test(start_paused = true)]
+async fn never_serves_under_15_minutes_and_serves_valid_ones_while_refresh_fails() {
+    let s = setup(Duration::ZERO, BrokerConfig::default());
+    let first = s.broker.credentials(&key("web")).await.unwrap();
+    s.sts.failing.store(true, Ordering::SeqCst);
+
+    // 44 minutes in: the refresh (at 40) failed and is being retried; 16 minutes are left,
+    // so the old credentials are still handed out.
+    tokio::time::sleep(44 * MIN).await;
+    settle().await;
+    assert!(calls(&s) >= 2, "a refresh was attempted");
+    let still = s.broker.credentials(&key("web")).await.unwrap();
+    assert_eq!(still.access_key_id, first.access_key_id);
+
+    // 46 minutes in: 14 minutes left. They are never handed out; the fresh call fails.
+    tokio::time::sleep(2 * MIN).await;
+    let err = s.broker.credentials(&key("web")).await.unwrap_err();
+    assert_eq!(err.code(), "Throttling");
+
+    // STS recovers: the next request gets new credentials with a full hour.
+    s.sts.failing.store(false, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(10)).await; // past the negative cache
+    let fresh = s.broker.credentials(&key("web")).await.unwrap();
+    let left = fresh
+        .expiration
+        .duration_since(SystemTime::now())
+        .unwrap_or_default();
+    assert!(left >= 15 * MIN, "{left:?}");
+    assert_ne!(fresh.access_key_id, first.access_key_id);
+}
+
+#[tokio::test(start_paused = true)]
+async fn one_call_per_key_even_when_callers_give_up() {
+    let s = setup(Duration::from_secs(1), BrokerConfig::default());
+    let impatient = tokio::spawn({
+        let b = s.broker.clone();
+        async move { b.credentials(&key("web")).await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    impatient.abort();
+    let waiting: Vec<_> = (0..50)
+        .map(|_| {
+            let b = s.broker.clone();
+            tokio::spawn(async move { b.credentials(&key("web")).await })
+        })
+        .collect();
+    let mut keys = std::collections::HashSet::new();
+    for w in waiting {
+        keys.insert(w.await.unwrap().unwrap().access_key_id);
+    }
+    assert_eq!(keys.len(), 1);
+    assert_eq!(
+        calls(&s),
+        1,
+        "the aborted caller's call was shared, not restarted"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn failures_are_remembered_briefly() {
+    let s = setup(Duration::ZERO, BrokerConfig::default());
+    s.sts.failing.store(true, Ordering::SeqCst);
+    assert!(s.broker.credentials(&key("web")).await.is_err());
+    assert!(s.broker.credentials(&key("web")).await.is_err());
+    assert_eq!(calls(&s), 1, "the second request hit the negative cache");
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    s.sts.failing.store(false, Ordering::SeqCst);
+    assert!(s.broker.credentials(&key("web")).await.is_ok());
+    assert_eq!(calls(&s), 2);
+    assert_eq!(s.metrics.errors.with_label_values(&["Throttling"]).get(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn prefetch_overflow_is_counted_and_served_on_demand() {
+    let config = BrokerConfig {
+        prefetch_queue: 1,
+        prefetch_concurrency: 1,
+        ..BrokerConfig::default()
+    };
+    let s = setup(Duration::from_secs(1), config);
+    for i in 0..5 {
+        s.broker.prefetch(key(&format!("r{i}")));
+    }
+    assert!(
+        s.metrics.prefetch_overflow.get() >= 3,
+        "{}",
+        s.metrics.prefetch_overflow.get()
+    );
+    // A dropped prefetch costs nothing but a cold first request.
+    assert!(s.broker.credentials(&key("r4")).await.is_ok());
+}
