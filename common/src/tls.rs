@@ -327,3 +327,103 @@ fn client_config(l: &Loaded) -> Result<ClientConfig, TlsError> {
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(config)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::symlink;
+
+    use rcgen::{CertificateParams, KeyPair};
+
+    use super::*;
+
+    /// Writes a self-signed certificate (used as its own CA) into `dir/name/`.
+    fn version(dir: &Path, name: &str) {
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(vec!["localhost".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let v = dir.join(name);
+        std::fs::create_dir(&v).unwrap();
+        std::fs::write(v.join("ca.pem"), cert.pem()).unwrap();
+        std::fs::write(v.join("tls.crt"), cert.pem()).unwrap();
+        std::fs::write(v.join("tls.key"), key.serialize_pem()).unwrap();
+    }
+
+    /// The kubelet's atomic update: a new `..data` symlink renamed over the old one.
+    fn swap(dir: &Path, to: &str) {
+        let tmp = dir.join("..data_tmp");
+        symlink(to, &tmp).unwrap();
+        std::fs::rename(&tmp, dir.join("..data")).unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn reloads_a_swapped_symlink_and_keeps_the_last_good_config() {
+        rustls::crypto::ring::default_provider()
+            .install_default()
+            .ok();
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        version(d, "v1");
+        symlink("v1", d.join("..data")).unwrap();
+        for f in ["ca.pem", "tls.crt", "tls.key"] {
+            symlink(format!("..data/{f}"), d.join(f)).unwrap();
+        }
+        let args = TlsArgs {
+            ca: Some(d.join("ca.pem")),
+            cert: Some(d.join("tls.crt")),
+            key: Some(d.join("tls.key")),
+            tls_reload_interval: Duration::from_secs(10),
+        };
+        let registry = Registry::new();
+        let metrics = TlsMetrics::register(&registry).unwrap();
+        let shutdown = CancellationToken::new();
+        let reloading = args.server(metrics.clone(), shutdown.clone()).unwrap();
+        let first = reloading.current();
+
+        // Nothing changed: no reload.
+        tokio::time::sleep(Duration::from_secs(11)).await;
+        assert!(Arc::ptr_eq(&first, &reloading.current()));
+
+        // Rotated: the next tick picks it up.
+        version(d, "v2");
+        swap(d, "v2");
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let second = reloading.current();
+        assert!(!Arc::ptr_eq(&first, &second), "not reloaded");
+        assert_eq!(metrics.reloads.with_label_values(&["ok"]).get(), 1);
+
+        // A broken rotation (key does not match the certificate) is refused.
+        version(d, "v3");
+        std::fs::copy(d.join("v2/tls.key"), d.join("v3/tls.key")).unwrap();
+        swap(d, "v3");
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert!(
+            Arc::ptr_eq(&second, &reloading.current()),
+            "kept the last good config"
+        );
+        assert!(metrics.reloads.with_label_values(&["error"]).get() >= 1);
+        assert!(metrics.expiry.get() > 0);
+        shutdown.cancel();
+    }
+
+    #[test]
+    fn missing_or_empty_files_are_named_in_the_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "").unwrap();
+        let args = TlsArgs {
+            ca: Some(empty.clone()),
+            cert: Some(empty.clone()),
+            key: None,
+            tls_reload_interval: Duration::from_secs(10),
+        };
+        assert!(matches!(load(&args), Err(TlsError::Missing("--key"))));
+        let args = TlsArgs {
+            key: Some(empty.clone()),
+            ..args
+        };
+        let err = load(&args).err().unwrap().to_string();
+        assert!(err.contains("empty.pem"), "{err}");
+    }
+}

@@ -134,7 +134,7 @@ impl TokenReviewer {
             ));
         }
         if let Some(audiences) = &status.audiences
-            && !audiences.iter().any(|a| *a == self.audience)
+            && !audiences.contains(&self.audience)
         {
             return Err(AuthError::Rejected(format!(
                 "token is not for audience {:?}",

@@ -283,11 +283,15 @@ impl ServeArgs {
 
         // Flags first, so that a bad value fails before anything connects.
         let (sts_settings, broker_config, sessions) = sts.settings()?;
+        let autodetect = base_role_arn_autodetect && non_empty(&policy.base_role_arn).is_none();
+        if !autodetect {
+            policy.config(None)?;
+        }
         let tls = tls
             .server(TlsMetrics::register(&registry)?, shutdown.clone())
             .context("loading the API's TLS files")?;
         let aws = AwsSts::new(&sts_settings).await;
-        let detected = if base_role_arn_autodetect && policy.base_role_arn.is_none() {
+        let detected = if autodetect {
             Some(detect_base(&aws).await?)
         } else {
             None
@@ -658,7 +662,7 @@ mod tests {
             default_role: Some(default.into()),
         };
         let cfg = args("arn:aws:iam::123456789012:role/", "web")
-            .config()
+            .config(None)
             .unwrap();
         assert_eq!(
             cfg.default_role.unwrap().as_str(),

@@ -9,6 +9,7 @@ use std::{
 };
 
 use podiam_tests::{
+    certs::Pki,
     http,
     kube_api::FakeKube,
     objects::{namespace, pod},
@@ -87,9 +88,9 @@ fn help_documents_every_flag_with_its_env_var() {
         let out = Command::new(BIN).args(args).output().unwrap();
         assert!(out.status.success());
         let help = String::from_utf8(out.stdout).unwrap();
+        // Flag lines are indented 6 (`      --x`) or 2 (`  -x, --y`); wrapped text, 10.
         let is_flag = |l: &&str| {
-            let l = l.trim_start();
-            l.starts_with("--") || (l.len() > 4 && l.starts_with('-') && &l[2..4] == ", ")
+            l.starts_with("      --") || (l.starts_with("  -") && l.get(4..8) == Some(", --"))
         };
         let flags = help.lines().filter(is_flag).count();
         assert!(flags >= 4, "{help}");
@@ -212,12 +213,25 @@ async fn explain_with_the_api_unreachable_is_undecided() {
     assert_eq!(json(&out)["reason"], "api_unreachable");
 }
 
-fn server_command(kubeconfig: &Path) -> Command {
+/// The server with its ports on loopback, test certificates, and an STS endpoint that
+/// refuses connections (these tests need no credentials).
+fn server_command(kubeconfig: &Path, pki: &Pki) -> Command {
     let mut cmd = Command::new(BIN);
     cmd.env_clear()
-        .args(["--admin-addr", "127.0.0.1:0", "--log-format", "json"])
+        .env("AWS_ACCESS_KEY_ID", "testing")
+        .env("AWS_SECRET_ACCESS_KEY", "testing")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .args(["--admin-addr", "127.0.0.1:0", "--listen", "127.0.0.1:0"])
+        .args(["--log-format", "json", "--region", "us-east-1"])
+        .args(["--sts-endpoint", "http://127.0.0.1:9"])
         .args(["--base-role-arn", BASE, "--kubeconfig"])
-        .arg(kubeconfig);
+        .arg(kubeconfig)
+        .arg("--ca")
+        .arg(&pki.ca)
+        .arg("--cert")
+        .arg(&pki.server.cert)
+        .arg("--key")
+        .arg(&pki.server.key);
     cmd
 }
 
@@ -226,10 +240,12 @@ async fn readyz_waits_for_both_lists_and_sigterm_stops_cleanly() {
     let c = cluster().await;
     let hold = c.kube.hold_lists();
     let kubeconfig = c.kubeconfig.clone();
-    let server = tokio::task::spawn_blocking(move || Process::spawn(server_command(&kubeconfig)))
-        .await
-        .unwrap()
-        .unwrap();
+    let pki = Pki::generate(c._dir.path(), "cli").unwrap();
+    let server =
+        tokio::task::spawn_blocking(move || Process::spawn(server_command(&kubeconfig, &pki)))
+            .await
+            .unwrap()
+            .unwrap();
     let admin = server.admin;
 
     assert_eq!(http::get(admin, "/healthz").await.unwrap().0, 200);

@@ -73,7 +73,8 @@ impl StsProxy {
         *self.shared.mode.lock() = mode;
     }
 
-    /// Calls of `action` (e.g. `AssumeRole`) received so far, whatever the mode.
+    /// Calls of `action` (e.g. `AssumeRole`) received so far, whatever the mode; also
+    /// `AssumeRole/<RoleSessionName>` for the calls of one session.
     pub fn calls(&self, action: &str) -> u64 {
         self.shared.calls.borrow().get(action).copied().unwrap_or(0)
     }
@@ -128,9 +129,13 @@ async fn handle(shared: Arc<Shared>, req: Request<hyper::body::Incoming>) -> Res
         .map(|b| b.to_bytes())
         .unwrap_or_default();
     let action = form_value(&body, "Action").unwrap_or_default();
-    shared
-        .calls
-        .send_modify(|m| *m.entry(action).or_default() += 1);
+    let session = form_value(&body, "RoleSessionName").map(|s| format!("{action}/{s}"));
+    shared.calls.send_modify(|m| {
+        *m.entry(action).or_default() += 1;
+        if let Some(session) = session {
+            *m.entry(session).or_default() += 1;
+        }
+    });
     let mode = shared.mode.lock().clone();
     match mode {
         Mode::Fail(status, code) => return sts_error(status, code),

@@ -1,0 +1,455 @@
+//! The server's agent API end to end: the real binary, mutual TLS, node binding through
+//! TokenReview (stand-in API server), and STS = moto behind a counting, fault-injecting
+//! proxy.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::{
+    net::SocketAddr,
+    process::Command,
+    time::{Duration, Instant, SystemTime},
+};
+
+use podiam_tests::{
+    api_client::{ApiClient, tls_config},
+    certs::Pki,
+    http,
+    kube_api::{FakeKube, TokenIdentity},
+    moto::Moto,
+    objects::{namespace, pod},
+    process::Process,
+    sts_proxy::{Mode, StsProxy},
+};
+use serde_json::{Value, json};
+
+const BIN: &str = env!("CARGO_BIN_EXE_podiam-server");
+const ACCOUNT: &str = "123456789012";
+const AGENT_A: &str = "token-agent-node-a";
+const AGENT_B: &str = "token-agent-node-b";
+const POD_TOKEN: &str = "token-of-an-ordinary-pod";
+
+fn arn(name: &str) -> String {
+    format!("arn:aws:iam::{ACCOUNT}:role/{name}")
+}
+
+struct Env {
+    kube: FakeKube,
+    proxy: StsProxy,
+    pki: Pki,
+    other: Pki,
+    server: Process,
+    api: SocketAddr,
+    _moto: Moto,
+    _dir: tempfile::TempDir,
+}
+
+async fn start() -> Env {
+    let kube = FakeKube::start().await.unwrap();
+    kube.apply(namespace(
+        "team-a",
+        &[("iam.amazonaws.com/permitted", &arn("web.*"))],
+    ));
+    kube.apply(
+        pod("team-a", "web-0")
+            .ip("10.0.0.1")
+            .role("web")
+            .node("node-a")
+            .build(),
+    );
+    kube.apply(
+        pod("team-a", "admin")
+            .ip("10.0.0.2")
+            .role("admin")
+            .node("node-a")
+            .build(),
+    );
+    kube.apply(
+        pod("team-a", "web-b")
+            .ip("10.0.0.3")
+            .role("web")
+            .node("node-b")
+            .build(),
+    );
+    kube.apply(
+        pod("team-a", "gone")
+            .ip("10.0.0.4")
+            .role("web")
+            .node("node-a")
+            .build(),
+    );
+    let agent = |node: &str| TokenIdentity {
+        username: "system:serviceaccount:podiam:podiam-agent".into(),
+        node: Some(node.into()),
+        audiences: vec!["podiam".into()],
+    };
+    kube.add_token(AGENT_A, agent("node-a"));
+    kube.add_token(AGENT_B, agent("node-b"));
+    kube.add_token(
+        POD_TOKEN,
+        TokenIdentity {
+            username: "system:serviceaccount:team-a:default".into(),
+            node: Some("node-a".into()),
+            audiences: vec!["podiam".into()],
+        },
+    );
+    let moto = Moto::start().await.expect("moto (run scripts/setup)");
+    let proxy = StsProxy::start(moto.url()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::generate(dir.path(), "good").unwrap();
+    let other = Pki::generate(dir.path(), "other").unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    kube.write_kubeconfig(&kubeconfig).unwrap();
+
+    let mut cmd = Command::new(BIN);
+    cmd.env_clear()
+        .env("AWS_ACCESS_KEY_ID", "testing")
+        .env("AWS_SECRET_ACCESS_KEY", "testing")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .args([
+            "--admin-addr",
+            "127.0.0.1:0",
+            "--listen",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+        ])
+        .args(["--base-role-arn", &format!("arn:aws:iam::{ACCOUNT}:role/")])
+        .args(["--region", "us-east-1", "--sts-endpoint", &proxy.url()])
+        .args(["--ip-lookup-wait", "300ms"])
+        .arg("--kubeconfig")
+        .arg(&kubeconfig)
+        .arg("--ca")
+        .arg(&pki.ca)
+        .arg("--cert")
+        .arg(&pki.server.cert)
+        .arg("--key")
+        .arg(&pki.server.key);
+    let server =
+        tokio::task::spawn_blocking(move || Process::spawn_announcing(cmd, &["agent API"]))
+            .await
+            .unwrap()
+            .unwrap();
+    http::wait_ready(server.admin, Duration::from_secs(30))
+        .await
+        .unwrap();
+    let api = server.addr("agent API").unwrap();
+    Env {
+        kube,
+        proxy,
+        pki,
+        other,
+        server,
+        api,
+        _moto: moto,
+        _dir: dir,
+    }
+}
+
+impl Env {
+    async fn client(&self) -> ApiClient {
+        let config = tls_config(&self.pki.ca, Some(&self.pki.client)).unwrap();
+        ApiClient::connect(self.api, config).await.unwrap()
+    }
+
+    async fn metric(&self, name: &str) -> f64 {
+        let (_, text) = http::get(self.server.admin, "/metrics").await.unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or(0.0)
+    }
+}
+
+async fn credentials(c: &mut ApiClient, token: &str, ip: &str, role: Option<&str>) -> (u16, Value) {
+    let mut body = json!({"ip": ip});
+    if let Some(role) = role {
+        body["role"] = json!(role);
+    }
+    c.post("/v1/credentials", Some(token), body).await.unwrap()
+}
+
+fn expiry(v: &Value) -> SystemTime {
+    humantime::parse_rfc3339(v["credentials"]["expiration"].as_str().unwrap()).unwrap()
+}
+
+#[tokio::test]
+async fn a_pod_gets_its_own_credentials_with_life_left_and_one_audit_line() {
+    let env = start().await;
+    let mut c = env.client().await;
+    let (code, v) = credentials(&mut c, AGENT_A, "10.0.0.1", Some("web")).await;
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["role_arn"], arn("web"));
+    let left = expiry(&v).duration_since(SystemTime::now()).unwrap();
+    assert!(left >= Duration::from_secs(15 * 60), "{left:?}");
+    let key = v["credentials"]["access_key_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let secret = v["credentials"]["secret_access_key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let token = v["credentials"]["session_token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(!secret.is_empty() && !token.is_empty());
+
+    // The role endpoint, and the same credentials again (cache), by ARN this time.
+    let (code, v) = c
+        .post("/v1/role", Some(AGENT_A), json!({"ip": "10.0.0.1"}))
+        .await
+        .unwrap();
+    assert_eq!(
+        (code, v["role_arn"].as_str()),
+        (200, Some(arn("web").as_str()))
+    );
+    let (code, v) = credentials(&mut c, AGENT_A, "10.0.0.1", Some(&arn("web"))).await;
+    assert_eq!(code, 200);
+    assert_eq!(v["credentials"]["access_key_id"], key);
+    // Prefetch at start-up and three requests: one AssumeRole for this pod's session.
+    assert_eq!(env.proxy.calls("AssumeRole/team-a.web-0"), 1);
+
+    let logs = env.server.logs().join("\n");
+    let audits: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains("credentials issued") && l.contains(&key))
+        .collect();
+    assert_eq!(audits.len(), 1, "{logs}");
+    assert!(
+        audits[0].contains("web-0") && audits[0].contains(&arn("web")),
+        "{}",
+        audits[0]
+    );
+    assert!(
+        !logs.contains(&secret) && !logs.contains(&token),
+        "a secret reached the log"
+    );
+}
+
+#[tokio::test]
+async fn refusals_are_typed_and_raise_events() {
+    let env = start().await;
+    let mut c = env.client().await;
+    let code_of = |v: &Value| v["code"].as_str().unwrap_or_default().to_string();
+
+    let (status, v) = credentials(&mut c, AGENT_A, "10.0.0.2", None).await;
+    assert_eq!((status, code_of(&v)), (403, "forbidden".into()), "{v}");
+    assert!(
+        v["message"].as_str().unwrap().contains("not permitted"),
+        "{v}"
+    );
+    let event = env
+        .kube
+        .wait_event(|e| e["regarding"]["name"] == "admin" && e["reason"] == "CredentialsDenied")
+        .await;
+    assert!(
+        event.is_some(),
+        "no Event for the denied pod: {:?}",
+        env.kube.events()
+    );
+
+    // A pod on node B, asked for by node A's agent.
+    let (status, v) = credentials(&mut c, AGENT_A, "10.0.0.3", None).await;
+    assert_eq!((status, code_of(&v)), (403, "node_mismatch".into()), "{v}");
+    assert!(
+        env.kube
+            .wait_event(|e| e["regarding"]["name"] == "web-b"
+                && e["reason"] == "CredentialsRequestedFromOtherNode")
+            .await
+            .is_some()
+    );
+    // ...which node B's agent gets.
+    let (status, _) = credentials(&mut c, AGENT_B, "10.0.0.3", None).await;
+    assert_eq!(status, 200);
+
+    // An IP no pod has: after the bounded wait, an Event on the asking agent's node.
+    let started = Instant::now();
+    let (status, v) = credentials(&mut c, AGENT_A, "10.9.9.9", None).await;
+    assert_eq!((status, code_of(&v)), (404, "pod_not_found".into()));
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "the lookup waited"
+    );
+    assert!(
+        env.kube
+            .wait_event(|e| e["regarding"]["kind"] == "Node" && e["regarding"]["name"] == "node-a")
+            .await
+            .is_some()
+    );
+
+    // Another role than the pod's own: refused like an unknown role.
+    let (status, v) = credentials(&mut c, AGENT_A, "10.0.0.1", Some("admin")).await;
+    assert_eq!((status, code_of(&v)), (404, "role_mismatch".into()));
+
+    // A deleted pod: once the server has seen the deletion, its IP is unknown.
+    let pods = env.metric("podiam_pod_index_pods").await;
+    assert!(env.kube.delete_pod("team-a", "gone"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while env.metric("podiam_pod_index_pods").await >= pods {
+        assert!(Instant::now() < deadline, "deletion not seen");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (status, v) = credentials(&mut c, AGENT_A, "10.0.0.4", None).await;
+    assert_eq!((status, code_of(&v)), (404, "pod_not_found".into()));
+
+    // Callers that are not an agent of this cluster.
+    let (status, v) = c
+        .post("/v1/credentials", None, json!({"ip": "10.0.0.1"}))
+        .await
+        .unwrap();
+    assert_eq!((status, code_of(&v)), (401, "unauthenticated".into()));
+    let (status, v) = credentials(&mut c, POD_TOKEN, "10.0.0.1", None).await;
+    assert_eq!((status, code_of(&v)), (401, "unauthenticated".into()));
+    assert!(
+        v["message"].as_str().unwrap().contains("not to the agent"),
+        "{v}"
+    );
+    let (status, v) = credentials(&mut c, "forged", "10.0.0.1", None).await;
+    assert_eq!((status, code_of(&v)), (401, "unauthenticated".into()));
+
+    // Malformed requests.
+    let (status, v) = c
+        .post("/v1/credentials", Some(AGENT_A), json!({"ip": "nope"}))
+        .await
+        .unwrap();
+    assert_eq!((status, code_of(&v)), (400, "invalid_request".into()));
+    assert!(
+        env.metric("podiam_events_total{result=\"published\"}")
+            .await
+            >= 3.0
+    );
+}
+
+#[tokio::test]
+async fn tls_requires_a_client_certificate_from_the_ca() {
+    let env = start().await;
+    let no_cert = tls_config(&env.pki.ca, None).unwrap();
+    assert!(
+        ApiClient::connect(env.api, no_cert).await.is_err(),
+        "no client certificate"
+    );
+    let foreign = tls_config(&env.pki.ca, Some(&env.other.client)).unwrap();
+    assert!(
+        ApiClient::connect(env.api, foreign).await.is_err(),
+        "client certificate from another CA"
+    );
+    let good = tls_config(&env.pki.ca, Some(&env.pki.client)).unwrap();
+    assert!(ApiClient::connect(env.api, good).await.is_ok());
+    assert!(
+        env.metric("podiam_api_tls_handshakes_total{result=\"refused\"}")
+            .await
+            >= 1.0
+    );
+}
+
+#[tokio::test]
+async fn a_thousand_concurrent_cold_requests_make_one_assume_role_call() {
+    let env = start().await;
+    let mut c = env.client().await;
+    // STS answers slowly, so every request below arrives while the call is in flight.
+    env.proxy.set_mode(Mode::Delay(Duration::from_millis(500)));
+    env.kube.apply(
+        pod("team-a", "cold")
+            .ip("10.0.0.50")
+            .role("web-cold")
+            .node("node-a")
+            .build(),
+    );
+    let tasks: Vec<_> = (0..1000)
+        .map(|_| {
+            let mut c = c.clone();
+            tokio::spawn(async move { credentials(&mut c, AGENT_A, "10.0.0.50", None).await })
+        })
+        .collect();
+    let mut keys = std::collections::HashSet::new();
+    for t in tasks {
+        let (status, v) = t.await.unwrap();
+        assert_eq!(status, 200, "{v}");
+        keys.insert(
+            v["credentials"]["access_key_id"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        );
+    }
+    assert_eq!(keys.len(), 1);
+    assert_eq!(env.proxy.calls("AssumeRole/team-a.cold"), 1);
+    let (status, _) = credentials(&mut c, AGENT_A, "10.0.0.50", None).await;
+    assert_eq!(status, 200);
+    assert_eq!(env.proxy.calls("AssumeRole/team-a.cold"), 1);
+}
+
+#[tokio::test]
+async fn sts_trouble_keeps_cached_credentials_and_fails_cold_requests_fast() {
+    let env = start().await;
+    let mut c = env.client().await;
+    let (status, warm) = credentials(&mut c, AGENT_A, "10.0.0.1", None).await;
+    assert_eq!(status, 200);
+
+    env.proxy.set_mode(Mode::Down);
+    let (status, v) = credentials(&mut c, AGENT_A, "10.0.0.1", None).await;
+    assert_eq!(status, 200, "cached credentials are still served");
+    assert_eq!(
+        v["credentials"]["access_key_id"],
+        warm["credentials"]["access_key_id"]
+    );
+
+    env.kube.apply(
+        pod("team-a", "web-new")
+            .ip("10.0.0.60")
+            .role("web-new")
+            .node("node-a")
+            .build(),
+    );
+    let started = Instant::now();
+    let (status, v) = credentials(&mut c, AGENT_A, "10.0.0.60", None).await;
+    assert_eq!(
+        (status, v["code"].as_str()),
+        (502, Some("sts_error")),
+        "{v}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(
+        env.kube
+            .wait_event(|e| e["regarding"]["name"] == "web-new" && e["reason"] == "AssumeRoleFailed")
+            .await
+            .is_some()
+    );
+    assert!(
+        env.metric("podiam_sts_errors_total{code=\"Unreachable\"}")
+            .await
+            >= 1.0
+    );
+
+    // Throttling is retried by the SDK (3 attempts); AccessDenied is not.
+    env.proxy.set_mode(Mode::Fail(400, "Throttling"));
+    env.kube.apply(
+        pod("team-a", "web-t")
+            .ip("10.0.0.61")
+            .role("web-t")
+            .node("node-a")
+            .build(),
+    );
+    let (status, v) = credentials(&mut c, AGENT_A, "10.0.0.61", None).await;
+    assert_eq!(status, 502, "{v}");
+    assert!(v["message"].as_str().unwrap().contains("Throttling"), "{v}");
+    assert_eq!(env.proxy.calls("AssumeRole/team-a.web-t"), 3);
+    env.proxy.set_mode(Mode::Fail(403, "AccessDenied"));
+    env.kube.apply(
+        pod("team-a", "web-d")
+            .ip("10.0.0.62")
+            .role("web-d")
+            .node("node-a")
+            .build(),
+    );
+    let (status, v) = credentials(&mut c, AGENT_A, "10.0.0.62", None).await;
+    assert_eq!(status, 502);
+    assert!(
+        v["message"].as_str().unwrap().contains("AccessDenied"),
+        "{v}"
+    );
+    assert_eq!(env.proxy.calls("AssumeRole/team-a.web-d"), 1);
+}
