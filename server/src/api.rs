@@ -119,6 +119,10 @@ impl AgentApi {
                     }
                 },
             };
+            // Small request/response exchanges: Nagle plus delayed ACKs would add 40 ms.
+            if let Err(error) = tcp.set_nodelay(true) {
+                tracing::debug!(%error, "TCP_NODELAY not set");
+            }
             let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
             let api = self.clone();
             let watcher = graceful.watcher();

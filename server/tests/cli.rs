@@ -221,6 +221,8 @@ fn server_command(kubeconfig: &Path, pki: &Pki) -> Command {
         .env("AWS_ACCESS_KEY_ID", "testing")
         .env("AWS_SECRET_ACCESS_KEY", "testing")
         .env("AWS_EC2_METADATA_DISABLED", "true")
+        // As a manifest may leave it: an empty value means no role chaining.
+        .env("PODIAM_ASSUME_ROLE_ARN", "")
         .args(["--admin-addr", "127.0.0.1:0", "--listen", "127.0.0.1:0"])
         .args(["--log-format", "json", "--region", "us-east-1"])
         .args(["--sts-endpoint", "http://127.0.0.1:9"])

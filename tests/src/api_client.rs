@@ -49,6 +49,7 @@ impl ApiClient {
     /// Connects to `addr` as `localhost`; fails if the TLS handshake is refused.
     pub async fn connect(addr: SocketAddr, config: ClientConfig) -> anyhow::Result<Self> {
         let tcp = TcpStream::connect(addr).await?;
+        tcp.set_nodelay(true)?;
         let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
         let tls = connector
             .connect(ServerName::try_from("localhost")?, tcp)

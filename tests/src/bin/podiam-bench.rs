@@ -5,9 +5,11 @@
 //! owner references, managed fields, containers and conditions) in M namespaces, each
 //! namespace with its own `permitted` regex. The real `podiam-server` binary (release
 //! build) is started against it; we time spawn → `/readyz` 200 and read its RSS.
+//!
+//! `podiam-bench api`: warm credential requests through the server's agent API.
 
 use std::{
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::Command,
     time::{Duration, Instant},
 };
@@ -15,9 +17,12 @@ use std::{
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use podiam_tests::{
+    api_client::{ApiClient, tls_config},
+    certs::Pki,
     http,
-    kube_api::{FakeKube, Kind},
-    objects::namespace,
+    kube_api::{FakeKube, Kind, TokenIdentity},
+    moto::Moto,
+    objects::{namespace, pod},
     process::Process,
 };
 use serde_json::{Value, json};
@@ -47,6 +52,19 @@ enum Bench {
         #[arg(long, value_enum, default_value_t = Policies::Distinct)]
         policies: Policies,
     },
+    /// Warm credential requests through the server's agent API (mTLS HTTP/2, node
+    /// binding on, STS = moto): latency percentiles, throughput, server RSS and CPU.
+    Api {
+        /// Concurrent clients, comma-separated.
+        #[arg(long, default_value = "1,16,64", value_delimiter = ',')]
+        concurrency: Vec<usize>,
+        /// How long each level runs.
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        duration: Duration,
+        /// The server binary (default: podiam-server next to this binary).
+        #[arg(long)]
+        server: Option<PathBuf>,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -60,6 +78,11 @@ const ACCOUNT: &str = "123456789012";
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Args::parse().bench {
+        Bench::Api {
+            concurrency,
+            duration,
+            server,
+        } => api(&server_path(server)?, &concurrency, duration).await?,
         Bench::Index {
             sizes,
             runs,
@@ -93,6 +116,157 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+fn server_path(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    let server = match given {
+        Some(s) => s,
+        None => std::env::current_exe()?.with_file_name("podiam-server"),
+    };
+    if !server.exists() {
+        bail!(
+            "{} not found: build it first (scripts/bench does)",
+            server.display()
+        );
+    }
+    Ok(server)
+}
+
+async fn api(server: &Path, levels: &[usize], duration: Duration) -> anyhow::Result<()> {
+    let kube = FakeKube::start().await?;
+    kube.apply(namespace("bench", &[("iam.amazonaws.com/permitted", ".*")]));
+    kube.apply(
+        pod("bench", "web")
+            .ip("10.0.0.1")
+            .role("web")
+            .node("node-a")
+            .build(),
+    );
+    kube.add_token(
+        "agent",
+        TokenIdentity {
+            username: "system:serviceaccount:podiam:podiam-agent".into(),
+            node: Some("node-a".into()),
+            audiences: vec!["podiam".into()],
+        },
+    );
+    let moto = Moto::start().await?;
+    let dir = tempfile::tempdir()?;
+    let pki = Pki::generate(dir.path(), "bench")?;
+    let kubeconfig = dir.path().join("kubeconfig");
+    kube.write_kubeconfig(&kubeconfig)?;
+    let mut cmd = Command::new(server);
+    cmd.env_clear()
+        .env("AWS_ACCESS_KEY_ID", "testing")
+        .env("AWS_SECRET_ACCESS_KEY", "testing")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .args([
+            "--admin-addr",
+            "127.0.0.1:0",
+            "--listen",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+        ])
+        .args([
+            "--log-level",
+            "warn,podiam_server=info",
+            "--region",
+            "us-east-1",
+        ])
+        .args([
+            "--sts-endpoint",
+            &moto.url(),
+            "--base-role-arn",
+            &format!("arn:aws:iam::{ACCOUNT}:role/"),
+        ])
+        .arg("--kubeconfig")
+        .arg(&kubeconfig)
+        .arg("--ca")
+        .arg(&pki.ca)
+        .arg("--cert")
+        .arg(&pki.server.cert)
+        .arg("--key")
+        .arg(&pki.server.key);
+    let process =
+        tokio::task::spawn_blocking(move || Process::spawn_announcing(cmd, &["agent API"]))
+            .await??;
+    http::wait_ready(process.admin, Duration::from_secs(60)).await?;
+    let addr = process.addr("agent API").context("no API address")?;
+    let config = tls_config(&pki.ca, Some(&pki.client))?;
+    let body = json!({"ip": "10.0.0.1", "role": "web"});
+    let mut warm = ApiClient::connect(addr, config.clone()).await?;
+    let (status, v) = warm
+        .post("/v1/credentials", Some("agent"), body.clone())
+        .await?;
+    if status != 200 {
+        bail!("warm-up request failed: {status} {v}");
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let idle = process.rss_kib().unwrap_or(0);
+    println!(
+        "server binary: {}; idle RSS after warm-up: {:.1} MiB",
+        server.display(),
+        idle as f64 / 1024.0
+    );
+    println!(
+        "| clients | requests/s | p50 | p99 | p99.9 | max | server RSS | server CPU (cores) |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for &clients in levels {
+        // One HTTP/2 connection per 16 clients, as a handful of agents would hold.
+        let mut connections = Vec::new();
+        for _ in 0..clients.div_ceil(16) {
+            connections.push(ApiClient::connect(addr, config.clone()).await?);
+        }
+        let cpu0 = process.cpu_time().unwrap_or_default();
+        let started = Instant::now();
+        let deadline = started + duration;
+        let tasks: Vec<_> = (0..clients)
+            .map(|i| {
+                let mut c = connections[i / 16].clone();
+                let body = body.clone();
+                tokio::spawn(async move {
+                    let mut latencies = Vec::new();
+                    while Instant::now() < deadline {
+                        let t = Instant::now();
+                        let (status, _) = c
+                            .post("/v1/credentials", Some("agent"), body.clone())
+                            .await?;
+                        if status != 200 {
+                            bail!("status {status}");
+                        }
+                        latencies.push(t.elapsed());
+                    }
+                    Ok(latencies)
+                })
+            })
+            .collect();
+        let mut all = Vec::new();
+        for t in tasks {
+            all.extend(t.await??);
+        }
+        let wall = started.elapsed();
+        let cpu = process.cpu_time().unwrap_or_default().saturating_sub(cpu0);
+        let rss = process.rss_kib().unwrap_or(0);
+        all.sort();
+        let pct = |p: f64| {
+            let i = ((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1));
+            all.get(i).copied().unwrap_or_default()
+        };
+        println!(
+            "| {clients} | {:.0} | {:.2?} | {:.2?} | {:.2?} | {:.2?} | {:.1} MiB | {:.2} |",
+            all.len() as f64 / wall.as_secs_f64(),
+            pct(0.5),
+            pct(0.99),
+            pct(0.999),
+            all.last().copied().unwrap_or_default(),
+            rss as f64 / 1024.0,
+            cpu.as_secs_f64() / wall.as_secs_f64(),
+        );
+    }
+    tokio::task::spawn_blocking(move || process.terminate(Duration::from_secs(10))).await??;
+    Ok(())
+}
+
 struct Sample {
     ready: Duration,
     rss_mib: f64,
@@ -102,7 +276,7 @@ struct Sample {
 }
 
 async fn index(
-    server: &PathBuf,
+    server: &Path,
     pods: usize,
     namespaces: usize,
     runs: usize,
