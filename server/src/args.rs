@@ -186,7 +186,8 @@ struct StsArgs {
     #[arg(long, env = "PODIAM_PREFETCH_BUFFER_SIZE", default_value_t = 1000)]
     prefetch_buffer_size: usize,
 
-    /// Prefetch AssumeRole calls in flight at most.
+    /// Prefetch AssumeRole calls in flight at most; 0 turns prefetching off (every pod's
+    /// first request then waits for STS).
     #[arg(long, env = "PODIAM_PREFETCH_CONCURRENCY", default_value_t = 8)]
     prefetch_concurrency: usize,
 }

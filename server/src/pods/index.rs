@@ -5,12 +5,12 @@ use std::{
     collections::{HashMap, HashSet},
     fmt,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    sync::{Arc, Weak},
+    sync::Arc,
 };
 
 use podiam_common::arn::BaseRoleArn;
 
-use crate::policy::NamespacePolicy;
+use crate::policy::namespace::{NamespacePolicy, PolicyCache};
 
 /// A pod's namespace and name.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -118,22 +118,16 @@ struct Interner {
 pub struct NamespaceInfo {
     /// The namespace's name.
     pub name: Arc<str>,
-    /// Its compiled role policy (shared between namespaces with the same annotations).
-    pub policy: Arc<NamespacePolicy>,
+    /// Its role policy.
+    pub policy: NamespacePolicy,
 }
 
-/// Namespaces by name, with their compiled policies.
-#[derive(Debug, Default)]
+/// Namespaces by name, with their policies.
+#[derive(Debug)]
 pub struct NamespaceIndex {
-    base: Option<BaseRoleArn>,
+    policies: PolicyCache,
     namespaces: HashMap<Arc<str>, Arc<NamespaceInfo>>,
-    /// Compiled policies by annotation values, so that a thousand namespaces with the same
-    /// policy share one compiled regex.
-    compiled: HashMap<PolicySource, Weak<NamespacePolicy>>,
 }
-
-/// The two policy annotations' raw values.
-pub type PolicySource = (Option<Box<str>>, Option<Box<str>>);
 
 /// Most IPs have one claimant; only collisions allocate.
 #[derive(Debug)]
@@ -455,44 +449,36 @@ impl NamespaceIndex {
     /// An empty index; bare names in `allowed-roles` resolve against `base`.
     pub fn new(base: Option<BaseRoleArn>) -> Self {
         Self {
-            base,
-            ..Self::default()
+            policies: PolicyCache::new(base),
+            namespaces: HashMap::new(),
         }
     }
 
-    /// Adds or replaces a namespace from its policy annotations' values.
+    /// Adds or replaces a namespace from its policy annotations' values. A malformed
+    /// policy is reported here, once, as well as in every denial it causes.
     pub fn apply(&mut self, name: &str, permitted: Option<&str>, allowed_roles: Option<&str>) {
-        let source: PolicySource = (permitted.map(Into::into), allowed_roles.map(Into::into));
-        let policy = match self.compiled.get(&source).and_then(Weak::upgrade) {
-            Some(policy) => policy,
-            None => {
-                let policy = Arc::new(NamespacePolicy::compile(
-                    permitted,
-                    allowed_roles,
-                    self.base.as_ref(),
-                ));
-                self.compiled.insert(source, Arc::downgrade(&policy));
-                policy
-            }
-        };
+        let policy = self.policies.policy(permitted, allowed_roles);
+        let changed = self
+            .namespaces
+            .get(name)
+            .is_none_or(|old| old.policy.source() != policy.source());
+        if changed && let Some(violation) = policy.invalid() {
+            tracing::warn!(namespace = name, %violation, "namespace policy is malformed: it permits nothing");
+        }
         let name: Arc<str> = name.into();
         self.namespaces
             .insert(name.clone(), Arc::new(NamespaceInfo { name, policy }));
-        self.prune();
     }
 
     /// Removes a namespace; returns whether it was known.
     pub fn delete(&mut self, name: &str) -> bool {
-        let known = self.namespaces.remove(name).is_some();
-        self.prune();
-        known
+        self.namespaces.remove(name).is_some()
     }
 
     /// After a re-list: removes every namespace not in `keep`.
     pub fn retain(&mut self, keep: &HashSet<Arc<str>>) -> usize {
         let before = self.namespaces.len();
         self.namespaces.retain(|name, _| keep.contains(name));
-        self.prune();
         before - self.namespaces.len()
     }
 
@@ -511,17 +497,9 @@ impl NamespaceIndex {
         self.namespaces.is_empty()
     }
 
-    /// Number of distinct compiled policies.
+    /// Number of compiled policies currently held (bounded).
     pub fn policies(&self) -> usize {
-        self.compiled.len()
-    }
-
-    /// Drops cache entries whose policy no namespace uses any more; amortised so that a
-    /// steady stream of updates does not scan the cache each time.
-    fn prune(&mut self) {
-        if self.compiled.len() > 2 * self.namespaces.len() + 16 {
-            self.compiled.retain(|_, p| p.strong_count() > 0);
-        }
+        usize::try_from(self.policies.len()).unwrap_or(usize::MAX)
     }
 }
 

@@ -40,7 +40,7 @@ const GAUGES: [(&str, &str); 5] = [
     ),
     (
         "podiam_namespace_index_policies",
-        "Distinct compiled namespace policies",
+        "Compiled namespace policies held (bounded; distinct policies beyond it are compiled on use)",
     ),
 ];
 

@@ -1,4 +1,10 @@
-//! A namespace's role policy, compiled once when the namespace is seen, not per request.
+//! A namespace's role policy.
+//!
+//! A namespace keeps only its annotations' text. Compiled forms live in a bounded
+//! [`PolicyCache`] shared by all namespaces and keyed by that text: namespaces with the
+//! same policy share one compiled form, and 5,000 namespaces with distinct policies do
+//! not keep 5,000 compiled regexes (and their match caches, ~5 KB each) in memory. An
+//! evicted policy is compiled again on its next use (tens of microseconds).
 //!
 //! - kiam: `iam.amazonaws.com/permitted` is a regular expression matched against the whole
 //!   role ARN (anchored: `web` does not permit `web-admin`).
@@ -9,7 +15,7 @@
 //! it. A namespace with neither permits nothing. A malformed annotation permits nothing and
 //! says why.
 
-use std::fmt;
+use std::{fmt, sync::Arc};
 
 use podiam_common::{
     annotations,
@@ -28,9 +34,33 @@ const REGEX_SIZE_LIMIT: usize = 1 << 20;
 /// Longest `allowed-roles` list accepted.
 const MAX_ALLOWED_ROLES: usize = 1000;
 
-/// A namespace's compiled role policy.
-#[derive(Clone, Debug, Default)]
+/// Compiled policies kept at most.
+const COMPILED_POLICIES: u64 = 1024;
+
+/// The two policy annotations' text: (`permitted`, `allowed-roles`).
+pub type PolicySource = (Option<Arc<str>>, Option<Arc<str>>);
+
+/// A namespace's role policy: its annotations, checked through the shared cache.
+#[derive(Clone, Debug)]
 pub struct NamespacePolicy {
+    source: PolicySource,
+    cache: PolicyCache,
+}
+
+/// Compiled policies by annotation text, bounded; cheap to clone.
+#[derive(Clone)]
+pub struct PolicyCache {
+    inner: Arc<CacheInner>,
+}
+
+struct CacheInner {
+    base: Option<BaseRoleArn>,
+    compiled: moka::sync::Cache<PolicySource, Arc<Compiled>>,
+}
+
+/// A policy's compiled form.
+#[derive(Debug)]
+struct Compiled {
     permitted: Option<Rule>,
     allowed_roles: Option<Rule>,
 }
@@ -67,29 +97,118 @@ enum Rule {
     },
 }
 
-// === impl NamespacePolicy ===
+// === impl PolicyCache ===
 
-impl NamespacePolicy {
-    /// Compiles the two annotations' values (either may be absent). Bare role names in
-    /// `allowed-roles` are resolved against `base`.
-    pub fn compile(
-        permitted: Option<&str>,
-        allowed_roles: Option<&str>,
-        base: Option<&BaseRoleArn>,
-    ) -> Self {
+impl PolicyCache {
+    /// An empty cache; bare role names in `allowed-roles` resolve against `base`.
+    pub fn new(base: Option<BaseRoleArn>) -> Self {
         Self {
-            permitted: permitted.map(compile_permitted),
-            allowed_roles: allowed_roles.map(|v| compile_allowed_roles(v, base)),
+            inner: Arc::new(CacheInner {
+                base,
+                compiled: moka::sync::Cache::new(COMPILED_POLICIES),
+            }),
         }
     }
 
+    /// The policy of a namespace with these annotation values (either may be absent).
+    pub fn policy(&self, permitted: Option<&str>, allowed_roles: Option<&str>) -> NamespacePolicy {
+        NamespacePolicy {
+            source: (permitted.map(Into::into), allowed_roles.map(Into::into)),
+            cache: self.clone(),
+        }
+    }
+
+    /// Number of compiled policies held.
+    pub fn len(&self) -> u64 {
+        self.inner.compiled.run_pending_tasks();
+        self.inner.compiled.entry_count()
+    }
+
+    /// Whether no policy is compiled.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn compiled(&self, source: &PolicySource) -> Arc<Compiled> {
+        self.inner.compiled.get_with_by_ref(source, || {
+            let (permitted, allowed) = source;
+            Arc::new(Compiled {
+                permitted: permitted.as_deref().map(compile_permitted),
+                allowed_roles: allowed
+                    .as_deref()
+                    .map(|v| compile_allowed_roles(v, self.inner.base.as_ref())),
+            })
+        })
+    }
+}
+
+impl fmt::Debug for PolicyCache {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PolicyCache")
+            .field("base", &self.inner.base)
+            .field("compiled", &self.inner.compiled.entry_count())
+            .finish()
+    }
+}
+
+// === impl NamespacePolicy ===
+
+impl NamespacePolicy {
     /// Whether the namespace has any policy annotation at all.
     pub fn is_empty(&self) -> bool {
-        self.permitted.is_none() && self.allowed_roles.is_none()
+        self.source.0.is_none() && self.source.1.is_none()
+    }
+
+    /// The annotations' text.
+    pub fn source(&self) -> &PolicySource {
+        &self.source
+    }
+
+    /// The reason the policy is malformed, if it is (compiles it if needed).
+    pub fn invalid(&self) -> Option<Violation> {
+        match self.check_compiled(None) {
+            Err(v @ Violation::Invalid { .. }) => Some(v),
+            _ => None,
+        }
     }
 
     /// Checks `role` against the policy.
     pub fn check(&self, role: &RoleArn) -> Result<(), Violation> {
+        self.check_compiled(Some(role))
+    }
+
+    /// Checks `role`, or with `None` only the policy's own validity.
+    fn check_compiled(&self, role: Option<&RoleArn>) -> Result<(), Violation> {
+        if self.is_empty() {
+            return Err(Violation::NoPolicy);
+        }
+        let compiled = self.cache.compiled(&self.source);
+        let Some(role) = role else {
+            return compiled.validity();
+        };
+        compiled.check(role)
+    }
+}
+
+// === impl Compiled ===
+
+impl Compiled {
+    fn validity(&self) -> Result<(), Violation> {
+        for (annotation, rule) in [
+            (annotations::PERMITTED, &self.permitted),
+            (annotations::ALLOWED_ROLES, &self.allowed_roles),
+        ] {
+            if let Some(Rule::Invalid { reason }) = rule {
+                return Err(Violation::Invalid {
+                    annotation,
+                    reason: reason.clone(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn check(&self, role: &RoleArn) -> Result<(), Violation> {
         let rules = [
             (annotations::PERMITTED, &self.permitted),
             (annotations::ALLOWED_ROLES, &self.allowed_roles),

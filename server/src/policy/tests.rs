@@ -1,4 +1,4 @@
-use std::{sync::Arc, time::Duration};
+use std::time::Duration;
 
 use podiam_common::arn::{BaseRoleArn, RoleArn};
 
@@ -367,14 +367,41 @@ fn namespaces_with_the_same_policy_share_one_compiled_policy() {
     }
     idx.apply("other", Some("x"), None);
     assert_eq!(idx.len(), 101);
+    // Checking every namespace compiles each distinct policy once.
+    let role = RoleArn::parse(&arn("web")).unwrap();
+    for i in 0..100 {
+        assert!(
+            idx.get(&format!("ns-{i}"))
+                .unwrap()
+                .policy
+                .check(&role)
+                .is_ok()
+        );
+    }
+    assert!(idx.get("other").unwrap().policy.check(&role).is_err());
     assert_eq!(idx.policies(), 2);
-    assert!(Arc::ptr_eq(
-        &idx.get("ns-1").unwrap().policy,
-        &idx.get("ns-99").unwrap().policy
-    ));
     // Changing a namespace's annotation takes effect.
     idx.apply("ns-1", Some(&arn("only")), None);
     let pod = mk_pod(Some("web"));
     let d = Decision::for_pod(&pod, idx.get("ns-1").as_deref(), &config());
     assert!(matches!(d, Decision::Denied(_)));
+}
+
+#[test]
+fn compiled_policies_are_bounded_and_evicted_ones_still_decide() {
+    let mut idx = NamespaceIndex::new(Some(base()));
+    for i in 0..1500 {
+        idx.apply(&format!("ns-{i}"), Some(&arn(&format!("app-{i}"))), None);
+    }
+    let role = |i: usize| RoleArn::parse(&arn(&format!("app-{i}"))).unwrap();
+    for i in 0..1500 {
+        let policy = &idx.get(&format!("ns-{i}")).unwrap().policy;
+        assert!(policy.check(&role(i)).is_ok());
+        assert!(policy.check(&role(i + 1)).is_err());
+    }
+    assert!(idx.policies() <= 1024, "{}", idx.policies());
+    // The first namespaces' policies were evicted; they compile again and decide the same.
+    let first = &idx.get("ns-0").unwrap().policy;
+    assert!(first.check(&role(0)).is_ok());
+    assert!(first.check(&role(1)).is_err());
 }

@@ -106,7 +106,7 @@ pub struct BrokerConfig {
     pub negative_ttl: Duration,
     /// Capacity of the prefetch queue.
     pub prefetch_queue: usize,
-    /// Prefetch calls in flight at most.
+    /// Prefetch calls in flight at most; 0 turns prefetching off.
     pub prefetch_concurrency: usize,
     /// Most sessions kept.
     pub max_sessions: u64,
@@ -247,7 +247,7 @@ impl Broker {
     /// queue is full the request is dropped and counted, and the first request for the key
     /// fetches it on demand.
     pub fn prefetch(&self, key: SessionKey) {
-        if self.cached(&key).is_some() {
+        if self.inner.config.prefetch_concurrency == 0 || self.cached(&key).is_some() {
             return;
         }
         match self.inner.prefetch.try_send(key) {
@@ -262,7 +262,7 @@ impl Broker {
 
     /// Like [`Broker::prefetch`], but waits for room in the queue.
     pub async fn prefetch_wait(&self, key: SessionKey) {
-        if self.cached(&key).is_some() {
+        if self.inner.config.prefetch_concurrency == 0 || self.cached(&key).is_some() {
             return;
         }
         if self.inner.prefetch.send(key).await.is_ok() {

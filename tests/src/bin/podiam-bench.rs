@@ -310,11 +310,29 @@ async fn index(
     let dir = tempfile::tempdir()?;
     let kubeconfig = dir.path().join("kubeconfig");
     kube.write_kubeconfig(&kubeconfig)?;
+    let pki = Pki::generate(dir.path(), "bench")?;
 
     let mut samples = Vec::new();
     for run in 0..runs {
         let mut cmd = Command::new(server);
+        // The index alone: no STS (prefetch off, endpoint refusing), API on loopback.
         cmd.env_clear()
+            .env("AWS_ACCESS_KEY_ID", "testing")
+            .env("AWS_SECRET_ACCESS_KEY", "testing")
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .args(["--listen", "127.0.0.1:0", "--region", "us-east-1"])
+            .args([
+                "--sts-endpoint",
+                "http://127.0.0.1:9",
+                "--prefetch-concurrency",
+                "0",
+            ])
+            .arg("--ca")
+            .arg(&pki.ca)
+            .arg("--cert")
+            .arg(&pki.server.cert)
+            .arg("--key")
+            .arg(&pki.server.key)
             .args([
                 "--admin-addr",
                 "127.0.0.1:0",
