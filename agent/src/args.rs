@@ -1,0 +1,260 @@
+//! Command-line flags and the wiring of the agent. Every flag has a `PODIAM_*`
+//! environment variable; names follow kiam and kube2iam where their users would look.
+
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use podiam_common::{
+    admin::{Admin, AdminArgs},
+    logging::LogArgs,
+    readiness::Readiness,
+    shutdown,
+    tls::{TlsArgs, TlsMetrics},
+};
+use prometheus::Registry;
+use tokio::{net::TcpListener, task::JoinSet};
+use tracing::Instrument;
+
+use crate::{
+    imds::{Imds, ImdsMetrics, token::TokenKey},
+    proxy::{DEFAULT_ALLOW, MetadataProxy},
+    upstream::{Servers, UpstreamMetrics, UpstreamSettings},
+};
+
+/// podiam agent: serves the EC2 metadata API to the pods of its node, handing each pod
+/// the credentials of its own role (from the podiam servers) and nothing else.
+#[derive(Debug, Parser)]
+#[command(name = "podiam-agent", version, about, long_about = None)]
+pub struct Cli {
+    #[command(flatten)]
+    imds: ImdsArgs,
+
+    #[command(flatten)]
+    servers: ServerArgs,
+
+    #[command(flatten)]
+    tls: TlsArgs,
+
+    #[command(flatten)]
+    admin: AdminArgs,
+
+    #[command(flatten)]
+    log: LogArgs,
+}
+
+/// The metadata endpoint.
+#[derive(Clone, Debug, clap::Args)]
+struct ImdsArgs {
+    /// Address of the metadata endpoint (the target of the 169.254.169.254 redirect).
+    /// Default: $HOST_IP:8181.
+    #[arg(long, env = "PODIAM_LISTEN")]
+    listen: Option<SocketAddr>,
+
+    /// Refuse IMDSv1 (requests without a session token).
+    #[arg(long, env = "PODIAM_REQUIRE_IMDSV2")]
+    require_imdsv2: bool,
+
+    /// The node's key for IMDSv2 tokens (created, mode 0600, if missing). Keep it on the
+    /// node (hostPath) so tokens stay valid across agent restarts.
+    #[arg(
+        long,
+        env = "PODIAM_TOKEN_KEY_FILE",
+        default_value = "/var/lib/podiam/imds-token.key"
+    )]
+    token_key_file: PathBuf,
+
+    /// The real metadata service, HOST or HOST:PORT (kube2iam: --metadata-addr).
+    #[arg(long, env = "PODIAM_METADATA_ADDR", default_value = "169.254.169.254")]
+    metadata_addr: String,
+
+    /// Paths (normalised, e.g. /latest/meta-data/instance-id) proxied to the real metadata
+    /// service: a regex matched anchored, with or without a trailing slash (kiam:
+    /// --allow-route-regexp). User data and the node's iam/ are never proxied.
+    #[arg(long, env = "PODIAM_ALLOW_ROUTE_REGEXP", default_value = DEFAULT_ALLOW)]
+    allow_route_regexp: String,
+
+    /// Deadline of a request to the real metadata service.
+    #[arg(long, env = "PODIAM_METADATA_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration)]
+    metadata_timeout: Duration,
+}
+
+/// How to reach the podiam servers.
+#[derive(Clone, Debug, clap::Args)]
+struct ServerArgs {
+    /// The servers, HOST:PORT; HOST (a headless Service) is resolved to every replica.
+    #[arg(long, env = "PODIAM_SERVER_ADDRESS")]
+    server_address: Option<String>,
+
+    /// Name the servers' certificate must carry (default: HOST of --server-address).
+    #[arg(long, env = "PODIAM_SERVER_NAME")]
+    server_name: Option<String>,
+
+    /// The agent's projected ServiceAccount token (audience as the server's
+    /// --token-audience), sent with every request for node binding.
+    #[arg(
+        long,
+        env = "PODIAM_TOKEN_FILE",
+        default_value = "/var/run/secrets/podiam/token"
+    )]
+    token_file: PathBuf,
+
+    /// How often the server address is resolved again.
+    #[arg(long, env = "PODIAM_SERVER_RESOLVE_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
+    server_resolve_interval: Duration,
+
+    /// How often each server's health is checked.
+    #[arg(long, env = "PODIAM_SERVER_HEALTH_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
+    server_health_interval: Duration,
+
+    /// Deadline of one request to one server (then the next server is tried).
+    #[arg(long, env = "PODIAM_SERVER_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    server_timeout: Duration,
+}
+
+// === impl Cli ===
+
+impl Cli {
+    /// Runs the agent; the exit code says how it went.
+    pub async fn run(self) -> ExitCode {
+        if let Err(error) = self.log.init() {
+            eprintln!("podiam-agent: {error}");
+            return ExitCode::from(2);
+        }
+        match self.serve().await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                tracing::error!("{error:#}");
+                ExitCode::from(2)
+            }
+        }
+    }
+
+    async fn serve(self) -> anyhow::Result<()> {
+        let Cli {
+            imds,
+            servers,
+            tls,
+            admin,
+            log: _,
+        } = self;
+        let ImdsArgs {
+            listen,
+            require_imdsv2,
+            token_key_file,
+            metadata_addr,
+            allow_route_regexp,
+            metadata_timeout,
+        } = imds;
+        let ServerArgs {
+            server_address,
+            server_name,
+            token_file,
+            server_resolve_interval,
+            server_health_interval,
+            server_timeout,
+        } = servers;
+        let AdminArgs { admin_addr } = admin;
+
+        // Flags first: a bad value fails before anything listens.
+        let listen = match listen {
+            Some(addr) => addr,
+            None => match std::env::var("HOST_IP") {
+                Ok(ip) => format!("{ip}:8181")
+                    .parse()
+                    .with_context(|| format!("HOST_IP={ip:?} is not an IP address"))?,
+                Err(_) => bail!("--listen is required (or HOST_IP, from the downward API)"),
+            },
+        };
+        let Some(server_address) = server_address.filter(|a| !a.trim().is_empty()) else {
+            bail!("--server-address is required (HOST:PORT of the podiam servers)");
+        };
+        let proxy = MetadataProxy::new(&metadata_addr, &allow_route_regexp, metadata_timeout)
+            .with_context(|| format!("invalid --allow-route-regexp {allow_route_regexp:?}"))?;
+        let key = TokenKey::load_or_create(&token_key_file)?;
+        let shutdown = shutdown::on_signals().context("installing signal handlers")?;
+        let registry = Registry::new();
+        let readiness = Readiness::new();
+        let tls = tls
+            .client(TlsMetrics::register(&registry)?, shutdown.clone())
+            .context("loading the agent's TLS files")?;
+        let servers = Servers::start(
+            UpstreamSettings {
+                address: server_address,
+                server_name,
+                token_file,
+                resolve_interval: server_resolve_interval,
+                health_interval: server_health_interval,
+                timeout: server_timeout,
+            },
+            tls,
+            readiness.gate("servers"),
+            UpstreamMetrics::register(&registry)?,
+            shutdown.clone(),
+        )?;
+        let imds = Imds::new(
+            key,
+            require_imdsv2,
+            servers,
+            proxy,
+            ImdsMetrics::register(&registry)?,
+        );
+
+        let admin_listener = TcpListener::bind(admin_addr)
+            .await
+            .with_context(|| format!("binding the admin server to {admin_addr}"))?;
+        let imds_listener = TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("binding the metadata endpoint to {listen}"))?;
+        tracing::info!(addr = %admin_listener.local_addr()?, "admin server listening");
+        tracing::info!(addr = %imds_listener.local_addr()?, "metadata endpoint listening");
+
+        let mut tasks = JoinSet::new();
+        let admin = Admin::new(registry, readiness);
+        tasks.spawn({
+            let shutdown = shutdown.clone();
+            async move { admin.serve(admin_listener, shutdown).await }
+                .instrument(tracing::info_span!("admin"))
+        });
+        tasks.spawn({
+            let shutdown = shutdown.clone();
+            async move { imds.serve(imds_listener, shutdown).await }
+                .instrument(tracing::info_span!("imds"))
+        });
+        // A server that stops before shutdown takes the process down, loudly.
+        while let Some(joined) = tasks.join_next().await {
+            match joined {
+                Ok(()) if shutdown.is_cancelled() => {}
+                Ok(()) => bail!("a listener stopped unexpectedly"),
+                Err(error) => bail!("an agent task failed: {error}"),
+            }
+        }
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn cli_is_consistent_and_every_flag_has_an_env_var() {
+        Cli::command().debug_assert();
+        for arg in Cli::command().get_arguments() {
+            if arg
+                .get_long()
+                .is_some_and(|l| l != "help" && l != "version")
+            {
+                let env = arg.get_env().map(|e| e.to_string_lossy().into_owned());
+                assert!(
+                    env.as_deref().is_some_and(|e| e.starts_with("PODIAM_")),
+                    "--{} has no PODIAM_ env var",
+                    arg.get_long().unwrap_or_default()
+                );
+            }
+        }
+    }
+}

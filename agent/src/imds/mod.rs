@@ -1,0 +1,489 @@
+//! The EC2-metadata-compatible endpoint pods talk to (see the shared IMDS notes for what
+//! real SDKs demand; every rule here broke some SDK when violated).
+//!
+//! - `PUT /latest/api/token`: a stateless token bound to the caller's IP ([`token`]),
+//!   with the TTL echoed; `X-Forwarded-For` → 403; bad TTL → 400.
+//! - With a token, every request must carry a valid one (401 otherwise); without one,
+//!   only if IMDSv1 is allowed (`--require-imdsv2` forbids it).
+//! - `.../iam/security-credentials/` → the pod's role name; `.../<role>` → its
+//!   credentials; `-extended` adds `AccountId`. Another role than the pod's own → 404.
+//! - Everything else goes through the allow-listed [`crate::proxy`], or 404.
+//!
+//! The caller is the connection's source address. Refusals from the server map to IMDS
+//! answers in [`refused`], and only there.
+
+use std::{
+    convert::Infallible,
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::service::service_fn;
+use hyper_util::{
+    rt::{TokioIo, TokioTimer},
+    server::graceful::GracefulShutdown,
+};
+use podiam_common::protocol::{
+    CREDENTIALS_PATH, CredentialsRequest, CredentialsResponse, ErrorCode, ROLE_PATH, RoleRequest,
+    RoleResponse,
+};
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    proxy::MetadataProxy,
+    upstream::{Servers, UpstreamError},
+};
+
+pub mod path;
+pub mod token;
+
+use self::{path::Normal, token::TokenKey};
+
+const TTL_HEADER: &str = "x-aws-ec2-metadata-token-ttl-seconds";
+const TOKEN_HEADER: &str = "x-aws-ec2-metadata-token";
+const CREDENTIALS: &str = "security-credentials";
+const CREDENTIALS_EXTENDED: &str = "security-credentials-extended";
+/// Headers larger than this are refused (the metadata API needs a few hundred bytes).
+const MAX_HEADERS_BYTES: usize = 16 * 1024;
+const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+const GRACE: Duration = Duration::from_secs(5);
+
+/// The endpoint; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Imds {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    key: TokenKey,
+    require_v2: bool,
+    servers: Servers,
+    proxy: MetadataProxy,
+    metrics: ImdsMetrics,
+}
+
+/// Requests by route and status, latency by route.
+#[derive(Clone, Debug)]
+pub struct ImdsMetrics {
+    requests: IntCounterVec,
+    latency: HistogramVec,
+}
+
+/// What a request asks for, once its path is normal.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Route {
+    Token,
+    RoleList { extended: bool },
+    Credentials { extended: bool },
+    Proxy,
+    Refused,
+}
+
+/// The metadata service's credential document.
+#[derive(Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct CredentialDocument<'a> {
+    code: &'static str,
+    last_updated: String,
+    #[serde(rename = "Type")]
+    kind: &'static str,
+    access_key_id: &'a str,
+    secret_access_key: &'a str,
+    token: &'a str,
+    expiration: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    account_id: Option<&'a str>,
+}
+
+// === impl Imds ===
+
+impl Imds {
+    /// The endpoint, minting tokens with `key`.
+    pub fn new(
+        key: TokenKey,
+        require_v2: bool,
+        servers: Servers,
+        proxy: MetadataProxy,
+        metrics: ImdsMetrics,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                key,
+                require_v2,
+                servers,
+                proxy,
+                metrics,
+            }),
+        }
+    }
+
+    /// Serves HTTP/1 on `listener` until `shutdown`, with header size and time limits.
+    pub async fn serve(self, listener: TcpListener, shutdown: CancellationToken) {
+        let graceful = GracefulShutdown::new();
+        loop {
+            let (tcp, peer) = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                accepted = listener.accept() => match accepted {
+                    Ok(conn) => conn,
+                    Err(error) => {
+                        // Typically EMFILE: back off instead of spinning on the error.
+                        tracing::warn!(%error, "IMDS: accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+            };
+            let _ = tcp.set_nodelay(true);
+            let imds = self.clone();
+            let service = service_fn(move |req| {
+                let imds = imds.clone();
+                async move { Ok::<_, Infallible>(imds.handle(peer, req).await) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .max_buf_size(MAX_HEADERS_BYTES)
+                .serve_connection(TokioIo::new(tcp), service);
+            let conn = graceful.watch(conn);
+            tokio::spawn(async move {
+                if let Err(error) = conn.await {
+                    tracing::debug!(%peer, %error, "IMDS connection ended with an error");
+                }
+            });
+        }
+        if tokio::time::timeout(GRACE, graceful.shutdown())
+            .await
+            .is_err()
+        {
+            tracing::warn!("IMDS: requests still in flight after the grace period");
+        }
+    }
+
+    /// Answers one request from `peer` (bodies are never read).
+    pub async fn handle<B>(&self, peer: SocketAddr, req: Request<B>) -> Response<Full<Bytes>> {
+        let started = std::time::Instant::now();
+        let ip = canonical(peer.ip());
+        let head = req.method() == Method::HEAD;
+        let (route, mut rsp) = self
+            .answer(ip, req.method(), req.uri().path(), req.headers())
+            .await;
+        rsp.headers_mut()
+            .insert(header::SERVER, HeaderValue::from_static("EC2ws"));
+        if head {
+            *rsp.body_mut() = Full::new(Bytes::new());
+        }
+        let m = &self.inner.metrics;
+        m.requests
+            .with_label_values(&[route.as_str(), rsp.status().as_str()])
+            .inc();
+        m.latency
+            .with_label_values(&[route.as_str()])
+            .observe(started.elapsed().as_secs_f64());
+        tracing::debug!(%ip, route = route.as_str(), status = rsp.status().as_u16(), "imds");
+        rsp
+    }
+
+    async fn answer(
+        &self,
+        ip: IpAddr,
+        method: &Method,
+        raw_path: &str,
+        headers: &HeaderMap,
+    ) -> (Route, Response<Full<Bytes>>) {
+        if !matches!(*method, Method::GET | Method::HEAD | Method::PUT) {
+            return (
+                Route::Refused,
+                text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed"),
+            );
+        }
+        let path = match Normal::parse(raw_path) {
+            Ok(path) => path,
+            Err(error) => {
+                return (
+                    Route::Refused,
+                    text(StatusCode::NOT_FOUND, &format!("not found: {error}")),
+                );
+            }
+        };
+        let route = Route::of(&path);
+        if route == Route::Token {
+            if *method != Method::PUT {
+                return (
+                    route,
+                    text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed"),
+                );
+            }
+            return (route, self.token(ip, headers));
+        }
+        if *method == Method::PUT {
+            return (
+                route,
+                text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed"),
+            );
+        }
+        match headers.get(TOKEN_HEADER).map(|v| v.to_str()) {
+            Some(Ok(token)) => {
+                if let Err(error) = self.inner.key.verify(token, ip, SystemTime::now()) {
+                    return (
+                        route,
+                        text(StatusCode::UNAUTHORIZED, &format!("unauthorized: {error}")),
+                    );
+                }
+            }
+            Some(Err(_)) => {
+                return (
+                    route,
+                    text(StatusCode::UNAUTHORIZED, "unauthorized: invalid token"),
+                );
+            }
+            None if self.inner.require_v2 => {
+                return (
+                    route,
+                    text(
+                        StatusCode::UNAUTHORIZED,
+                        "unauthorized: IMDSv2 token required",
+                    ),
+                );
+            }
+            None => {}
+        }
+        let rsp = match route {
+            Route::RoleList { extended } if !path.trailing_slash => {
+                let kind = if extended {
+                    CREDENTIALS_EXTENDED
+                } else {
+                    CREDENTIALS
+                };
+                redirect(&format!("/latest/meta-data/iam/{kind}/"))
+            }
+            Route::RoleList { .. } => self.role_list(ip).await,
+            Route::Credentials { extended } => {
+                let role = path.segments.last().map(String::as_str).unwrap_or_default();
+                self.credentials(ip, role, extended).await
+            }
+            Route::Proxy => self.proxy(&path).await,
+            Route::Token | Route::Refused => text(StatusCode::NOT_FOUND, "not found"),
+        };
+        (route, rsp)
+    }
+
+    fn token(&self, ip: IpAddr, headers: &HeaderMap) -> Response<Full<Bytes>> {
+        // The real service refuses token requests that went through a proxy.
+        if headers.contains_key("x-forwarded-for") {
+            return text(StatusCode::FORBIDDEN, "forbidden");
+        }
+        let ttl = headers
+            .get(TTL_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .filter(|t| (1..=token::MAX_TTL.as_secs()).contains(t));
+        let Some(ttl) = ttl else {
+            return text(
+                StatusCode::BAD_REQUEST,
+                "bad request: X-aws-ec2-metadata-token-ttl-seconds must be 1 to 21600",
+            );
+        };
+        let token = self
+            .inner
+            .key
+            .mint(ip, Duration::from_secs(ttl), SystemTime::now());
+        let mut rsp = text(StatusCode::OK, &token);
+        rsp.headers_mut().insert(TTL_HEADER, HeaderValue::from(ttl));
+        rsp
+    }
+
+    async fn role_list(&self, ip: IpAddr) -> Response<Full<Bytes>> {
+        let request = RoleRequest { ip };
+        match self
+            .inner
+            .servers
+            .call::<_, RoleResponse>(ROLE_PATH, &request)
+            .await
+        {
+            Ok(rsp) => text(StatusCode::OK, rsp.role_arn.name()),
+            Err(error) => refused(ip, &error),
+        }
+    }
+
+    async fn credentials(&self, ip: IpAddr, role: &str, extended: bool) -> Response<Full<Bytes>> {
+        let request = CredentialsRequest {
+            ip,
+            role: Some(role.to_string()),
+        };
+        let rsp = match self
+            .inner
+            .servers
+            .call::<_, CredentialsResponse>(CREDENTIALS_PATH, &request)
+            .await
+        {
+            Ok(rsp) => rsp,
+            Err(error) => return refused(ip, &error),
+        };
+        let c = &rsp.credentials;
+        let doc = CredentialDocument {
+            code: "Success",
+            last_updated: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+            kind: "AWS-HMAC",
+            access_key_id: &c.access_key_id,
+            secret_access_key: c.secret_access_key.expose(),
+            token: c.session_token.expose(),
+            expiration: humantime::format_rfc3339_seconds(c.expiration).to_string(),
+            account_id: extended.then(|| rsp.role_arn.account()),
+        };
+        match serde_json::to_string_pretty(&doc) {
+            Ok(body) => text(StatusCode::OK, &body),
+            Err(_) => text(StatusCode::INTERNAL_SERVER_ERROR, "internal error"),
+        }
+    }
+
+    async fn proxy(&self, path: &Normal) -> Response<Full<Bytes>> {
+        if let Err(refusal) = self.inner.proxy.check(path) {
+            return text(StatusCode::NOT_FOUND, &format!("not found: {refusal}"));
+        }
+        match self.inner.proxy.fetch(path).await {
+            Ok(upstream) => {
+                let mut rsp = Response::new(Full::new(upstream.body));
+                *rsp.status_mut() = upstream.status;
+                let content_type = upstream
+                    .content_type
+                    .unwrap_or(HeaderValue::from_static("text/plain"));
+                rsp.headers_mut().insert(header::CONTENT_TYPE, content_type);
+                rsp
+            }
+            Err(error) => {
+                tracing::warn!(%error, path = %path.to_path(), "metadata proxy failed");
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "metadata service unavailable",
+                )
+            }
+        }
+    }
+}
+
+/// The one place server refusals become metadata-service answers.
+fn refused(ip: IpAddr, error: &UpstreamError) -> Response<Full<Bytes>> {
+    let UpstreamError::Refused(body) = error else {
+        tracing::warn!(%ip, %error, "no podiam server answered");
+        return text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "credentials temporarily unavailable",
+        );
+    };
+    match body.code {
+        ErrorCode::PodNotFound | ErrorCode::RoleMismatch => {
+            text(StatusCode::NOT_FOUND, "not found")
+        }
+        ErrorCode::Forbidden | ErrorCode::NodeMismatch => text(
+            StatusCode::FORBIDDEN,
+            &format!("forbidden: {}", body.message),
+        ),
+        ErrorCode::AmbiguousIp => {
+            text(StatusCode::CONFLICT, &format!("conflict: {}", body.message))
+        }
+        // SDKs retry 5xx: STS trouble is worth retrying.
+        ErrorCode::StsError => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "credentials temporarily unavailable",
+        ),
+        ErrorCode::Unauthenticated
+        | ErrorCode::InvalidRequest
+        | ErrorCode::NotReady
+        | ErrorCode::Internal => {
+            tracing::warn!(%ip, code = body.code.as_str(), message = %body.message, "podiam server refused the agent");
+            text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "credentials temporarily unavailable",
+            )
+        }
+    }
+}
+
+fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
+    let mut rsp = Response::new(Full::new(Bytes::from(body.to_string())));
+    *rsp.status_mut() = status;
+    rsp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    rsp
+}
+
+fn redirect(location: &str) -> Response<Full<Bytes>> {
+    let mut rsp = text(StatusCode::MOVED_PERMANENTLY, "moved permanently");
+    if let Ok(value) = HeaderValue::from_str(location) {
+        rsp.headers_mut().insert(header::LOCATION, value);
+    }
+    rsp
+}
+
+/// IPv4-mapped IPv6 peers are IPv4 callers.
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+// === impl Route ===
+
+impl Route {
+    fn of(path: &Normal) -> Self {
+        let s: Vec<&str> = path.segments.iter().map(String::as_str).collect();
+        match s.as_slice() {
+            ["api", "token"] => Route::Token,
+            ["meta-data", "iam", CREDENTIALS] => Route::RoleList { extended: false },
+            ["meta-data", "iam", CREDENTIALS_EXTENDED] => Route::RoleList { extended: true },
+            ["meta-data", "iam", CREDENTIALS, _] => Route::Credentials { extended: false },
+            ["meta-data", "iam", CREDENTIALS_EXTENDED, _] => Route::Credentials { extended: true },
+            _ => Route::Proxy,
+        }
+    }
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Route::Token => "token",
+            Route::RoleList { extended: false } => "role",
+            Route::RoleList { extended: true } => "role_extended",
+            Route::Credentials { extended: false } => "credentials",
+            Route::Credentials { extended: true } => "credentials_extended",
+            Route::Proxy => "proxy",
+            Route::Refused => "refused",
+        }
+    }
+}
+
+// === impl ImdsMetrics ===
+
+impl ImdsMetrics {
+    /// Registers the metrics in `registry`.
+    pub fn register(registry: &Registry) -> prometheus::Result<Self> {
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "podiam_imds_requests_total",
+                "Metadata requests by route and HTTP status",
+            ),
+            &["route", "status"],
+        )?;
+        let latency = HistogramVec::new(
+            HistogramOpts::new(
+                "podiam_imds_request_duration_seconds",
+                "Metadata request latency by route",
+            )
+            .buckets(vec![
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                1.0, 3.0,
+            ]),
+            &["route"],
+        )?;
+        registry.register(Box::new(requests.clone()))?;
+        registry.register(Box::new(latency.clone()))?;
+        Ok(Self { requests, latency })
+    }
+}

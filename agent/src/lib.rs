@@ -1,0 +1,14 @@
+//! podiam agent: the per-node EC2-metadata endpoint.
+//!
+//! Data model: a request's source address is the caller's identity. The agent holds no
+//! AWS rights and no pod index: it asks a podiam server ([`upstream::Servers`], mutual
+//! TLS, with the agent's ServiceAccount token) for the role and credentials of the pod
+//! with that address, and serves them in the metadata service's format ([`imds`]).
+//! Paths outside the credential surface go to the real metadata service only through the
+//! allow-list of [`proxy`]. IMDSv2 tokens are stateless and survive restarts
+//! ([`imds::token`]).
+
+pub mod args;
+pub mod imds;
+pub mod proxy;
+pub mod upstream;

@@ -1,0 +1,252 @@
+//! The allow-listed proxy to the real metadata service.
+//!
+//! Paths outside the credential surface go to `--metadata-addr` only when their normal
+//! form (see [`crate::imds::path`]) matches `--allow-route-regexp`, anchored, with or
+//! without a trailing slash. User data, the node's own `iam/` tree and
+//! `identity-credentials/` are never proxied, whatever the regex says. Upstream requests
+//! use the agent's own IMDSv2 token (pods never see a real one), carry no
+//! `X-Forwarded-For`, and have timeouts.
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, StatusCode, header};
+use http_body_util::{BodyExt, Full};
+use hyper_util::{
+    client::legacy::{Client, connect::HttpConnector},
+    rt::TokioExecutor,
+};
+use parking_lot::Mutex;
+use regex_lite::Regex;
+
+use crate::imds::path::Normal;
+
+/// The default `--allow-route-regexp`: what SDKs read on their own, nothing else.
+pub const DEFAULT_ALLOW: &str = "/latest/(meta-data/(placement/region|placement/availability-zone|instance-id|instance-type|ami-id|local-hostname)|dynamic/instance-identity/document)";
+
+/// Token lifetime the agent asks the real service for.
+const UPSTREAM_TTL: Duration = Duration::from_secs(21_600);
+
+/// Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct MetadataProxy {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    base: String,
+    allow: Regex,
+    client: Client<HttpConnector, Full<Bytes>>,
+    timeout: Duration,
+    token: Mutex<Option<(Instant, HeaderValue)>>,
+}
+
+/// An upstream answer, passed on as it is.
+#[derive(Clone, Debug)]
+pub struct Upstream {
+    /// Its status.
+    pub status: StatusCode,
+    /// Its content type, if any.
+    pub content_type: Option<HeaderValue>,
+    /// Its body.
+    pub body: Bytes,
+}
+
+/// Why a path is not proxied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// User data can hold the node's secrets.
+    #[error("user-data is never proxied")]
+    UserData,
+    /// The node's role and credentials.
+    #[error("the node's IAM data is never proxied")]
+    NodeIam,
+    /// The node's identity credentials.
+    #[error("identity credentials are never proxied")]
+    IdentityCredentials,
+    /// Not in the allow-list.
+    #[error("not in --allow-route-regexp")]
+    NotAllowed,
+}
+
+/// The upstream failed.
+#[derive(Debug, thiserror::Error)]
+#[error("metadata service: {0}")]
+pub struct UpstreamFailure(String);
+
+// === impl MetadataProxy ===
+
+impl MetadataProxy {
+    /// Proxies to `addr` (`HOST` or `HOST:PORT`, port 80 by default) for paths matching
+    /// `allow` (anchored).
+    pub fn new(addr: &str, allow: &str, timeout: Duration) -> Result<Self, regex_lite::Error> {
+        let allow = regex_lite::RegexBuilder::new(&format!("^(?:{allow})$"))
+            .size_limit(1 << 20)
+            .build()?;
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(timeout));
+        connector.set_nodelay(true);
+        Ok(Self {
+            inner: Arc::new(Inner {
+                base: format!("http://{addr}"),
+                allow,
+                client: Client::builder(TokioExecutor::new()).build(connector),
+                timeout,
+                token: Mutex::new(None),
+            }),
+        })
+    }
+
+    /// Whether `path` may be proxied.
+    pub fn check(&self, path: &Normal) -> Result<(), Refusal> {
+        if path.starts_with(&["user-data"]) {
+            return Err(Refusal::UserData);
+        }
+        if path.starts_with(&["meta-data", "iam"]) {
+            return Err(Refusal::NodeIam);
+        }
+        if path.starts_with(&["meta-data", "identity-credentials"]) {
+            return Err(Refusal::IdentityCredentials);
+        }
+        let mut normal = path.clone();
+        normal.trailing_slash = false;
+        let candidate = normal.to_path();
+        let candidate = candidate.trim_end_matches('/');
+        if self.inner.allow.is_match(candidate) {
+            Ok(())
+        } else {
+            Err(Refusal::NotAllowed)
+        }
+    }
+
+    /// Fetches `path` (already checked) from the real service.
+    pub async fn fetch(&self, path: &Normal) -> Result<Upstream, UpstreamFailure> {
+        let uri = format!("{}{}", self.inner.base, path.to_path());
+        for attempt in 0..2 {
+            let token = self.token(attempt > 0).await?;
+            let req = Request::get(&uri)
+                .header("x-aws-ec2-metadata-token", token)
+                .body(Full::new(Bytes::new()))
+                .map_err(|e| UpstreamFailure(e.to_string()))?;
+            let rsp = self.send(req).await?;
+            // The agent's token expired early (the real service restarted): once more.
+            if rsp.status == StatusCode::UNAUTHORIZED && attempt == 0 {
+                continue;
+            }
+            return Ok(rsp);
+        }
+        Err(UpstreamFailure("token refused twice".into()))
+    }
+
+    async fn send(&self, req: Request<Full<Bytes>>) -> Result<Upstream, UpstreamFailure> {
+        let exchange = async {
+            let rsp = self
+                .inner
+                .client
+                .request(req)
+                .await
+                .map_err(|e| UpstreamFailure(e.to_string()))?;
+            let status = rsp.status();
+            let content_type = rsp.headers().get(header::CONTENT_TYPE).cloned();
+            let body = rsp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| UpstreamFailure(e.to_string()))?
+                .to_bytes();
+            Ok(Upstream {
+                status,
+                content_type,
+                body,
+            })
+        };
+        tokio::time::timeout(self.inner.timeout, exchange)
+            .await
+            .map_err(|_| UpstreamFailure(format!("no answer within {:?}", self.inner.timeout)))?
+    }
+
+    /// The agent's own IMDSv2 token, renewed a minute before it expires.
+    async fn token(&self, renew: bool) -> Result<HeaderValue, UpstreamFailure> {
+        if !renew
+            && let Some((at, token)) = self.inner.token.lock().clone()
+            && at.elapsed() + Duration::from_secs(60) < UPSTREAM_TTL
+        {
+            return Ok(token);
+        }
+        let req = Request::builder()
+            .method(Method::PUT)
+            .uri(format!("{}/latest/api/token", self.inner.base))
+            .header(
+                "x-aws-ec2-metadata-token-ttl-seconds",
+                UPSTREAM_TTL.as_secs().to_string(),
+            )
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| UpstreamFailure(e.to_string()))?;
+        let rsp = self.send(req).await?;
+        if !rsp.status.is_success() {
+            return Err(UpstreamFailure(format!(
+                "token request answered {}",
+                rsp.status
+            )));
+        }
+        let token = HeaderValue::from_maybe_shared(rsp.body)
+            .map_err(|_| UpstreamFailure("token is not a header value".into()))?;
+        *self.inner.token.lock() = Some((Instant::now(), token.clone()));
+        Ok(token)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(p: &MetadataProxy, path: &str) -> Result<(), Refusal> {
+        p.check(&Normal::parse(path).unwrap())
+    }
+
+    #[test]
+    fn allow_list_and_deny_list() {
+        let p = MetadataProxy::new("127.0.0.1:1", DEFAULT_ALLOW, Duration::from_secs(1)).unwrap();
+        for ok in [
+            "/latest/meta-data/placement/region",
+            "/latest/meta-data/placement/availability-zone/",
+            "/latest/meta-data/instance-id",
+            "/latest/dynamic/instance-identity/document",
+        ] {
+            assert_eq!(check(&p, ok), Ok(()), "{ok}");
+        }
+        for (no, why) in [
+            ("/latest/user-data", Refusal::UserData),
+            ("/latest/user-data/", Refusal::UserData),
+            ("/latest/meta-data/iam/info", Refusal::NodeIam),
+            (
+                "/latest/meta-data/iam/security-credentials/node-role",
+                Refusal::NodeIam,
+            ),
+            (
+                "/latest/meta-data/identity-credentials/ec2/security-credentials/ec2-instance",
+                Refusal::IdentityCredentials,
+            ),
+            ("/latest/meta-data/instance-id/extra", Refusal::NotAllowed),
+            ("/latest/meta-data/", Refusal::NotAllowed),
+            (
+                "/latest/dynamic/instance-identity/signature",
+                Refusal::NotAllowed,
+            ),
+        ] {
+            assert_eq!(check(&p, no), Err(why), "{no}");
+        }
+        // A regex that would allow everything still never reaches user data or iam.
+        let open = MetadataProxy::new("127.0.0.1:1", ".*", Duration::from_secs(1)).unwrap();
+        assert_eq!(check(&open, "/latest/user-data"), Err(Refusal::UserData));
+        assert_eq!(
+            check(&open, "/latest/meta-data/iam/info"),
+            Err(Refusal::NodeIam)
+        );
+        assert_eq!(check(&open, "/latest/meta-data/hostname"), Ok(()));
+    }
+}
