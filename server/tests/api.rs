@@ -3,46 +3,23 @@
 //! proxy.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::{
-    net::SocketAddr,
-    process::Command,
-    time::{Duration, Instant, SystemTime},
-};
+use std::time::{Duration, Instant, SystemTime};
 
 use podiam_tests::{
     api_client::{ApiClient, tls_config},
-    certs::Pki,
-    http,
     kube_api::{FakeKube, TokenIdentity},
-    moto::Moto,
     objects::{namespace, pod},
-    process::Process,
-    sts_proxy::{Mode, StsProxy},
+    stack::{ServerStack, agent_identity, arn},
+    sts_proxy::Mode,
 };
 use serde_json::{Value, json};
 
 const BIN: &str = env!("CARGO_BIN_EXE_podiam-server");
-const ACCOUNT: &str = "123456789012";
 const AGENT_A: &str = "token-agent-node-a";
 const AGENT_B: &str = "token-agent-node-b";
 const POD_TOKEN: &str = "token-of-an-ordinary-pod";
 
-fn arn(name: &str) -> String {
-    format!("arn:aws:iam::{ACCOUNT}:role/{name}")
-}
-
-struct Env {
-    kube: FakeKube,
-    proxy: StsProxy,
-    pki: Pki,
-    other: Pki,
-    server: Process,
-    api: SocketAddr,
-    _moto: Moto,
-    _dir: tempfile::TempDir,
-}
-
-async fn start() -> Env {
+async fn start() -> ServerStack {
     let kube = FakeKube::start().await.unwrap();
     kube.apply(namespace(
         "team-a",
@@ -76,13 +53,8 @@ async fn start() -> Env {
             .node("node-a")
             .build(),
     );
-    let agent = |node: &str| TokenIdentity {
-        username: "system:serviceaccount:podiam:podiam-agent".into(),
-        node: Some(node.into()),
-        audiences: vec!["podiam".into()],
-    };
-    kube.add_token(AGENT_A, agent("node-a"));
-    kube.add_token(AGENT_B, agent("node-b"));
+    kube.add_token(AGENT_A, agent_identity("node-a"));
+    kube.add_token(AGENT_B, agent_identity("node-b"));
     kube.add_token(
         POD_TOKEN,
         TokenIdentity {
@@ -91,71 +63,14 @@ async fn start() -> Env {
             audiences: vec!["podiam".into()],
         },
     );
-    let moto = Moto::start().await.expect("moto (run scripts/setup)");
-    let proxy = StsProxy::start(moto.url()).await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let pki = Pki::generate(dir.path(), "good").unwrap();
-    let other = Pki::generate(dir.path(), "other").unwrap();
-    let kubeconfig = dir.path().join("kubeconfig");
-    kube.write_kubeconfig(&kubeconfig).unwrap();
-
-    let mut cmd = Command::new(BIN);
-    cmd.env_clear()
-        .env("AWS_ACCESS_KEY_ID", "testing")
-        .env("AWS_SECRET_ACCESS_KEY", "testing")
-        .env("AWS_EC2_METADATA_DISABLED", "true")
-        .args([
-            "--admin-addr",
-            "127.0.0.1:0",
-            "--listen",
-            "127.0.0.1:0",
-            "--log-format",
-            "json",
-        ])
-        .args(["--base-role-arn", &format!("arn:aws:iam::{ACCOUNT}:role/")])
-        .args(["--region", "us-east-1", "--sts-endpoint", &proxy.url()])
-        .args(["--ip-lookup-wait", "300ms"])
-        .arg("--kubeconfig")
-        .arg(&kubeconfig)
-        .arg("--ca")
-        .arg(&pki.ca)
-        .arg("--cert")
-        .arg(&pki.server.cert)
-        .arg("--key")
-        .arg(&pki.server.key);
-    let server =
-        tokio::task::spawn_blocking(move || Process::spawn_announcing(cmd, &["agent API"]))
-            .await
-            .unwrap()
-            .unwrap();
-    http::wait_ready(server.admin, Duration::from_secs(30))
+    ServerStack::start(std::path::Path::new(BIN), kube, &[])
         .await
-        .unwrap();
-    let api = server.addr("agent API").unwrap();
-    Env {
-        kube,
-        proxy,
-        pki,
-        other,
-        server,
-        api,
-        _moto: moto,
-        _dir: dir,
-    }
+        .expect("server stack (moto: run scripts/setup)")
 }
 
-impl Env {
-    async fn client(&self) -> ApiClient {
-        let config = tls_config(&self.pki.ca, Some(&self.pki.client)).unwrap();
-        ApiClient::connect(self.api, config).await.unwrap()
-    }
-
-    async fn metric(&self, name: &str) -> f64 {
-        let (_, text) = http::get(self.server.admin, "/metrics").await.unwrap();
-        text.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-            .unwrap_or(0.0)
-    }
+async fn client(env: &ServerStack) -> ApiClient {
+    let config = tls_config(&env.pki.ca, Some(&env.pki.client)).unwrap();
+    ApiClient::connect(env.api, config).await.unwrap()
 }
 
 async fn credentials(c: &mut ApiClient, token: &str, ip: &str, role: Option<&str>) -> (u16, Value) {
@@ -173,7 +88,7 @@ fn expiry(v: &Value) -> SystemTime {
 #[tokio::test]
 async fn a_pod_gets_its_own_credentials_with_life_left_and_one_audit_line() {
     let env = start().await;
-    let mut c = env.client().await;
+    let mut c = client(&env).await;
     let (code, v) = credentials(&mut c, AGENT_A, "10.0.0.1", Some("web")).await;
     assert_eq!(code, 200, "{v}");
     assert_eq!(v["role_arn"], arn("web"));
@@ -228,7 +143,7 @@ async fn a_pod_gets_its_own_credentials_with_life_left_and_one_audit_line() {
 #[tokio::test]
 async fn refusals_are_typed_and_raise_events() {
     let env = start().await;
-    let mut c = env.client().await;
+    let mut c = client(&env).await;
     let code_of = |v: &Value| v["code"].as_str().unwrap_or_default().to_string();
 
     let (status, v) = credentials(&mut c, AGENT_A, "10.0.0.2", None).await;
@@ -344,7 +259,7 @@ async fn tls_requires_a_client_certificate_from_the_ca() {
 #[tokio::test]
 async fn a_thousand_concurrent_cold_requests_make_one_assume_role_call() {
     let env = start().await;
-    let mut c = env.client().await;
+    let mut c = client(&env).await;
     // STS answers slowly, so every request below arrives while the call is in flight.
     env.proxy.set_mode(Mode::Delay(Duration::from_millis(500)));
     env.kube.apply(
@@ -381,7 +296,7 @@ async fn a_thousand_concurrent_cold_requests_make_one_assume_role_call() {
 #[tokio::test]
 async fn sts_trouble_keeps_cached_credentials_and_fails_cold_requests_fast() {
     let env = start().await;
-    let mut c = env.client().await;
+    let mut c = client(&env).await;
     let (status, warm) = credentials(&mut c, AGENT_A, "10.0.0.1", None).await;
     assert_eq!(status, 200);
 

@@ -5,8 +5,11 @@
 //!   that the real kube client (in the real server) talks to over HTTP.
 //! - [`http`]: a minimal HTTP client for admin endpoints.
 //! - [`api_client`]: an HTTP/2 mutual-TLS client of the server's agent API.
+//! - [`fake_imds`]: the node's real metadata service, with the node's secrets (a test double).
+//! - [`imds_client`]: a metadata client that picks its source address, and a raw mode.
 //! - [`certs`]: a test PKI (rcgen) for mutual TLS.
 //! - [`moto`]: moto, from the project's venv, as the STS.
+//! - [`stack`]: a real podiam server with moto, the proxy and a PKI, for end-to-end tests.
 //! - [`sts_proxy`]: a counting, fault-injecting proxy in front of moto (a test double).
 //! - [`manifests`]: loads multi-document YAML manifests into the stand-in.
 //! - [`process`]: podiam binaries as child processes (admin address, RSS, CPU).
@@ -14,10 +17,13 @@
 
 pub mod api_client;
 pub mod certs;
+pub mod fake_imds;
 pub mod http;
+pub mod imds_client;
 pub mod kube_api;
 pub mod manifests;
 pub mod moto;
 pub mod objects;
 pub mod process;
+pub mod stack;
 pub mod sts_proxy;

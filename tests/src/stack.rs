@@ -1,0 +1,142 @@
+//! A podiam server with everything it talks to, for end-to-end tests and benchmarks: the
+//! stand-in API server (given, loaded by the caller), moto behind the counting proxy, a
+//! test PKI, and the real `podiam-server` binary.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
+
+use crate::{
+    certs::Pki,
+    http,
+    kube_api::{FakeKube, TokenIdentity},
+    moto::Moto,
+    process::Process,
+    sts_proxy::StsProxy,
+};
+
+/// The account of every test role.
+pub const ACCOUNT: &str = "123456789012";
+/// The agents' ServiceAccount, as the server expects it by default.
+pub const AGENT_USER: &str = "system:serviceaccount:podiam:podiam-agent";
+
+/// A running server and its dependencies; everything stops when dropped.
+#[derive(Debug)]
+pub struct ServerStack {
+    /// The stand-in API server.
+    pub kube: FakeKube,
+    /// The STS proxy in front of moto.
+    pub proxy: StsProxy,
+    /// moto.
+    pub moto: Moto,
+    /// The PKI the server trusts.
+    pub pki: Pki,
+    /// An unrelated PKI.
+    pub other: Pki,
+    /// The server process.
+    pub server: Process,
+    /// The agent API's address.
+    pub api: SocketAddr,
+    /// Scratch directory (certificates, kubeconfig).
+    pub dir: tempfile::TempDir,
+}
+
+/// `arn:aws:iam::ACCOUNT:role/NAME`.
+pub fn arn(name: &str) -> String {
+    format!("arn:aws:iam::{ACCOUNT}:role/{name}")
+}
+
+/// An agent's token identity on `node`.
+pub fn agent_identity(node: &str) -> TokenIdentity {
+    TokenIdentity {
+        username: AGENT_USER.into(),
+        node: Some(node.into()),
+        audiences: vec!["podiam".into()],
+    }
+}
+
+/// The `podiam-server` binary next to `bin` (the calling test's own binary): both are
+/// built by `cargo build --workspace --bins`, which `scripts/test` runs first.
+pub fn sibling(bin: &str, name: &str) -> PathBuf {
+    let path = Path::new(bin).with_file_name(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build it first (`cargo build --workspace --bins`; scripts/test does)",
+        path.display()
+    );
+    path
+}
+
+impl ServerStack {
+    /// Starts moto, the proxy and the server binary `bin` against `kube`, with `extra`
+    /// flags, and waits until the server is ready.
+    pub async fn start(bin: &Path, kube: FakeKube, extra: &[&str]) -> anyhow::Result<Self> {
+        let moto = Moto::start().await?;
+        let proxy = StsProxy::start(moto.url()).await?;
+        let dir = tempfile::tempdir()?;
+        let pki = Pki::generate(dir.path(), "good")?;
+        let other = Pki::generate(dir.path(), "other")?;
+        let kubeconfig = dir.path().join("kubeconfig");
+        kube.write_kubeconfig(&kubeconfig)?;
+        let mut cmd = Command::new(bin);
+        cmd.env_clear()
+            .env("AWS_ACCESS_KEY_ID", "testing")
+            .env("AWS_SECRET_ACCESS_KEY", "testing")
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .args([
+                "--admin-addr",
+                "127.0.0.1:0",
+                "--listen",
+                "127.0.0.1:0",
+                "--log-format",
+                "json",
+            ])
+            .args(["--base-role-arn", &format!("arn:aws:iam::{ACCOUNT}:role/")])
+            .args(["--region", "us-east-1", "--sts-endpoint", &proxy.url()])
+            .args(["--ip-lookup-wait", "300ms"])
+            .args(extra)
+            .arg("--kubeconfig")
+            .arg(&kubeconfig)
+            .arg("--ca")
+            .arg(&pki.ca)
+            .arg("--cert")
+            .arg(&pki.server.cert)
+            .arg("--key")
+            .arg(&pki.server.key);
+        let server =
+            tokio::task::spawn_blocking(move || Process::spawn_announcing(cmd, &["agent API"]))
+                .await??;
+        http::wait_ready(server.admin, Duration::from_secs(30)).await?;
+        let api = server
+            .addr("agent API")
+            .ok_or_else(|| anyhow::anyhow!("the server announced no API address"))?;
+        Ok(Self {
+            kube,
+            proxy,
+            moto,
+            pki,
+            other,
+            server,
+            api,
+            dir,
+        })
+    }
+
+    /// The server's value of a metric line (name with labels), or 0.
+    pub async fn metric(&self, name: &str) -> f64 {
+        metric(self.server.admin, name).await
+    }
+}
+
+/// A process's value of a metric line (name with labels), or 0.
+pub async fn metric(admin: SocketAddr, name: &str) -> f64 {
+    let Ok((_, text)) = http::get(admin, "/metrics").await else {
+        return 0.0;
+    };
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
+}
