@@ -19,11 +19,11 @@ use clap::{Parser, Subcommand};
 use podiam_tests::{
     api_client::{ApiClient, tls_config},
     certs::Pki,
-    http,
-    kube_api::{FakeKube, Kind, TokenIdentity},
-    moto::Moto,
+    http, imds_client,
+    kube_api::{FakeKube, Kind},
     objects::{namespace, pod},
     process::Process,
+    stack::{ServerStack, agent_identity},
 };
 use serde_json::{Value, json};
 
@@ -52,8 +52,20 @@ enum Bench {
         #[arg(long, value_enum, default_value_t = Policies::Distinct)]
         policies: Policies,
     },
+    /// Warm credential requests from a pod through agent and server (IMDSv2; STS = moto).
     /// Warm credential requests through the server's agent API (mTLS HTTP/2, node
     /// binding on, STS = moto): latency percentiles, throughput, server RSS and CPU.
+    Agent {
+        /// Concurrent clients (keep-alive connections from the pod's address).
+        #[arg(long, default_value = "1,64", value_delimiter = ',')]
+        concurrency: Vec<usize>,
+        /// How long each level runs.
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        duration: Duration,
+        /// The server binary (the agent is taken from the same directory).
+        #[arg(long)]
+        server: Option<PathBuf>,
+    },
     Api {
         /// Concurrent clients, comma-separated.
         #[arg(long, default_value = "1,16,64", value_delimiter = ',')]
@@ -83,6 +95,11 @@ async fn main() -> anyhow::Result<()> {
             duration,
             server,
         } => api(&server_path(server)?, &concurrency, duration).await?,
+        Bench::Agent {
+            concurrency,
+            duration,
+            server,
+        } => agent(&server_path(server)?, &concurrency, duration).await?,
         Bench::Index {
             sizes,
             runs,
@@ -131,68 +148,10 @@ fn server_path(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
 }
 
 async fn api(server: &Path, levels: &[usize], duration: Duration) -> anyhow::Result<()> {
-    let kube = FakeKube::start().await?;
-    kube.apply(namespace("bench", &[("iam.amazonaws.com/permitted", ".*")]));
-    kube.apply(
-        pod("bench", "web")
-            .ip("10.0.0.1")
-            .role("web")
-            .node("node-a")
-            .build(),
-    );
-    kube.add_token(
-        "agent",
-        TokenIdentity {
-            username: "system:serviceaccount:podiam:podiam-agent".into(),
-            node: Some("node-a".into()),
-            audiences: vec!["podiam".into()],
-        },
-    );
-    let moto = Moto::start().await?;
-    let dir = tempfile::tempdir()?;
-    let pki = Pki::generate(dir.path(), "bench")?;
-    let kubeconfig = dir.path().join("kubeconfig");
-    kube.write_kubeconfig(&kubeconfig)?;
-    let mut cmd = Command::new(server);
-    cmd.env_clear()
-        .env("AWS_ACCESS_KEY_ID", "testing")
-        .env("AWS_SECRET_ACCESS_KEY", "testing")
-        .env("AWS_EC2_METADATA_DISABLED", "true")
-        .args([
-            "--admin-addr",
-            "127.0.0.1:0",
-            "--listen",
-            "127.0.0.1:0",
-            "--log-format",
-            "json",
-        ])
-        .args([
-            "--log-level",
-            "warn,podiam_server=info",
-            "--region",
-            "us-east-1",
-        ])
-        .args([
-            "--sts-endpoint",
-            &moto.url(),
-            "--base-role-arn",
-            &format!("arn:aws:iam::{ACCOUNT}:role/"),
-        ])
-        .arg("--kubeconfig")
-        .arg(&kubeconfig)
-        .arg("--ca")
-        .arg(&pki.ca)
-        .arg("--cert")
-        .arg(&pki.server.cert)
-        .arg("--key")
-        .arg(&pki.server.key);
-    let process =
-        tokio::task::spawn_blocking(move || Process::spawn_announcing(cmd, &["agent API"]))
-            .await??;
-    http::wait_ready(process.admin, Duration::from_secs(60)).await?;
-    let addr = process.addr("agent API").context("no API address")?;
+    let stack = ServerStack::start(server, bench_cluster().await?, &[]).await?;
+    let (process, addr, pki) = (&stack.server, stack.api, &stack.pki);
     let config = tls_config(&pki.ca, Some(&pki.client))?;
-    let body = json!({"ip": "10.0.0.1", "role": "web"});
+    let body = json!({"ip": "127.0.0.1", "role": "web"});
     let mut warm = ApiClient::connect(addr, config.clone()).await?;
     let (status, v) = warm
         .post("/v1/credentials", Some("agent"), body.clone())
@@ -247,24 +206,151 @@ async fn api(server: &Path, levels: &[usize], duration: Duration) -> anyhow::Res
         let wall = started.elapsed();
         let cpu = process.cpu_time().unwrap_or_default().saturating_sub(cpu0);
         let rss = process.rss_kib().unwrap_or(0);
-        all.sort();
-        let pct = |p: f64| {
-            let i = ((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1));
-            all.get(i).copied().unwrap_or_default()
-        };
+        let (p50, p99, p999) = percentiles(&mut all);
         println!(
-            "| {clients} | {:.0} | {:.2?} | {:.2?} | {:.2?} | {:.2?} | {:.1} MiB | {:.2} |",
+            "| {clients} | {:.0} | {p50:.2?} | {p99:.2?} | {p999:.2?} | {:.2?} | {:.1} MiB | {:.2} |",
             all.len() as f64 / wall.as_secs_f64(),
-            pct(0.5),
-            pct(0.99),
-            pct(0.999),
             all.last().copied().unwrap_or_default(),
             rss as f64 / 1024.0,
             cpu.as_secs_f64() / wall.as_secs_f64(),
         );
     }
-    tokio::task::spawn_blocking(move || process.terminate(Duration::from_secs(10))).await??;
     Ok(())
+}
+
+/// One namespace, one pod (`bench/web` at 127.0.0.1 on node-a), one agent token.
+async fn bench_cluster() -> anyhow::Result<FakeKube> {
+    let kube = FakeKube::start().await?;
+    kube.apply(namespace("bench", &[("iam.amazonaws.com/permitted", ".*")]));
+    kube.apply(pod("bench", "web").ip("127.0.0.1").role("web").node("node-a").build());
+    kube.add_token("agent", agent_identity("node-a"));
+    Ok(kube)
+}
+
+/// Warm credential requests through agent and server, as a pod's SDK makes them.
+async fn agent(server: &Path, levels: &[usize], duration: Duration) -> anyhow::Result<()> {
+    let stack = ServerStack::start(server, bench_cluster().await?, &[]).await?;
+    let agent_bin = server.with_file_name("podiam-agent");
+    let token_file = stack.dir.path().join("sa-token");
+    std::fs::write(&token_file, "agent")?;
+    let mut cmd = Command::new(&agent_bin);
+    cmd.env_clear()
+        .args(["--admin-addr", "127.0.0.1:0", "--listen", "127.0.0.1:0", "--log-format", "json"])
+        .args(["--log-level", "warn,podiam_agent=info"])
+        .args(["--server-address", &stack.api.to_string(), "--server-name", "localhost"])
+        .args(["--metadata-addr", "127.0.0.1:9"])
+        .arg("--token-file")
+        .arg(&token_file)
+        .arg("--token-key-file")
+        .arg(stack.dir.path().join("imds.key"))
+        .arg("--ca")
+        .arg(&stack.pki.ca)
+        .arg("--cert")
+        .arg(&stack.pki.client.cert)
+        .arg("--key")
+        .arg(&stack.pki.client.key);
+    let agent = tokio::task::spawn_blocking(move || Process::spawn_announcing(cmd, &["metadata endpoint"])).await??;
+    http::wait_ready(agent.admin, Duration::from_secs(30)).await?;
+    let imds = agent.addr("metadata endpoint").context("no endpoint address")?;
+    let from: std::net::IpAddr = "127.0.0.1".parse()?;
+    let token = imds_client::request(from, imds, ::http::Method::PUT, "/latest/api/token", &[("x-aws-ec2-metadata-token-ttl-seconds", "21600")]).await?.body;
+    let path = "/latest/meta-data/iam/security-credentials/web";
+    let warm = imds_client::request(from, imds, ::http::Method::GET, path, &[("x-aws-ec2-metadata-token", &token)]).await?;
+    if warm.status != 200 {
+        bail!("warm-up request failed: {} {}", warm.status, warm.body);
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    println!(
+        "agent {}; idle RSS: agent {:.1} MiB, server {:.1} MiB",
+        agent_bin.display(),
+        agent.rss_kib().unwrap_or(0) as f64 / 1024.0,
+        stack.server.rss_kib().unwrap_or(0) as f64 / 1024.0
+    );
+    println!("| mode | clients | requests/s | p50 | p99 | p99.9 | agent RSS | agent CPU | server CPU |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for fresh_token in [false, true] {
+        for &clients in levels {
+            let (a0, s0) = (agent.cpu_time().unwrap_or_default(), stack.server.cpu_time().unwrap_or_default());
+            let started = Instant::now();
+            let deadline = started + duration;
+            let tasks: Vec<_> = (0..clients)
+                .map(|_| {
+                    let token = token.clone();
+                    tokio::spawn(async move { pod_client(imds, path, token, fresh_token, deadline).await })
+                })
+                .collect();
+            let mut all = Vec::new();
+            for t in tasks {
+                all.extend(t.await??);
+            }
+            let wall = started.elapsed();
+            let cores = |now: Option<Duration>, before: Duration| {
+                now.unwrap_or_default().saturating_sub(before).as_secs_f64() / wall.as_secs_f64()
+            };
+            let (p50, p99, p999) = percentiles(&mut all);
+            println!(
+                "| {} | {clients} | {:.0} | {p50:.2?} | {p99:.2?} | {p999:.2?} | {:.1} MiB | {:.2} | {:.2} |",
+                if fresh_token { "IMDSv2, PUT + GET each time" } else { "IMDSv2, token reused" },
+                all.len() as f64 / wall.as_secs_f64(),
+                agent.rss_kib().unwrap_or(0) as f64 / 1024.0,
+                cores(agent.cpu_time(), a0),
+                cores(stack.server.cpu_time(), s0),
+            );
+        }
+    }
+    Ok(())
+}
+
+/// One keep-alive HTTP/1.1 connection from the pod's address, requesting until `deadline`.
+async fn pod_client(
+    imds: std::net::SocketAddr,
+    path: &'static str,
+    token: String,
+    fresh_token: bool,
+    deadline: Instant,
+) -> anyhow::Result<Vec<Duration>> {
+    use http_body_util::{BodyExt, Empty};
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind("127.0.0.1:0".parse()?)?;
+    let stream = socket.connect(imds).await?;
+    stream.set_nodelay(true)?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let mut latencies = Vec::new();
+    while Instant::now() < deadline {
+        let t = Instant::now();
+        let token = if fresh_token {
+            let req = ::http::Request::put("/latest/api/token")
+                .header("x-aws-ec2-metadata-token-ttl-seconds", "21600")
+                .body(Empty::<bytes::Bytes>::new())?;
+            sender.ready().await?;
+            let rsp = sender.send_request(req).await?;
+            String::from_utf8(rsp.into_body().collect().await?.to_bytes().to_vec())?
+        } else {
+            token.clone()
+        };
+        let req = ::http::Request::get(path)
+            .header("x-aws-ec2-metadata-token", token)
+            .body(Empty::<bytes::Bytes>::new())?;
+        sender.ready().await?;
+        let rsp = sender.send_request(req).await?;
+        let status = rsp.status();
+        rsp.into_body().collect().await?;
+        if status != 200 {
+            bail!("status {status}");
+        }
+        latencies.push(t.elapsed());
+    }
+    Ok(latencies)
+}
+
+fn percentiles(all: &mut [Duration]) -> (Duration, Duration, Duration) {
+    all.sort();
+    let pct = |p: f64| {
+        let i = ((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1));
+        all.get(i).copied().unwrap_or_default()
+    };
+    (pct(0.5), pct(0.99), pct(0.999))
 }
 
 struct Sample {
