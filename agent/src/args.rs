@@ -82,7 +82,8 @@ struct ImdsArgs {
 /// How to reach the podiam servers.
 #[derive(Clone, Debug, clap::Args)]
 struct ServerArgs {
-    /// The servers, HOST:PORT; HOST (a headless Service) is resolved to every replica.
+    /// The servers, HOST:PORT (a headless Service, resolved to every replica), or several
+    /// comma-separated.
     #[arg(long, env = "PODIAM_SERVER_ADDRESS")]
     server_address: Option<String>,
 

@@ -1,7 +1,7 @@
 //! The agent's client of the podiam servers.
 //!
-//! `--server-address HOST:PORT` (a headless Service) is resolved to every replica's
-//! address, and again every `--server-resolve-interval`. Each address gets one HTTP/2
+//! `--server-address HOST:PORT` (a headless Service; or several, comma-separated) is
+//! resolved to every replica's address, and again every `--server-resolve-interval`. Each address gets one HTTP/2
 //! connection over mutual TLS (the agent's certificate, reloaded on rotation). Requests go
 //! round-robin over addresses that answered their last health check; a connection failure
 //! or a `not_ready` answer moves the request to the next address. Every request carries
@@ -40,7 +40,7 @@ use tokio_util::sync::CancellationToken;
 /// How the agent reaches the servers.
 #[derive(Clone, Debug)]
 pub struct UpstreamSettings {
-    /// `HOST:PORT`; HOST is resolved to every address it has.
+    /// `HOST:PORT[,HOST:PORT...]`; each HOST is resolved to every address it has.
     pub address: String,
     /// The name the servers' certificate is checked against (default: HOST).
     pub server_name: Option<String>,
@@ -74,8 +74,8 @@ pub struct Servers {
 #[derive(Debug)]
 struct Inner {
     settings: UpstreamSettings,
-    host: String,
-    port: u16,
+    /// The `(host, port)` entries of `--server-address`.
+    targets: Vec<(String, u16)>,
     server_name: ServerName<'static>,
     tls: Reloading<ClientConfig>,
     backends: Mutex<Vec<Backend>>,
@@ -116,15 +116,21 @@ impl Servers {
         metrics: UpstreamMetrics,
         shutdown: CancellationToken,
     ) -> anyhow::Result<Self> {
-        let (host, port) = split_host_port(&settings.address)?;
-        let name = settings.server_name.clone().unwrap_or_else(|| host.clone());
+        let targets = settings
+            .address
+            .split(',')
+            .map(|a| split_host_port(a.trim()))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let name = settings
+            .server_name
+            .clone()
+            .unwrap_or_else(|| targets[0].0.clone());
         let server_name = ServerName::try_from(name.clone())
             .map_err(|e| anyhow::anyhow!("invalid server name {name:?}: {e}"))?;
         let servers = Self {
             inner: Arc::new(Inner {
                 settings,
-                host,
-                port,
+                targets,
                 server_name,
                 tls,
                 backends: Mutex::new(Vec::new()),
@@ -221,7 +227,7 @@ impl Servers {
         let mut sender = self.connection(addr).await?;
         let mut req = Request::builder()
             .method(method)
-            .uri(format!("https://{}{path}", self.inner.host))
+            .uri(format!("https://podiam-server{path}"))
             .header(header::CONTENT_TYPE, "application/json");
         if let Some(token) = self.token() {
             req = req.header(header::AUTHORIZATION, format!("Bearer {}", token.expose()));
@@ -355,10 +361,26 @@ impl Servers {
     }
 
     async fn resolve(&self) {
-        let target = format!("{}:{}", self.inner.host, self.inner.port);
-        match tokio::net::lookup_host(&target).await {
+        let mut resolved = Vec::new();
+        let mut failed = false;
+        for (host, port) in &self.inner.targets {
+            match tokio::net::lookup_host((host.as_str(), *port)).await {
+                Ok(addrs) => resolved.extend(addrs),
+                Err(error) => {
+                    failed = true;
+                    tracing::warn!(%host, %error, "resolving the server address failed");
+                }
+            }
+        }
+        // A failed lookup keeps the known addresses rather than forgetting every server.
+        let result = if failed && resolved.is_empty() {
+            Err("no address")
+        } else {
+            Ok(resolved)
+        };
+        match result {
             Ok(addrs) => {
-                let mut addrs: Vec<SocketAddr> = addrs.collect();
+                let mut addrs: Vec<SocketAddr> = addrs;
                 addrs.sort();
                 addrs.dedup();
                 let mut backends = self.inner.backends.lock();
@@ -380,13 +402,15 @@ impl Servers {
                     .metrics
                     .known
                     .set(i64::try_from(backends.len()).unwrap_or(i64::MAX));
-                if backends.len() != old.len() {
+                if backends
+                    .iter()
+                    .map(|b| b.addr)
+                    .ne(old.iter().map(|b| b.addr))
+                {
                     tracing::info!(servers = ?addrs, "server addresses");
                 }
             }
-            Err(error) => {
-                tracing::warn!(%target, %error, "resolving the server address failed; keeping the known ones");
-            }
+            Err(_) => tracing::warn!("no server address resolved; keeping the known ones"),
         }
     }
 }

@@ -102,6 +102,18 @@ async fn start_agent(
     token_file: &Path,
     extra: &[&str],
 ) -> (Process, SocketAddr) {
+    let servers = stack.api.to_string();
+    start_agent_for(&servers, stack, upstream, key_file, token_file, extra).await
+}
+
+async fn start_agent_for(
+    servers: &str,
+    stack: &ServerStack,
+    upstream: &FakeImds,
+    key_file: &Path,
+    token_file: &Path,
+    extra: &[&str],
+) -> (Process, SocketAddr) {
     let mut cmd = Command::new(BIN);
     cmd.env_clear()
         .args([
@@ -112,12 +124,7 @@ async fn start_agent(
             "--log-format",
             "json",
         ])
-        .args([
-            "--server-address",
-            &stack.api.to_string(),
-            "--server-name",
-            "localhost",
-        ])
+        .args(["--server-address", servers, "--server-name", "localhost"])
         .args([
             "--metadata-addr",
             &upstream.addr.to_string(),
@@ -602,4 +609,58 @@ async fn real_sdks_get_the_pods_role() {
         !logs.contains(doc["SecretAccessKey"].as_str().unwrap()),
         "a secret reached the agent's log"
     );
+}
+
+#[tokio::test]
+async fn requests_fail_over_to_another_server() {
+    let n = node(&[]).await;
+    let (replica, replica_api) = n
+        .stack
+        .replica(&sibling(BIN, "podiam-server"))
+        .await
+        .unwrap();
+    let servers = format!("{},{}", n.stack.api, replica_api);
+    let (agent, imds) = start_agent_for(
+        &servers,
+        &n.stack,
+        &n.upstream,
+        &n.key_file,
+        &n.token_file,
+        &[],
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while metric(agent.admin, "podiam_agent_servers_healthy").await < 2.0 {
+        assert!(
+            Instant::now() < deadline,
+            "both servers never became healthy"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Requests are spread over both.
+    for _ in 0..6 {
+        let a = imds_client::request(ip(WEB), imds, Method::GET, CREDS, &[])
+            .await
+            .unwrap();
+        assert_eq!(a.status, 200);
+    }
+    let served = |p: &Process| {
+        metric(
+            p.admin,
+            "podiam_api_requests_total{endpoint=\"role\",result=\"ok\"}",
+        )
+    };
+    assert!(served(&replica).await >= 1.0 && served(&n.stack.server).await >= 1.0);
+    // One replica goes away: every request still succeeds, the first ones by failing over.
+    tokio::task::spawn_blocking(move || replica.terminate(Duration::from_secs(10)))
+        .await
+        .unwrap()
+        .unwrap();
+    for _ in 0..6 {
+        let a = imds_client::request(ip(WEB), imds, Method::GET, CREDS, &[])
+            .await
+            .unwrap();
+        assert_eq!((a.status, a.body.as_str()), (200, "web"));
+    }
+    assert_eq!(http::get(agent.admin, "/readyz").await.unwrap().0, 200);
 }

@@ -81,38 +81,8 @@ impl ServerStack {
         let other = Pki::generate(dir.path(), "other")?;
         let kubeconfig = dir.path().join("kubeconfig");
         kube.write_kubeconfig(&kubeconfig)?;
-        let mut cmd = Command::new(bin);
-        cmd.env_clear()
-            .env("AWS_ACCESS_KEY_ID", "testing")
-            .env("AWS_SECRET_ACCESS_KEY", "testing")
-            .env("AWS_EC2_METADATA_DISABLED", "true")
-            .args([
-                "--admin-addr",
-                "127.0.0.1:0",
-                "--listen",
-                "127.0.0.1:0",
-                "--log-format",
-                "json",
-            ])
-            .args(["--base-role-arn", &format!("arn:aws:iam::{ACCOUNT}:role/")])
-            .args(["--region", "us-east-1", "--sts-endpoint", &proxy.url()])
-            .args(["--ip-lookup-wait", "300ms"])
-            .args(extra)
-            .arg("--kubeconfig")
-            .arg(&kubeconfig)
-            .arg("--ca")
-            .arg(&pki.ca)
-            .arg("--cert")
-            .arg(&pki.server.cert)
-            .arg("--key")
-            .arg(&pki.server.key);
-        let server =
-            tokio::task::spawn_blocking(move || Process::spawn_announcing(cmd, &["agent API"]))
-                .await??;
-        http::wait_ready(server.admin, Duration::from_secs(30)).await?;
-        let api = server
-            .addr("agent API")
-            .ok_or_else(|| anyhow::anyhow!("the server announced no API address"))?;
+        let cmd = server_command(bin, &proxy.url(), &pki, &kubeconfig, extra);
+        let (server, api) = spawn_server(cmd).await?;
         Ok(Self {
             kube,
             proxy,
@@ -125,10 +95,64 @@ impl ServerStack {
         })
     }
 
+    /// Another server replica on the same cluster, STS and PKI; returns it and its API.
+    pub async fn replica(&self, bin: &Path) -> anyhow::Result<(Process, SocketAddr)> {
+        let kubeconfig = self.dir.path().join("kubeconfig");
+        spawn_server(server_command(
+            bin,
+            &self.proxy.url(),
+            &self.pki,
+            &kubeconfig,
+            &[],
+        ))
+        .await
+    }
+
     /// The server's value of a metric line (name with labels), or 0.
     pub async fn metric(&self, name: &str) -> f64 {
         metric(self.server.admin, name).await
     }
+}
+
+async fn spawn_server(cmd: Command) -> anyhow::Result<(Process, SocketAddr)> {
+    let server =
+        tokio::task::spawn_blocking(move || Process::spawn_announcing(cmd, &["agent API"]))
+            .await??;
+    http::wait_ready(server.admin, Duration::from_secs(30)).await?;
+    let api = server
+        .addr("agent API")
+        .ok_or_else(|| anyhow::anyhow!("the server announced no API address"))?;
+    Ok((server, api))
+}
+
+/// The server with loopback ports, the test PKI, moto behind `sts` and the stand-in API.
+fn server_command(bin: &Path, sts: &str, pki: &Pki, kubeconfig: &Path, extra: &[&str]) -> Command {
+    let mut cmd = Command::new(bin);
+    cmd.env_clear()
+        .env("AWS_ACCESS_KEY_ID", "testing")
+        .env("AWS_SECRET_ACCESS_KEY", "testing")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .args([
+            "--admin-addr",
+            "127.0.0.1:0",
+            "--listen",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+        ])
+        .args(["--base-role-arn", &format!("arn:aws:iam::{ACCOUNT}:role/")])
+        .args(["--region", "us-east-1", "--sts-endpoint", sts])
+        .args(["--ip-lookup-wait", "300ms"])
+        .args(extra)
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .arg("--ca")
+        .arg(&pki.ca)
+        .arg("--cert")
+        .arg(&pki.server.cert)
+        .arg("--key")
+        .arg(&pki.server.key);
+    cmd
 }
 
 /// A process's value of a metric line (name with labels), or 0.

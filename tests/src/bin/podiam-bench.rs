@@ -222,7 +222,13 @@ async fn api(server: &Path, levels: &[usize], duration: Duration) -> anyhow::Res
 async fn bench_cluster() -> anyhow::Result<FakeKube> {
     let kube = FakeKube::start().await?;
     kube.apply(namespace("bench", &[("iam.amazonaws.com/permitted", ".*")]));
-    kube.apply(pod("bench", "web").ip("127.0.0.1").role("web").node("node-a").build());
+    kube.apply(
+        pod("bench", "web")
+            .ip("127.0.0.1")
+            .role("web")
+            .node("node-a")
+            .build(),
+    );
     kube.add_token("agent", agent_identity("node-a"));
     Ok(kube)
 }
@@ -235,9 +241,21 @@ async fn agent(server: &Path, levels: &[usize], duration: Duration) -> anyhow::R
     std::fs::write(&token_file, "agent")?;
     let mut cmd = Command::new(&agent_bin);
     cmd.env_clear()
-        .args(["--admin-addr", "127.0.0.1:0", "--listen", "127.0.0.1:0", "--log-format", "json"])
+        .args([
+            "--admin-addr",
+            "127.0.0.1:0",
+            "--listen",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+        ])
         .args(["--log-level", "warn,podiam_agent=info"])
-        .args(["--server-address", &stack.api.to_string(), "--server-name", "localhost"])
+        .args([
+            "--server-address",
+            &stack.api.to_string(),
+            "--server-name",
+            "localhost",
+        ])
         .args(["--metadata-addr", "127.0.0.1:9"])
         .arg("--token-file")
         .arg(&token_file)
@@ -249,13 +267,32 @@ async fn agent(server: &Path, levels: &[usize], duration: Duration) -> anyhow::R
         .arg(&stack.pki.client.cert)
         .arg("--key")
         .arg(&stack.pki.client.key);
-    let agent = tokio::task::spawn_blocking(move || Process::spawn_announcing(cmd, &["metadata endpoint"])).await??;
+    let agent =
+        tokio::task::spawn_blocking(move || Process::spawn_announcing(cmd, &["metadata endpoint"]))
+            .await??;
     http::wait_ready(agent.admin, Duration::from_secs(30)).await?;
-    let imds = agent.addr("metadata endpoint").context("no endpoint address")?;
+    let imds = agent
+        .addr("metadata endpoint")
+        .context("no endpoint address")?;
     let from: std::net::IpAddr = "127.0.0.1".parse()?;
-    let token = imds_client::request(from, imds, ::http::Method::PUT, "/latest/api/token", &[("x-aws-ec2-metadata-token-ttl-seconds", "21600")]).await?.body;
+    let token = imds_client::request(
+        from,
+        imds,
+        ::http::Method::PUT,
+        "/latest/api/token",
+        &[("x-aws-ec2-metadata-token-ttl-seconds", "21600")],
+    )
+    .await?
+    .body;
     let path = "/latest/meta-data/iam/security-credentials/web";
-    let warm = imds_client::request(from, imds, ::http::Method::GET, path, &[("x-aws-ec2-metadata-token", &token)]).await?;
+    let warm = imds_client::request(
+        from,
+        imds,
+        ::http::Method::GET,
+        path,
+        &[("x-aws-ec2-metadata-token", &token)],
+    )
+    .await?;
     if warm.status != 200 {
         bail!("warm-up request failed: {} {}", warm.status, warm.body);
     }
@@ -266,17 +303,24 @@ async fn agent(server: &Path, levels: &[usize], duration: Duration) -> anyhow::R
         agent.rss_kib().unwrap_or(0) as f64 / 1024.0,
         stack.server.rss_kib().unwrap_or(0) as f64 / 1024.0
     );
-    println!("| mode | clients | requests/s | p50 | p99 | p99.9 | agent RSS | agent CPU | server CPU |");
+    println!(
+        "| mode | clients | requests/s | p50 | p99 | p99.9 | agent RSS | agent CPU | server CPU |"
+    );
     println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     for fresh_token in [false, true] {
         for &clients in levels {
-            let (a0, s0) = (agent.cpu_time().unwrap_or_default(), stack.server.cpu_time().unwrap_or_default());
+            let (a0, s0) = (
+                agent.cpu_time().unwrap_or_default(),
+                stack.server.cpu_time().unwrap_or_default(),
+            );
             let started = Instant::now();
             let deadline = started + duration;
             let tasks: Vec<_> = (0..clients)
                 .map(|_| {
                     let token = token.clone();
-                    tokio::spawn(async move { pod_client(imds, path, token, fresh_token, deadline).await })
+                    tokio::spawn(async move {
+                        pod_client(imds, path, token, fresh_token, deadline).await
+                    })
                 })
                 .collect();
             let mut all = Vec::new();
@@ -290,7 +334,11 @@ async fn agent(server: &Path, levels: &[usize], duration: Duration) -> anyhow::R
             let (p50, p99, p999) = percentiles(&mut all);
             println!(
                 "| {} | {clients} | {:.0} | {p50:.2?} | {p99:.2?} | {p999:.2?} | {:.1} MiB | {:.2} | {:.2} |",
-                if fresh_token { "IMDSv2, PUT + GET each time" } else { "IMDSv2, token reused" },
+                if fresh_token {
+                    "IMDSv2, PUT + GET each time"
+                } else {
+                    "IMDSv2, token reused"
+                },
                 all.len() as f64 / wall.as_secs_f64(),
                 agent.rss_kib().unwrap_or(0) as f64 / 1024.0,
                 cores(agent.cpu_time(), a0),
@@ -314,7 +362,8 @@ async fn pod_client(
     socket.bind("127.0.0.1:0".parse()?)?;
     let stream = socket.connect(imds).await?;
     stream.set_nodelay(true)?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
     tokio::spawn(conn);
     let mut latencies = Vec::new();
     while Instant::now() < deadline {
