@@ -19,7 +19,7 @@ use podiam_tests::{
     kube_api::FakeKube,
     objects::{namespace, pod},
     process::Process,
-    stack::{ServerStack, agent_identity, arn, metric, sibling},
+    stack::{ServerStack, agent_command, agent_identity, arn, metric, sibling},
 };
 use serde_json::Value;
 
@@ -114,34 +114,16 @@ async fn start_agent_for(
     token_file: &Path,
     extra: &[&str],
 ) -> (Process, SocketAddr) {
-    let mut cmd = Command::new(BIN);
-    cmd.env_clear()
-        .args([
-            "--admin-addr",
-            "127.0.0.1:0",
-            "--listen",
-            "127.0.0.1:0",
-            "--log-format",
-            "json",
-        ])
-        .args(["--server-address", servers, "--server-name", "localhost"])
-        .args([
-            "--metadata-addr",
-            &upstream.addr.to_string(),
-            "--server-health-interval",
-            "200ms",
-        ])
-        .args(extra)
-        .arg("--token-file")
-        .arg(token_file)
-        .arg("--token-key-file")
-        .arg(key_file)
-        .arg("--ca")
-        .arg(&stack.pki.ca)
-        .arg("--cert")
-        .arg(&stack.pki.client.cert)
-        .arg("--key")
-        .arg(&stack.pki.client.key);
+    let metadata = upstream.addr.to_string();
+    let mut cmd = agent_command(
+        Path::new(BIN),
+        &stack.pki,
+        servers,
+        &metadata,
+        key_file,
+        token_file,
+    );
+    cmd.args(extra);
     let agent =
         tokio::task::spawn_blocking(move || Process::spawn_announcing(cmd, &["metadata endpoint"]))
             .await

@@ -64,17 +64,9 @@ impl Admin {
             b
         };
         loop {
-            let (stream, _) = tokio::select! {
-                _ = shutdown.cancelled() => break,
-                accepted = listener.accept() => match accepted {
-                    Ok(conn) => conn,
-                    Err(error) => {
-                        // Typically EMFILE: back off instead of spinning on the error.
-                        tracing::warn!(%error, "admin server: accept failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                },
+            let Some((stream, _)) = crate::listen::accept(&listener, &shutdown, "admin").await
+            else {
+                break;
             };
             let admin = self.clone();
             let service = service_fn(move |req| {

@@ -6,6 +6,7 @@
 //! - [`admin`]: the admin HTTP server (`/healthz`, `/readyz`, `/metrics`) on its own port,
 //!   with [`readiness::Readiness`] gates that each subsystem releases.
 //! - [`shutdown`]: one cancellation token for SIGTERM/SIGINT; a second signal aborts.
+//! - [`listen`]: the accept loop every listener shares.
 //! - [`logging`]: `tracing` setup from `--log-format` and `--log-level`.
 //! - [`protocol`]: the agent ↔ server messages and typed errors.
 //! - [`secret`]: strings that never format (keys, tokens).
@@ -14,6 +15,7 @@
 pub mod admin;
 pub mod annotations;
 pub mod arn;
+pub mod listen;
 pub mod logging;
 pub mod protocol;
 pub mod readiness;

@@ -107,17 +107,10 @@ impl AgentApi {
     ) {
         let graceful = GracefulShutdown::new();
         loop {
-            let (tcp, peer) = tokio::select! {
-                _ = shutdown.cancelled() => break,
-                accepted = listener.accept() => match accepted {
-                    Ok(conn) => conn,
-                    Err(error) => {
-                        // Typically EMFILE: back off instead of spinning on the error.
-                        tracing::warn!(%error, "API: accept failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                },
+            let Some((tcp, peer)) =
+                podiam_common::listen::accept(&listener, &shutdown, "agent API").await
+            else {
+                break;
             };
             // Small request/response exchanges: Nagle plus delayed ACKs would add 40 ms.
             if let Err(error) = tcp.set_nodelay(true) {

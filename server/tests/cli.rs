@@ -14,6 +14,7 @@ use podiam_tests::{
     kube_api::FakeKube,
     objects::{namespace, pod},
     process::Process,
+    stack,
 };
 use serde_json::Value;
 
@@ -216,24 +217,9 @@ async fn explain_with_the_api_unreachable_is_undecided() {
 /// The server with its ports on loopback, test certificates, and an STS endpoint that
 /// refuses connections (these tests need no credentials).
 fn server_command(kubeconfig: &Path, pki: &Pki) -> Command {
-    let mut cmd = Command::new(BIN);
-    cmd.env_clear()
-        .env("AWS_ACCESS_KEY_ID", "testing")
-        .env("AWS_SECRET_ACCESS_KEY", "testing")
-        .env("AWS_EC2_METADATA_DISABLED", "true")
-        // As a manifest may leave it: an empty value means no role chaining.
-        .env("PODIAM_ASSUME_ROLE_ARN", "")
-        .args(["--admin-addr", "127.0.0.1:0", "--listen", "127.0.0.1:0"])
-        .args(["--log-format", "json", "--region", "us-east-1"])
-        .args(["--sts-endpoint", "http://127.0.0.1:9"])
-        .args(["--base-role-arn", BASE, "--kubeconfig"])
-        .arg(kubeconfig)
-        .arg("--ca")
-        .arg(&pki.ca)
-        .arg("--cert")
-        .arg(&pki.server.cert)
-        .arg("--key")
-        .arg(&pki.server.key);
+    let mut cmd = stack::server_command(Path::new(BIN), "http://127.0.0.1:9", pki, kubeconfig, &[]);
+    // As a manifest may leave it: an empty value means no role chaining.
+    cmd.env("PODIAM_ASSUME_ROLE_ARN", "");
     cmd
 }
 

@@ -125,8 +125,14 @@ async fn spawn_server(cmd: Command) -> anyhow::Result<(Process, SocketAddr)> {
     Ok((server, api))
 }
 
-/// The server with loopback ports, the test PKI, moto behind `sts` and the stand-in API.
-fn server_command(bin: &Path, sts: &str, pki: &Pki, kubeconfig: &Path, extra: &[&str]) -> Command {
+/// The server with loopback ports, the test PKI, the STS at `sts` and the stand-in API.
+pub fn server_command(
+    bin: &Path,
+    sts: &str,
+    pki: &Pki,
+    kubeconfig: &Path,
+    extra: &[&str],
+) -> Command {
     let mut cmd = Command::new(bin);
     cmd.env_clear()
         .env("AWS_ACCESS_KEY_ID", "testing")
@@ -152,6 +158,47 @@ fn server_command(bin: &Path, sts: &str, pki: &Pki, kubeconfig: &Path, extra: &[
         .arg(&pki.server.cert)
         .arg("--key")
         .arg(&pki.server.key);
+    cmd
+}
+
+/// An agent on loopback for the servers at `servers` (`HOST:PORT`, comma-separated),
+/// trusting `pki`, with the real metadata service at `metadata` and its token key and
+/// ServiceAccount token in the given files.
+pub fn agent_command(
+    bin: &Path,
+    pki: &Pki,
+    servers: &str,
+    metadata: &str,
+    key_file: &Path,
+    token_file: &Path,
+) -> Command {
+    let mut cmd = Command::new(bin);
+    cmd.env_clear()
+        .args([
+            "--admin-addr",
+            "127.0.0.1:0",
+            "--listen",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+        ])
+        .args(["--server-address", servers, "--server-name", "localhost"])
+        .args([
+            "--metadata-addr",
+            metadata,
+            "--server-health-interval",
+            "200ms",
+        ])
+        .arg("--token-file")
+        .arg(token_file)
+        .arg("--token-key-file")
+        .arg(key_file)
+        .arg("--ca")
+        .arg(&pki.ca)
+        .arg("--cert")
+        .arg(&pki.client.cert)
+        .arg("--key")
+        .arg(&pki.client.key);
     cmd
 }
 

@@ -129,17 +129,10 @@ impl Imds {
     pub async fn serve(self, listener: TcpListener, shutdown: CancellationToken) {
         let graceful = GracefulShutdown::new();
         loop {
-            let (tcp, peer) = tokio::select! {
-                _ = shutdown.cancelled() => break,
-                accepted = listener.accept() => match accepted {
-                    Ok(conn) => conn,
-                    Err(error) => {
-                        // Typically EMFILE: back off instead of spinning on the error.
-                        tracing::warn!(%error, "IMDS: accept failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                },
+            let Some((tcp, peer)) =
+                podiam_common::listen::accept(&listener, &shutdown, "metadata endpoint").await
+            else {
+                break;
             };
             let _ = tcp.set_nodelay(true);
             let imds = self.clone();

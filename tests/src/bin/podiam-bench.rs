@@ -23,7 +23,7 @@ use podiam_tests::{
     kube_api::{FakeKube, Kind},
     objects::{namespace, pod},
     process::Process,
-    stack::{ServerStack, agent_identity},
+    stack::{ServerStack, agent_command, agent_identity},
 };
 use serde_json::{Value, json};
 
@@ -239,34 +239,17 @@ async fn agent(server: &Path, levels: &[usize], duration: Duration) -> anyhow::R
     let agent_bin = server.with_file_name("podiam-agent");
     let token_file = stack.dir.path().join("sa-token");
     std::fs::write(&token_file, "agent")?;
-    let mut cmd = Command::new(&agent_bin);
-    cmd.env_clear()
-        .args([
-            "--admin-addr",
-            "127.0.0.1:0",
-            "--listen",
-            "127.0.0.1:0",
-            "--log-format",
-            "json",
-        ])
-        .args(["--log-level", "warn,podiam_agent=info"])
-        .args([
-            "--server-address",
-            &stack.api.to_string(),
-            "--server-name",
-            "localhost",
-        ])
-        .args(["--metadata-addr", "127.0.0.1:9"])
-        .arg("--token-file")
-        .arg(&token_file)
-        .arg("--token-key-file")
-        .arg(stack.dir.path().join("imds.key"))
-        .arg("--ca")
-        .arg(&stack.pki.ca)
-        .arg("--cert")
-        .arg(&stack.pki.client.cert)
-        .arg("--key")
-        .arg(&stack.pki.client.key);
+    let servers = stack.api.to_string();
+    let key_file = stack.dir.path().join("imds.key");
+    let mut cmd = agent_command(
+        &agent_bin,
+        &stack.pki,
+        &servers,
+        "127.0.0.1:9",
+        &key_file,
+        &token_file,
+    );
+    cmd.args(["--log-level", "warn,podiam_agent=info"]);
     let agent =
         tokio::task::spawn_blocking(move || Process::spawn_announcing(cmd, &["metadata endpoint"]))
             .await??;
