@@ -18,6 +18,7 @@ use tracing::Instrument;
 
 use crate::{
     imds::{Imds, ImdsMetrics, token::TokenKey},
+    intercept::{InterceptArgs, Interceptor},
     proxy::{DEFAULT_ALLOW, MetadataProxy},
     upstream::{Servers, UpstreamMetrics, UpstreamSettings},
 };
@@ -32,6 +33,9 @@ pub struct Cli {
 
     #[command(flatten)]
     servers: ServerArgs,
+
+    #[command(flatten)]
+    intercept: InterceptArgs,
 
     #[command(flatten)]
     tls: TlsArgs,
@@ -135,6 +139,7 @@ impl Cli {
         let Cli {
             imds,
             servers,
+            intercept,
             tls,
             admin,
             log: _,
@@ -173,6 +178,9 @@ impl Cli {
         let proxy = MetadataProxy::new(&metadata_addr, &allow_route_regexp, metadata_timeout)
             .with_context(|| format!("invalid --allow-route-regexp {allow_route_regexp:?}"))?;
         let key = TokenKey::load_or_create(&token_key_file)?;
+        let interceptor = Interceptor::prepare(&intercept, listen)
+            .await
+            .context("setting up interception")?;
         let shutdown = shutdown::on_signals().context("installing signal handlers")?;
         let registry = Registry::new();
         let readiness = Readiness::new();
@@ -211,6 +219,15 @@ impl Cli {
         tracing::info!(addr = %imds_listener.local_addr()?, "metadata endpoint listening");
 
         let mut tasks = JoinSet::new();
+        if let Some(interceptor) = interceptor {
+            // Ready only once the rules are verified.
+            let gate = readiness.gate("interception");
+            let shutdown = shutdown.clone();
+            tasks.spawn(
+                async move { interceptor.run(gate, shutdown).await }
+                    .instrument(tracing::info_span!("intercept")),
+            );
+        }
         let admin = Admin::new(registry, readiness);
         tasks.spawn({
             let shutdown = shutdown.clone();

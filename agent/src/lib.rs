@@ -6,9 +6,11 @@
 //! with that address, and serves them in the metadata service's format ([`imds`]).
 //! Paths outside the credential surface go to the real metadata service only through the
 //! allow-list of [`proxy`]. IMDSv2 tokens are stateless and survive restarts
-//! ([`imds::token`]).
+//! ([`imds::token`]). [`intercept`] redirects pods' 169.254.169.254 to the agent, and
+//! leaves the redirect in place when the agent stops (fail closed).
 
 pub mod args;
 pub mod imds;
+pub mod intercept;
 pub mod proxy;
 pub mod upstream;

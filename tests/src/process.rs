@@ -93,6 +93,21 @@ impl Process {
         self.logs.lock().clone()
     }
 
+    /// Waits until a log line contains `needle` (for processes whose admin port the test
+    /// cannot reach, their log is their signal); `false` after `timeout`.
+    pub fn wait_log(&self, needle: &str, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.logs.lock().iter().any(|l| l.contains(needle)) {
+                return true;
+            }
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// The process ID.
     pub fn pid(&self) -> u32 {
         self.child.id()

@@ -1,0 +1,357 @@
+//! Real interception in network namespaces this test creates (root only): a "node"
+//! namespace runs the agent with `--iptables`, a "pod" namespace reaches it only through
+//! the DNAT of 169.254.169.254:80, and a stand-in for the node's real metadata service
+//! listens on 169.254.169.254:80 inside the node namespace, serving the node's role, so
+//! that a leak would show. No namespace has a route out of the machine.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::{
+    path::Path,
+    process::{Child, Command, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+use podiam_tests::{certs::Pki, process::Process};
+
+const BIN: &str = env!("CARGO_BIN_EXE_podiam-agent");
+const NODE_ROLE: &str = "NODE-ROLE-must-never-reach-a-pod";
+static NEXT: AtomicU32 = AtomicU32::new(1);
+
+/// Whether this process may create namespaces; outside CI, says loudly that it skips.
+fn root_or_skip(test: &str) -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{test} needs root (network namespaces, iptables) and CI runs as root"
+    );
+    eprintln!("\n*** SKIPPING {test}: it needs root (network namespaces, iptables) ***\n");
+    false
+}
+
+fn sh(args: &[&str]) {
+    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn output(args: &[&str]) -> String {
+    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+}
+
+/// A node namespace and a pod namespace joined by a veth pair; removed on drop.
+struct Lab {
+    node: String,
+    pod: String,
+    node_ip: String,
+    dir: tempfile::TempDir,
+    pki: Pki,
+    real_imds: Option<Child>,
+}
+
+impl Lab {
+    fn new() -> Self {
+        let n = NEXT.fetch_add(1, Ordering::SeqCst);
+        let id = format!("{}{n}", std::process::id() % 10_000);
+        let (node, pod) = (format!("pdm-node-{id}"), format!("pdm-pod-{id}"));
+        let (vn, vp) = (format!("pdmc{id}"), format!("pdmp{id}"));
+        let subnet = 100 + (std::process::id() % 100) + n;
+        let (node_ip, pod_ip) = (format!("100.64.{subnet}.1"), format!("100.64.{subnet}.2"));
+        sh(&["ip", "netns", "add", &node]);
+        sh(&["ip", "netns", "add", &pod]);
+        sh(&[
+            "ip", "link", "add", &vn, "type", "veth", "peer", "name", &vp,
+        ]);
+        sh(&["ip", "link", "set", &vn, "netns", &node]);
+        sh(&["ip", "link", "set", &vp, "netns", &pod]);
+        sh(&[
+            "ip",
+            "-n",
+            &node,
+            "addr",
+            "add",
+            &format!("{node_ip}/24"),
+            "dev",
+            &vn,
+        ]);
+        sh(&[
+            "ip",
+            "-n",
+            &pod,
+            "addr",
+            "add",
+            &format!("{pod_ip}/24"),
+            "dev",
+            &vp,
+        ]);
+        for (ns, dev) in [
+            (&node, &vn),
+            (&pod, &vp),
+            (&node, &"lo".to_string()),
+            (&pod, &"lo".to_string()),
+        ] {
+            sh(&["ip", "-n", ns, "link", "set", dev, "up"]);
+        }
+        // The pod's only route beyond its link: the metadata address, via its node.
+        sh(&[
+            "ip",
+            "-n",
+            &pod,
+            "route",
+            "add",
+            "169.254.169.254/32",
+            "via",
+            &node_ip,
+        ]);
+        // The node's own metadata service, as EC2 provides it.
+        sh(&[
+            "ip",
+            "-n",
+            &node,
+            "addr",
+            "add",
+            "169.254.169.254/32",
+            "dev",
+            "lo",
+        ]);
+        let dir = tempfile::tempdir().unwrap();
+        let creds = dir
+            .path()
+            .join("www/latest/meta-data/iam/security-credentials");
+        std::fs::create_dir_all(&creds).unwrap();
+        std::fs::write(creds.join("index.html"), NODE_ROLE).unwrap();
+        let real_imds = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &node,
+                "python3",
+                "-m",
+                "http.server",
+                "80",
+                "--bind",
+                "169.254.169.254",
+                "--directory",
+            ])
+            .arg(dir.path().join("www"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let pki = Pki::generate(dir.path(), "lab").unwrap();
+        let lab = Self {
+            node,
+            pod,
+            node_ip,
+            dir,
+            pki,
+            real_imds: Some(real_imds),
+        };
+        // The real service answers before the test starts (its answer is the readiness signal).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !lab.pod_sees().contains(NODE_ROLE) {
+            assert!(
+                Instant::now() < deadline,
+                "the stand-in metadata service did not start"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        lab
+    }
+
+    /// What a pod gets for its role listing: the body, an HTTP status, or the error.
+    fn pod_sees(&self) -> String {
+        let script = "import urllib.request, urllib.error\n\
+            try:\n    print(urllib.request.urlopen('http://169.254.169.254/latest/meta-data/iam/security-credentials/', timeout=3).read().decode())\n\
+            except urllib.error.HTTPError as e:\n    print('HTTP', e.code)\n\
+            except Exception as e:\n    print('ERROR', e)\n";
+        output(&["ip", "netns", "exec", &self.pod, "python3", "-c", script])
+    }
+
+    fn agent(&self, extra: &[&str]) -> Process {
+        let mut cmd = Command::new("ip");
+        cmd.env_clear()
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .args(["netns", "exec", &self.node, BIN])
+            .args([
+                "--iptables",
+                "--host-interface",
+                "pdmc+",
+                "--rules-interval",
+                "200ms",
+            ])
+            .args([
+                "--listen",
+                &format!("{}:8181", self.node_ip),
+                "--admin-addr",
+                "127.0.0.1:0",
+            ])
+            .args([
+                "--log-format",
+                "json",
+                "--server-address",
+                "127.0.0.1:9",
+                "--metadata-addr",
+                "127.0.0.1:9",
+            ])
+            .args(extra)
+            .arg("--token-key-file")
+            .arg(self.dir.path().join("imds.key"))
+            .arg("--token-file")
+            .arg(self.dir.path().join("none"))
+            .arg("--ca")
+            .arg(&self.pki.ca)
+            .arg("--cert")
+            .arg(&self.pki.client.cert)
+            .arg("--key")
+            .arg(&self.pki.client.key);
+        let agent = Process::spawn_announcing(cmd, &["metadata endpoint"]).unwrap();
+        assert!(
+            agent.wait_log("interception rules installed", Duration::from_secs(10))
+                || agent.wait_log("\"interception configured\"", Duration::from_secs(1)),
+            "{:?}",
+            agent.logs()
+        );
+        agent
+    }
+
+    fn nat(&self, chain: &str) -> String {
+        output(&[
+            "ip",
+            "netns",
+            "exec",
+            &self.node,
+            "iptables-nft",
+            "-t",
+            "nat",
+            "-S",
+            chain,
+        ])
+    }
+
+    fn until(&self, what: &str, f: impl Fn(&Self) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !f(self) {
+            assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.real_imds.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.node])
+            .status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.pod])
+            .status();
+    }
+}
+
+#[test]
+fn redirect_is_real_reasserted_and_fails_closed() {
+    if !root_or_skip("redirect_is_real_reasserted_and_fails_closed") {
+        return;
+    }
+    let lab = Lab::new();
+    // Without podiam, the pod reaches the node's own metadata service: the leak podiam closes.
+    assert!(lab.pod_sees().contains(NODE_ROLE));
+
+    let agent = lab.agent(&[]);
+    lab.until("the redirect", |l| !l.pod_sees().contains(NODE_ROLE));
+    // The agent answers (no server reachable here: 503, which SDKs retry).
+    assert!(lab.pod_sees().contains("HTTP 503"), "{}", lab.pod_sees());
+    assert!(
+        lab.nat("PODIAM").contains("--to-destination"),
+        "{}",
+        lab.nat("PODIAM")
+    );
+    assert_eq!(lab.nat("PREROUTING").matches("-j PODIAM").count(), 1);
+
+    // Someone flushes the chain: the agent restores it.
+    sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &lab.node,
+        "iptables-nft",
+        "-t",
+        "nat",
+        "-F",
+        "PODIAM",
+    ]);
+    lab.until("the chain restored", |l| {
+        l.nat("PODIAM").contains("--to-destination")
+    });
+    assert!(!lab.pod_sees().contains(NODE_ROLE));
+
+    // The agent stops: the rules stay, and the pod gets a refused connection.
+    agent.terminate(Duration::from_secs(10)).unwrap();
+    assert!(
+        lab.nat("PODIAM").contains("--to-destination"),
+        "rules left in place"
+    );
+    let answer = lab.pod_sees();
+    assert!(
+        answer.contains("ERROR") && answer.contains("refused"),
+        "{answer}"
+    );
+    assert!(!answer.contains(NODE_ROLE));
+
+    // It comes back, without duplicating its rules.
+    let again = lab.agent(&[]);
+    lab.until("served again", |l| l.pod_sees().contains("HTTP 503"));
+    assert_eq!(lab.nat("PREROUTING").matches("-j PODIAM").count(), 1);
+
+    // Opt-in removal on exit.
+    drop(again);
+    let removing = lab.agent(&["--remove-rules-on-exit"]);
+    removing.terminate(Duration::from_secs(10)).unwrap();
+    assert!(
+        !lab.nat("PREROUTING").contains("PODIAM"),
+        "{}",
+        lab.nat("PREROUTING")
+    );
+}
+
+#[test]
+fn bad_interception_flags_fail_clearly() {
+    let run = |args: &[&str]| {
+        let out = Command::new(BIN)
+            .env_clear()
+            .args([
+                "--listen",
+                "192.0.2.1:8181",
+                "--server-address",
+                "127.0.0.1:9",
+                "--iptables",
+            ])
+            .arg("--token-key-file")
+            .arg(Path::new("/tmp").join(format!("podiam-test-{}.key", std::process::id())))
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, err) = run(&["--host-interface", "ca+li"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("invalid --host-interface"), "{err}");
+    let (code, err) = run(&["--host-interface", "cali+"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("is not an address of this node"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
