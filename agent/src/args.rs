@@ -202,6 +202,7 @@ impl Cli {
             shutdown.clone(),
         )?;
         let imds = Imds::new(
+            listen.ip(),
             key,
             require_imdsv2,
             servers,

@@ -359,6 +359,16 @@ async fn refusals_map_to_metadata_answers() {
         started.elapsed() >= Duration::from_millis(300),
         "the server waited for the pod"
     );
+    // The node's own address (hostNetwork pods) is nobody's: answered at once.
+    let started = Instant::now();
+    assert_eq!(
+        n.get(&n.imds.ip().to_string(), CREDS, None).await.status,
+        404
+    );
+    assert!(
+        started.elapsed() < Duration::from_millis(300),
+        "no wait for a pod"
+    );
     // Traffic from a pod the server places on another node.
     assert_eq!(n.get(OTHER_NODE, CREDS, None).await.status, 403);
 }
@@ -411,6 +421,9 @@ async fn hostile_requests_get_nothing_they_should_not() {
         "/latest/meta-data/placement/region/../../iam/info",
         "/latest/meta-data/%252e%252e/user-data",
         "/latest/meta-data/%00/instance-id",
+        "/latest/user-data%3F",
+        "/latest/meta-data/iam%3Finfo",
+        "/latest/user-data%23",
         "/2009-04-04/user-data",
         "/latest/../../../etc/passwd",
         long.as_str(),

@@ -316,11 +316,21 @@ fn split_iam_arn(value: &str) -> Result<(Partition, &str, &str), ArnError> {
 }
 
 /// IAM: `/` or `/` + printable ASCII (U+0021..U+007E) + `/`, at most 512 characters.
+/// Empty, `.` and `..` segments are refused too: `team/../admin` must not pass a policy
+/// written for `team/*` while naming another role.
 fn validate_path(path: &str) -> Result<(), ArnError> {
+    let inner = path
+        .strip_prefix('/')
+        .and_then(|p| p.strip_suffix('/'))
+        .unwrap_or_default();
     let ok = path.len() <= MAX_PATH
         && path.starts_with('/')
         && path.ends_with('/')
-        && path.bytes().all(|b| (0x21..=0x7e).contains(&b));
+        && path.bytes().all(|b| (0x21..=0x7e).contains(&b))
+        && (path == "/"
+            || inner
+                .split('/')
+                .all(|seg| !seg.is_empty() && seg != "." && seg != ".."));
     if ok {
         Ok(())
     } else {
@@ -427,6 +437,15 @@ mod tests {
             ("arn:aws:iam::123456789012:role/pa th/x", |e| {
                 matches!(e, ArnError::Path(_))
             }),
+            ("arn:aws:iam::123456789012:role/team/../admin", |e| {
+                matches!(e, ArnError::Path(_))
+            }),
+            ("arn:aws:iam::123456789012:role/./admin", |e| {
+                matches!(e, ArnError::Path(_))
+            }),
+            ("arn:aws:iam::123456789012:role/team//admin", |e| {
+                matches!(e, ArnError::Path(_))
+            }),
         ];
         for (input, check) in cases {
             let err = RoleArn::parse(input).unwrap_err();
@@ -461,6 +480,11 @@ mod tests {
         assert_eq!(pathed.as_str(), "arn:aws:iam::123456789012:role/pods/");
         let arn = RoleArn::resolve("web", Some(&pathed)).unwrap();
         assert_eq!(arn.path(), "/pods/");
+        // A relative name cannot climb out of the base path.
+        assert!(matches!(
+            RoleArn::resolve("../admin", Some(&pathed)),
+            Err(ArnError::Path(_))
+        ));
         assert_eq!(arn.name(), "web");
     }
 

@@ -151,7 +151,9 @@ impl TlsArgs {
         let target = reloading.clone();
         let mut fingerprint = loaded.fingerprint;
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(files.tls_reload_interval);
+            // A zero interval would panic in `interval` and silently end reloading.
+            let every = files.tls_reload_interval.max(Duration::from_secs(1));
+            let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             tick.tick().await;
             loop {

@@ -161,7 +161,7 @@ pub fn server_command(
     cmd
 }
 
-/// An agent on loopback for the servers at `servers` (`HOST:PORT`, comma-separated),
+/// An agent on loopback (127.0.0.100: 127.0.0.1 stays free to be a pod) for the servers at `servers` (`HOST:PORT`, comma-separated),
 /// trusting `pki`, with the real metadata service at `metadata` and its token key and
 /// ServiceAccount token in the given files.
 pub fn agent_command(
@@ -178,7 +178,7 @@ pub fn agent_command(
             "--admin-addr",
             "127.0.0.1:0",
             "--listen",
-            "127.0.0.1:0",
+            "127.0.0.100:0",
             "--log-format",
             "json",
         ])

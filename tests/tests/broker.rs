@@ -136,6 +136,9 @@ async fn refreshes_ahead_only_sessions_in_use() {
     s.broker.prefetch(key("idle"));
     settle().await;
     assert_eq!(calls(&s), 2);
+    // Prefetching an already warm session (every pod event does) must not mark it used.
+    s.broker.prefetch(key("idle"));
+    settle().await;
 
     // 20 minutes before expiry the used session is refreshed, the idle one is not.
     tokio::time::sleep(41 * MIN).await;

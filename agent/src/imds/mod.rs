@@ -63,6 +63,8 @@ pub struct Imds {
 
 #[derive(Debug)]
 struct Inner {
+    /// The node's own address (the listener's): requests from it are never a pod's.
+    node_ip: IpAddr,
     key: TokenKey,
     require_v2: bool,
     servers: Servers,
@@ -108,6 +110,7 @@ struct CredentialDocument<'a> {
 impl Imds {
     /// The endpoint, minting tokens with `key`.
     pub fn new(
+        node_ip: IpAddr,
         key: TokenKey,
         require_v2: bool,
         servers: Servers,
@@ -116,6 +119,7 @@ impl Imds {
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
+                node_ip: canonical(node_ip),
                 key,
                 require_v2,
                 servers,
@@ -247,6 +251,18 @@ impl Imds {
                 );
             }
             None => {}
+        }
+        let credentials_route = matches!(route, Route::RoleList { .. } | Route::Credentials { .. });
+        if credentials_route && ip == self.inner.node_ip {
+            // hostNetwork pods and node processes: no pod has this address, so answer at
+            // once instead of making the server wait for one.
+            return (
+                route,
+                text(
+                    StatusCode::NOT_FOUND,
+                    "not found: the node's own address is not a pod's",
+                ),
+            );
         }
         let rsp = match route {
             Route::RoleList { extended } if !path.trailing_slash => {

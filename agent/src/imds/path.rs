@@ -18,7 +18,8 @@ pub enum PathError {
     /// Bad percent-encoding, or encoded bytes that are not UTF-8.
     #[error("malformed percent-encoding")]
     Encoding,
-    /// Control characters, or a still-encoded `%` after decoding (double encoding).
+    /// Anything but RFC 3986 path characters after decoding: control characters, `?`,
+    /// `#`, spaces, backslashes, or a still-encoded `%` (double encoding).
     #[error("forbidden characters")]
     Characters,
     /// Not under `/latest/` once normalised (includes `..` above it).
@@ -38,10 +39,10 @@ impl Normal {
             return Err(PathError::TooLong);
         }
         let decoded = percent_decode(raw)?;
-        if decoded
-            .chars()
-            .any(|c| c.is_control() || c == '%' || c == '\\')
-        {
+        // Only RFC 3986 path characters: an encoded `?`, `#` or space would otherwise turn
+        // one segment into a different upstream request than the one the checks saw.
+        let allowed = |b: u8| b.is_ascii_alphanumeric() || b"/-._~!$&'()*+,;=:@".contains(&b);
+        if !decoded.bytes().all(allowed) {
             return Err(PathError::Characters);
         }
         let trailing_slash = decoded.ends_with('/');
@@ -166,6 +167,10 @@ mod tests {
             ("/latest/meta-data/%00", PathError::Characters),
             ("/latest/meta-data/%0aX", PathError::Characters),
             ("/latest/meta-data\\..\\user-data", PathError::Characters),
+            ("/latest/user-data%3F", PathError::Characters),
+            ("/latest/meta-data/iam%23x", PathError::Characters),
+            ("/latest/meta-data/a%20b", PathError::Characters),
+            ("/latest/meta-data/%E2%80%AE", PathError::Characters),
             ("/latest/meta-data/%zz", PathError::Encoding),
             ("/latest/meta-data/%c3", PathError::Encoding),
             ("/latest/meta-data/%", PathError::Encoding),

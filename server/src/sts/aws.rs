@@ -44,6 +44,8 @@ pub struct AwsSts {
 }
 
 const MAX_ATTEMPTS: u32 = 3;
+/// Latest expiration accepted from STS (its limit is 12 h).
+const MAX_EXPIRY: Duration = Duration::from_secs(13 * 3600);
 /// Session name of the server's own chained session.
 const CHAIN_SESSION: &str = "podiam-server";
 
@@ -122,6 +124,15 @@ impl AssumeRole for AwsSts {
                 .ok_or_else(|| StsError::Malformed("AssumeRole returned no credentials".into()))?;
             let expiration = SystemTime::try_from(c.expiration)
                 .map_err(|e| StsError::Malformed(format!("expiration: {e}")))?;
+            // STS issues at most 12 h; anything outside now..13 h is not to be trusted (and
+            // would not format as RFC 3339 downstream).
+            let now = SystemTime::now();
+            if expiration <= now || expiration > now + MAX_EXPIRY {
+                return Err(StsError::Malformed(format!(
+                    "expiration {} s from now is outside STS's range",
+                    expiration.duration_since(now).map_or(0, |d| d.as_secs())
+                )));
+            }
             Ok(Credentials {
                 access_key_id: c.access_key_id,
                 secret_access_key: Secret::new(c.secret_access_key),

@@ -135,7 +135,9 @@ type Fetch = Shared<BoxFuture<'static, Result<Credentials, StsError>>>;
 #[derive(Debug)]
 struct Entry {
     credentials: Credentials,
-    /// Set when handed out; cleared by each refresh.
+    /// When they were fetched (by the injected clock).
+    fetched: SystemTime,
+    /// Set when handed out to a caller (never by prefetch); each refresh starts unused.
     used: AtomicBool,
 }
 
@@ -247,7 +249,7 @@ impl Broker {
     /// queue is full the request is dropped and counted, and the first request for the key
     /// fetches it on demand.
     pub fn prefetch(&self, key: SessionKey) {
-        if self.inner.config.prefetch_concurrency == 0 || self.cached(&key).is_some() {
+        if !self.wants_prefetch(&key) {
             return;
         }
         match self.inner.prefetch.try_send(key) {
@@ -262,7 +264,7 @@ impl Broker {
 
     /// Like [`Broker::prefetch`], but waits for room in the queue.
     pub async fn prefetch_wait(&self, key: SessionKey) {
-        if self.inner.config.prefetch_concurrency == 0 || self.cached(&key).is_some() {
+        if !self.wants_prefetch(&key) {
             return;
         }
         if self.inner.prefetch.send(key).await.is_ok() {
@@ -283,12 +285,26 @@ impl Broker {
 
     /// Cached credentials for `key` with enough life left, marked as used.
     fn cached(&self, key: &SessionKey) -> Option<Credentials> {
-        let entry = self.inner.cache.get(key)?;
-        if self.remaining(&entry.credentials) < self.inner.config.min_remaining {
-            return None;
-        }
+        let entry = self.peek(key)?;
         entry.used.store(true, Ordering::Relaxed);
         Some(entry.credentials.clone())
+    }
+
+    /// The cache entry for `key` if it has enough life left; not marked as used.
+    fn peek(&self, key: &SessionKey) -> Option<Arc<Entry>> {
+        let entry = self.inner.cache.get(key)?;
+        (self.remaining(&entry.credentials) >= self.inner.config.min_remaining).then_some(entry)
+    }
+
+    /// Prefetch is on, the key is not warm, and it did not just fail (a pod whose role STS
+    /// refuses would otherwise cost an AssumeRole per status update).
+    fn wants_prefetch(&self, key: &SessionKey) -> bool {
+        let failing = self
+            .inner
+            .failures
+            .get(key)
+            .is_some_and(|f| self.inner.clock.now() < f.until);
+        self.inner.config.prefetch_concurrency > 0 && self.peek(key).is_none() && !failing
     }
 
     fn remaining(&self, credentials: &Credentials) -> Duration {
@@ -305,9 +321,16 @@ impl Broker {
             return fetch.clone();
         }
         let task = tokio::spawn(self.clone().assume(key.clone()));
+        let (broker, k) = (self.clone(), key.clone());
         let fetch = async move {
-            task.await
-                .unwrap_or_else(|e| Err(StsError::Internal(e.to_string())))
+            match task.await {
+                Ok(result) => result,
+                // The task died before clearing its key: clear it, or the key stays stuck.
+                Err(e) => {
+                    broker.inner.inflight.lock().remove(&k);
+                    Err(StsError::Internal(e.to_string()))
+                }
+            }
         }
         .boxed()
         .shared();
@@ -340,6 +363,7 @@ impl Broker {
                 inner.metrics.calls.with_label_values(&["ok"]).inc();
                 let entry = Arc::new(Entry {
                     credentials: credentials.clone(),
+                    fetched: inner.clock.now(),
                     used: AtomicBool::new(false),
                 });
                 inner.cache.insert(key.clone(), entry.clone());
@@ -373,10 +397,18 @@ impl Broker {
     /// retry failures with jittered backoff while the old credentials are still good.
     async fn refresh_later(self, key: SessionKey, entry: Arc<Entry>) {
         let inner = &self.inner;
+        // A session shorter than twice the refresh margin (a 30 min annotation with a 40 min
+        // --session-refresh) is refreshed half-way instead of at once.
+        let lifetime = entry
+            .credentials
+            .expiration
+            .duration_since(entry.fetched)
+            .unwrap_or_default();
+        let margin = inner.config.refresh_before.min(lifetime / 2);
         let at = entry
             .credentials
             .expiration
-            .checked_sub(inner.config.refresh_before)
+            .checked_sub(margin)
             .unwrap_or(entry.credentials.expiration);
         let wait = at.duration_since(inner.clock.now()).unwrap_or_default();
         tokio::select! {
@@ -430,8 +462,8 @@ impl Broker {
             };
             let broker = self.clone();
             tokio::spawn(async move {
-                if broker.cached(&key).is_none() {
-                    // The entry is not "used" until a pod asks for it.
+                // `peek`, not `cached`: a session is not "used" until a pod asks for it.
+                if broker.peek(&key).is_none() {
                     let _ = broker.fetch(key).await;
                 }
                 drop(permit);
