@@ -8,6 +8,7 @@
 //! - [`shutdown`]: one cancellation token for SIGTERM/SIGINT; a second signal aborts.
 //! - [`listen`]: the accept loop every listener shares.
 //! - [`logging`]: `tracing` setup from `--log-format` and `--log-level`.
+//! - [`net`]: IPv4-mapped addresses compared as IPv4.
 //! - [`protocol`]: the agent ↔ server messages and typed errors.
 //! - [`secret`]: strings that never format (keys, tokens).
 //! - [`tls`]: mutual-TLS configurations from PEM files, reloaded when they change.
@@ -17,6 +18,7 @@ pub mod annotations;
 pub mod arn;
 pub mod listen;
 pub mod logging;
+pub mod net;
 pub mod protocol;
 pub mod readiness;
 pub mod secret;

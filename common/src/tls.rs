@@ -207,15 +207,6 @@ impl<T> Reloading<T> {
     }
 }
 
-impl<T> Reloading<T> {
-    /// A configuration that never reloads (for tests and one-shot clients).
-    pub fn fixed(config: T) -> Self {
-        Self {
-            current: Arc::new(RwLock::new(Arc::new(config))),
-        }
-    }
-}
-
 // === impl TlsMetrics ===
 
 impl TlsMetrics {

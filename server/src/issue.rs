@@ -255,7 +255,8 @@ impl Issuer {
     }
 
     fn prefetch_key(&self, pod: &PodInfo) -> Option<SessionKey> {
-        if !pod.claims_ips() || pod.node_name.is_none() {
+        // On the index update path: no decision work when there is nothing to prefetch.
+        if !self.inner.broker.prefetching() || !pod.claims_ips() || pod.node_name.is_none() {
             return None;
         }
         let namespace = self.inner.index.namespace(&pod.key.namespace)?;

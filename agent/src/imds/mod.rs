@@ -27,6 +27,7 @@ use hyper_util::{
     rt::{TokioIo, TokioTimer},
     server::graceful::GracefulShutdown,
 };
+use podiam_common::net::canonical;
 use podiam_common::protocol::{
     CREDENTIALS_PATH, CredentialsRequest, CredentialsResponse, ErrorCode, ROLE_PATH, RoleRequest,
     RoleResponse,
@@ -430,14 +431,6 @@ fn redirect(location: &str) -> Response<Full<Bytes>> {
         rsp.headers_mut().insert(header::LOCATION, value);
     }
     rsp
-}
-
-/// IPv4-mapped IPv6 peers are IPv4 callers.
-fn canonical(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
-        v4 => v4,
-    }
 }
 
 // === impl Route ===

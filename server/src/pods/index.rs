@@ -9,6 +9,7 @@ use std::{
 };
 
 use podiam_common::arn::BaseRoleArn;
+pub use podiam_common::net::canonical;
 
 use crate::policy::namespace::{NamespacePolicy, PolicyCache};
 
@@ -335,11 +336,6 @@ impl PodIndex {
         gone.len()
     }
 
-    /// The pod with this key.
-    pub fn get(&self, key: &PodKey) -> Option<Arc<PodInfo>> {
-        self.pods.get(key).cloned()
-    }
-
     /// Every pod (a snapshot; the lock is not held while the caller uses it).
     pub fn all(&self) -> Vec<Arc<PodInfo>> {
         self.pods.values().cloned().collect()
@@ -428,18 +424,6 @@ impl PodIndex {
                 }
             }
         }
-    }
-}
-
-/// IPv4-mapped IPv6 addresses (`::ffff:10.0.0.1`, as a dual-stack socket reports v4 peers)
-/// are the IPv4 address.
-pub fn canonical(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6
-            .to_ipv4_mapped()
-            .map(IpAddr::V4)
-            .unwrap_or(IpAddr::V6(v6)),
-        v4 => v4,
     }
 }
 

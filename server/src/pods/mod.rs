@@ -23,10 +23,6 @@ pub use self::index::{
     PodPhase, PodUid, canonical,
 };
 
-/// How long a lookup for an unknown IP waits for the pod to appear, by default. A pod's
-/// first request can race the watch event that announces its IP.
-pub const DEFAULT_LOOKUP_WAIT: Duration = Duration::from_secs(3);
-
 /// The pod and namespace indexes, shared by the watchers (writers) and requests
 /// (readers). Cheap to clone.
 #[derive(Clone, Debug)]

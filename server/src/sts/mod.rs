@@ -272,15 +272,15 @@ impl Broker {
         }
     }
 
+    /// Whether prefetching is on.
+    pub fn prefetching(&self) -> bool {
+        self.inner.config.prefetch_concurrency > 0
+    }
+
     /// Number of cached sessions.
     pub fn sessions(&self) -> u64 {
         self.inner.cache.run_pending_tasks();
         self.inner.cache.entry_count()
-    }
-
-    /// Prefetch requests waiting in the queue.
-    pub fn prefetch_queue_depth(&self) -> usize {
-        self.inner.prefetch.max_capacity() - self.inner.prefetch.capacity()
     }
 
     /// Cached credentials for `key` with enough life left, marked as used.

@@ -106,16 +106,7 @@ async fn main() -> anyhow::Result<()> {
             server,
             policies,
         } => {
-            let server = match server {
-                Some(s) => s,
-                None => std::env::current_exe()?.with_file_name("podiam-server"),
-            };
-            if !server.exists() {
-                bail!(
-                    "{} not found: build it first (scripts/bench does)",
-                    server.display()
-                );
-            }
+            let server = server_path(server)?;
             println!("server binary: {}", server.display());
             println!(
                 "| pods | namespaces | time to ready (median, min-max) | RSS at ready (median, min-max) | peak RSS | RSS 5 s later | CPU to ready |"
