@@ -201,8 +201,11 @@ impl Cli {
             UpstreamMetrics::register(&registry)?,
             shutdown.clone(),
         )?;
+        let listen_v6 = interceptor.as_ref().and_then(Interceptor::listen_v6);
         let imds = Imds::new(
-            listen.ip(),
+            std::iter::once(listen.ip())
+                .chain(listen_v6.map(|a| a.ip()))
+                .collect(),
             key,
             require_imdsv2,
             servers,
@@ -218,6 +221,16 @@ impl Cli {
             .with_context(|| format!("binding the metadata endpoint to {listen}"))?;
         tracing::info!(addr = %admin_listener.local_addr()?, "admin server listening");
         tracing::info!(addr = %imds_listener.local_addr()?, "metadata endpoint listening");
+        let imds_v6_listener = match listen_v6 {
+            Some(addr) => {
+                let listener = TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("binding the IPv6 metadata endpoint to {addr}"))?;
+                tracing::info!(addr = %listener.local_addr()?, "IPv6 metadata endpoint listening");
+                Some(listener)
+            }
+            None => None,
+        };
 
         let mut tasks = JoinSet::new();
         if let Some(interceptor) = interceptor {
@@ -235,6 +248,13 @@ impl Cli {
             async move { admin.serve(admin_listener, shutdown).await }
                 .instrument(tracing::info_span!("admin"))
         });
+        if let Some(listener) = imds_v6_listener {
+            let (imds, shutdown) = (imds.clone(), shutdown.clone());
+            tasks.spawn(
+                async move { imds.serve(listener, shutdown).await }
+                    .instrument(tracing::info_span!("imds")),
+            );
+        }
         tasks.spawn({
             let shutdown = shutdown.clone();
             async move { imds.serve(imds_listener, shutdown).await }

@@ -52,7 +52,7 @@ struct Lab {
     node_ip: String,
     dir: tempfile::TempDir,
     pki: Pki,
-    real_imds: Option<Child>,
+    real_imds: Vec<Child>,
 }
 
 impl Lab {
@@ -65,6 +65,10 @@ impl Lab {
         let (node_ip, pod_ip) = (format!("100.64.{subnet}.1"), format!("100.64.{subnet}.2"));
         sh(&["ip", "netns", "add", &node]);
         sh(&["ip", "netns", "add", &pod]);
+        let (node_ip6, pod_ip6) = (
+            format!("fd00:64:{subnet}::1"),
+            format!("fd00:64:{subnet}::2"),
+        );
         sh(&[
             "ip", "link", "add", &vn, "type", "veth", "peer", "name", &vp,
         ]);
@@ -109,6 +113,42 @@ impl Lab {
             "via",
             &node_ip,
         ]);
+        // The same over IPv6 (no duplicate address detection: usable at once).
+        for (ns, ip, dev) in [(&node, &node_ip6, &vn), (&pod, &pod_ip6, &vp)] {
+            sh(&[
+                "ip",
+                "-n",
+                ns,
+                "addr",
+                "add",
+                &format!("{ip}/64"),
+                "dev",
+                dev,
+                "nodad",
+            ]);
+        }
+        sh(&[
+            "ip",
+            "-n",
+            &pod,
+            "-6",
+            "route",
+            "add",
+            "fd00:ec2::254/128",
+            "via",
+            &node_ip6,
+        ]);
+        sh(&[
+            "ip",
+            "-n",
+            &node,
+            "addr",
+            "add",
+            "fd00:ec2::254/128",
+            "dev",
+            "lo",
+            "nodad",
+        ]);
         // The node's own metadata service, as EC2 provides it.
         sh(&[
             "ip",
@@ -126,24 +166,17 @@ impl Lab {
             .join("www/latest/meta-data/iam/security-credentials");
         std::fs::create_dir_all(&creds).unwrap();
         std::fs::write(creds.join("index.html"), NODE_ROLE).unwrap();
-        let real_imds = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &node,
-                "python3",
-                "-m",
-                "http.server",
-                "80",
-                "--bind",
-                "169.254.169.254",
-                "--directory",
-            ])
-            .arg(dir.path().join("www"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        let serve = |bind: &str| {
+            Command::new("ip")
+                .args(["netns", "exec", &node, "python3", "-m", "http.server", "80"])
+                .args(["--bind", bind, "--directory"])
+                .arg(dir.path().join("www"))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap()
+        };
+        let real_imds = vec![serve("169.254.169.254"), serve("fd00:ec2::254")];
         let pki = Pki::generate(dir.path(), "lab").unwrap();
         let lab = Self {
             node,
@@ -151,11 +184,11 @@ impl Lab {
             node_ip,
             dir,
             pki,
-            real_imds: Some(real_imds),
+            real_imds,
         };
         // The real service answers before the test starts (its answer is the readiness signal).
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !lab.pod_sees().contains(NODE_ROLE) {
+        while !(lab.pod_sees().contains(NODE_ROLE) && lab.pod_sees_v6().contains(NODE_ROLE)) {
             assert!(
                 Instant::now() < deadline,
                 "the stand-in metadata service did not start"
@@ -167,11 +200,22 @@ impl Lab {
 
     /// What a pod gets for its role listing: the body, an HTTP status, or the error.
     fn pod_sees(&self) -> String {
-        let script = "import urllib.request, urllib.error\n\
-            try:\n    print(urllib.request.urlopen('http://169.254.169.254/latest/meta-data/iam/security-credentials/', timeout=3).read().decode())\n\
+        self.pod_gets("169.254.169.254")
+    }
+
+    /// The same from the IPv6 metadata address.
+    fn pod_sees_v6(&self) -> String {
+        self.pod_gets("[fd00:ec2::254]")
+    }
+
+    fn pod_gets(&self, host: &str) -> String {
+        let script = format!(
+            "import urllib.request, urllib.error\n\
+            try:\n    print(urllib.request.urlopen('http://{host}/latest/meta-data/iam/security-credentials/', timeout=3).read().decode())\n\
             except urllib.error.HTTPError as e:\n    print('HTTP', e.code)\n\
-            except Exception as e:\n    print('ERROR', e)\n";
-        output(&["ip", "netns", "exec", &self.pod, "python3", "-c", script])
+            except Exception as e:\n    print('ERROR', e)\n"
+        );
+        output(&["ip", "netns", "exec", &self.pod, "python3", "-c", &script])
     }
 
     fn agent(&self, extra: &[&str]) -> Process {
@@ -222,16 +266,12 @@ impl Lab {
     }
 
     fn nat(&self, chain: &str) -> String {
+        self.nat_of("iptables-nft", chain)
+    }
+
+    fn nat_of(&self, iptables: &str, chain: &str) -> String {
         output(&[
-            "ip",
-            "netns",
-            "exec",
-            &self.node,
-            "iptables-nft",
-            "-t",
-            "nat",
-            "-S",
-            chain,
+            "ip", "netns", "exec", &self.node, iptables, "-t", "nat", "-S", chain,
         ])
     }
 
@@ -246,7 +286,7 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
-        if let Some(mut child) = self.real_imds.take() {
+        for child in &mut self.real_imds {
             let _ = child.kill();
             let _ = child.wait();
         }
@@ -326,6 +366,50 @@ fn redirect_is_real_reasserted_and_fails_closed() {
 }
 
 #[test]
+fn ipv6_metadata_address_is_redirected_with_ipv6() {
+    if !root_or_skip("ipv6_metadata_address_is_redirected_with_ipv6") {
+        return;
+    }
+    let lab = Lab::new();
+    // Nitro's IPv6 endpoint leaks the node's role just like the IPv4 one.
+    assert!(lab.pod_sees_v6().contains(NODE_ROLE));
+
+    let agent = lab.agent(&["--ipv6"]);
+    assert!(
+        agent.wait_log("IPv6 metadata endpoint listening", Duration::from_secs(5)),
+        "{:?}",
+        agent.logs()
+    );
+    lab.until("both redirects", |l| {
+        !l.pod_sees_v6().contains(NODE_ROLE) && !l.pod_sees().contains(NODE_ROLE)
+    });
+    // The agent itself answers on both (503: no server in this lab).
+    assert!(
+        lab.pod_sees_v6().contains("HTTP 503"),
+        "{}",
+        lab.pod_sees_v6()
+    );
+    assert!(lab.pod_sees().contains("HTTP 503"), "{}", lab.pod_sees());
+    let v6 = lab.nat_of("ip6tables-nft", "PODIAM");
+    assert!(
+        v6.contains("-d fd00:ec2::254/128") && v6.contains("--to-destination [fd00:64:"),
+        "{v6}"
+    );
+
+    // Fail closed on IPv6 too.
+    agent.terminate(Duration::from_secs(10)).unwrap();
+    let answer = lab.pod_sees_v6();
+    assert!(
+        answer.contains("ERROR") && answer.contains("refused"),
+        "{answer}"
+    );
+    // Leave no IPv6 rules behind in this namespace for the next run's agent.
+    let removing = lab.agent(&["--ipv6", "--remove-rules-on-exit"]);
+    removing.terminate(Duration::from_secs(10)).unwrap();
+    assert!(!lab.nat_of("ip6tables-nft", "PREROUTING").contains("PODIAM"));
+}
+
+#[test]
 fn bad_interception_flags_fail_clearly() {
     let run = |args: &[&str]| {
         let out = Command::new(BIN)
@@ -353,5 +437,8 @@ fn bad_interception_flags_fail_clearly() {
     let (code, err) = run(&["--host-interface", "cali+"]);
     assert_eq!(code, Some(2));
     assert!(err.contains("is not an address of this node"), "{err}");
+    let (code, err) = run(&["--host-interface", "cali+", "--listen-v6", "[::1]:8181"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("--ipv6"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
 }

@@ -65,7 +65,7 @@ pub struct Imds {
 #[derive(Debug)]
 struct Inner {
     /// The node's own address (the listener's): requests from it are never a pod's.
-    node_ip: IpAddr,
+    node_ips: Vec<IpAddr>,
     key: TokenKey,
     require_v2: bool,
     servers: Servers,
@@ -109,9 +109,10 @@ struct CredentialDocument<'a> {
 // === impl Imds ===
 
 impl Imds {
-    /// The endpoint, minting tokens with `key`.
+    /// The endpoint, minting tokens with `key`; `node_ips` are the node's own addresses
+    /// (callers from them are no pod and are answered at once).
     pub fn new(
-        node_ip: IpAddr,
+        node_ips: Vec<IpAddr>,
         key: TokenKey,
         require_v2: bool,
         servers: Servers,
@@ -120,7 +121,7 @@ impl Imds {
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
-                node_ip: canonical(node_ip),
+                node_ips: node_ips.into_iter().map(canonical).collect(),
                 key,
                 require_v2,
                 servers,
@@ -254,7 +255,7 @@ impl Imds {
             None => {}
         }
         let credentials_route = matches!(route, Route::RoleList { .. } | Route::Credentials { .. });
-        if credentials_route && ip == self.inner.node_ip {
+        if credentials_route && self.inner.node_ips.contains(&ip) {
             // hostNetwork pods and node processes: no pod has this address, so answer at
             // once instead of making the server wait for one.
             return (

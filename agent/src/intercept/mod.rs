@@ -10,11 +10,18 @@
 //! before the redirect stop bypassing it. The listen address is checked with rtnetlink to
 //! be one of the node's own.
 
-use std::{net::SocketAddr, process::Output, time::Duration};
+use std::{
+    net::{IpAddr, SocketAddr},
+    process::Output,
+    time::Duration,
+};
 
 use futures::TryStreamExt;
 use podiam_common::readiness::Gate;
-use rtnetlink::packet_route::{address::AddressAttribute, link::LinkAttribute};
+use rtnetlink::packet_route::{
+    address::{AddressAttribute, AddressScope},
+    link::LinkAttribute,
+};
 use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
 
@@ -43,6 +50,16 @@ pub struct InterceptArgs {
     #[arg(long, env = "PODIAM_RULES_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
     pub rules_interval: Duration,
 
+    /// Also redirect [fd00:ec2::254]:80, the IPv6 metadata endpoint of Nitro instances,
+    /// with ip6tables, to --listen-v6.
+    #[arg(long, env = "PODIAM_IPV6")]
+    pub ipv6: bool,
+
+    /// The IPv6 address of the metadata endpoint, target of the IPv6 redirect (default:
+    /// the node's first global IPv6 address, with the port of --listen).
+    #[arg(long, env = "PODIAM_LISTEN_V6", requires = "ipv6")]
+    pub listen_v6: Option<SocketAddr>,
+
     /// Remove the rules when the agent stops. Off by default: without them pods reach the
     /// node's own metadata service (and credentials) while the agent is down.
     #[arg(long, env = "PODIAM_REMOVE_RULES_ON_EXIT")]
@@ -68,9 +85,15 @@ pub enum InterceptError {
     Spec(#[from] rules::SpecError),
     /// The listen address cannot be a DNAT target.
     #[error(
-        "--listen {0} is not an address of this node (with --iptables it must be, e.g. $HOST_IP:8181)"
+        "{0} {1} is not an address of this node (with --iptables it must be, e.g. $HOST_IP:8181)"
     )]
-    NotLocal(SocketAddr),
+    NotLocal(&'static str, SocketAddr),
+    /// `--ipv6` needs the redirect.
+    #[error("--ipv6 needs --iptables")]
+    Ipv6WithoutIptables,
+    /// `--ipv6` without an IPv6 address to redirect to.
+    #[error("--ipv6: this node has no global IPv6 address; give one with --listen-v6")]
+    NoIpv6,
     /// Netlink failed.
     #[error("reading the node's interfaces over netlink: {0}")]
     Netlink(String),
@@ -84,60 +107,148 @@ pub enum InterceptError {
     },
 }
 
-/// Installs and keeps the redirect.
+/// Installs and keeps the redirect, for each address family.
 #[derive(Debug)]
 pub struct Interceptor {
+    families: Vec<Family>,
+    listen_v6: Option<SocketAddr>,
+    interval: Duration,
+    remove_on_exit: bool,
+}
+
+/// The rules of one address family and the iptables binaries that manage them.
+#[derive(Debug)]
+struct Family {
     rules: Rules,
     iptables: String,
     restore: String,
-    interval: Duration,
-    remove_on_exit: bool,
 }
 
 // === impl Interceptor ===
 
 impl Interceptor {
-    /// Validates the flags against the node: interface syntax, the listen address, the
+    /// Validates the flags against the node: interface syntax, the listen addresses, the
     /// backend, and that iptables can be run (NET_ADMIN). `None` without `--iptables`.
     pub async fn prepare(
         args: &InterceptArgs,
         listen: SocketAddr,
     ) -> Result<Option<Self>, InterceptError> {
         if !args.iptables {
+            if args.ipv6 {
+                return Err(InterceptError::Ipv6WithoutIptables);
+            }
             return Ok(None);
         }
         let interfaces = InterfaceSpec::parse_list(&args.host_interface)?;
-        check_node(listen, &interfaces).await?;
-        let family = if listen.is_ipv4() {
-            "iptables"
-        } else {
-            "ip6tables"
-        };
-        let backend = match args.iptables_backend {
-            Backend::Nft => "nft",
-            Backend::Legacy => "legacy",
-            Backend::Auto => detect(family).await,
-        };
-        let interceptor = Self {
-            rules: Rules {
-                target: listen,
-                interfaces,
-            },
-            iptables: format!("{family}-{backend}"),
-            restore: format!("{family}-{backend}-restore"),
+        let node = read_node().await?;
+        if !node.addresses.contains(&listen.ip()) {
+            return Err(InterceptError::NotLocal("--listen", listen));
+        }
+        for name in interfaces.iter().filter_map(InterfaceSpec::exact) {
+            if !node.links.iter().any(|n| n == name) {
+                tracing::warn!(
+                    interface = name,
+                    "--host-interface names an interface this node does not have (yet)"
+                );
+            }
+        }
+        let mut targets = vec![listen];
+        let mut listen_v6 = None;
+        if args.ipv6 && listen.is_ipv4() {
+            let v6 = match args.listen_v6 {
+                Some(addr) if addr.is_ipv6() && node.addresses.contains(&addr.ip()) => addr,
+                Some(addr) => return Err(InterceptError::NotLocal("--listen-v6", addr)),
+                None => {
+                    SocketAddr::new(node.global_v6.ok_or(InterceptError::NoIpv6)?, listen.port())
+                }
+            };
+            targets.push(v6);
+            listen_v6 = Some(v6);
+        }
+        let mut families = Vec::new();
+        for target in targets {
+            let family = if target.is_ipv4() {
+                "iptables"
+            } else {
+                "ip6tables"
+            };
+            let backend = match args.iptables_backend {
+                Backend::Nft => "nft",
+                Backend::Legacy => "legacy",
+                Backend::Auto => detect(family).await,
+            };
+            let family = Family {
+                rules: Rules {
+                    target,
+                    interfaces: interfaces.clone(),
+                },
+                iptables: format!("{family}-{backend}"),
+                restore: format!("{family}-{backend}-restore"),
+            };
+            // Fails clearly without NET_ADMIN (or without the binaries).
+            family.iptables(&["-t", "nat", "-S", "PREROUTING"]).await?;
+            tracing::info!(backend = %family.iptables, interfaces = %args.host_interface, %target, "interception configured");
+            families.push(family);
+        }
+        Ok(Some(Self {
+            families,
+            listen_v6,
             interval: args.rules_interval.max(Duration::from_millis(100)),
             remove_on_exit: args.remove_rules_on_exit,
-        };
-        // Fails clearly without NET_ADMIN (or without the binaries).
-        interceptor
-            .iptables(&["-t", "nat", "-S", "PREROUTING"])
-            .await?;
-        tracing::info!(backend = %interceptor.iptables, interfaces = %args.host_interface, target = %listen, "interception configured");
-        Ok(Some(interceptor))
+        }))
+    }
+
+    /// The IPv6 address the metadata endpoint must also listen on (`--ipv6` with an IPv4
+    /// `--listen`).
+    pub fn listen_v6(&self) -> Option<SocketAddr> {
+        self.listen_v6
     }
 
     /// Installs whatever is missing or wrong; returns whether anything changed.
     pub async fn install(&self) -> Result<bool, InterceptError> {
+        let mut changed = false;
+        for family in &self.families {
+            changed |= family.install().await?;
+        }
+        Ok(changed)
+    }
+
+    /// Keeps the rules until `shutdown`; `ready` is open while they are verified.
+    pub async fn run(self, ready: Gate, shutdown: CancellationToken) {
+        loop {
+            match self.install().await {
+                Ok(true) => {
+                    tracing::info!("interception rules installed");
+                    ready.open();
+                }
+                Ok(false) => ready.open(),
+                Err(error) => {
+                    ready.close();
+                    tracing::error!(%error, "interception rules could not be installed; retrying");
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep(self.interval) => {}
+            }
+        }
+        if self.remove_on_exit {
+            for family in &self.families {
+                family.remove().await;
+            }
+            tracing::info!("interception rules removed (--remove-rules-on-exit)");
+        } else {
+            tracing::info!(
+                "leaving the interception rules in place: pods get refused connections, not the node's credentials"
+            );
+        }
+    }
+}
+
+// === impl Family ===
+
+impl Family {
+    async fn install(&self) -> Result<bool, InterceptError> {
         let mut changed = false;
         let listing = self.iptables(&["-t", "nat", "-S", CHAIN]).await;
         let current: Vec<String> = match &listing {
@@ -181,36 +292,8 @@ impl Interceptor {
         Ok(changed)
     }
 
-    /// Keeps the rules until `shutdown`; `ready` is open while they are verified.
-    pub async fn run(self, ready: Gate, shutdown: CancellationToken) {
-        loop {
-            match self.install().await {
-                Ok(true) => {
-                    tracing::info!("interception rules installed");
-                    ready.open();
-                }
-                Ok(false) => ready.open(),
-                Err(error) => {
-                    ready.close();
-                    tracing::error!(%error, "interception rules could not be installed; retrying");
-                }
-            }
-            tokio::select! {
-                _ = shutdown.cancelled() => break,
-                _ = tokio::time::sleep(self.interval) => {}
-            }
-        }
-        if self.remove_on_exit {
-            self.remove().await;
-        } else {
-            tracing::info!(
-                "leaving the interception rules in place: pods get refused connections, not the node's credentials"
-            );
-        }
-    }
-
     /// Removes our jumps and chain.
-    pub async fn remove(&self) {
+    async fn remove(&self) {
         for jump in self.rules.jumps() {
             let mut args = vec!["-t", "nat", "-D", "PREROUTING"];
             let parts = split_args(&jump);
@@ -219,7 +302,6 @@ impl Interceptor {
         }
         let _ = self.iptables(&["-t", "nat", "-F", CHAIN]).await;
         let _ = self.iptables(&["-t", "nat", "-X", CHAIN]).await;
-        tracing::info!("interception rules removed (--remove-rules-on-exit)");
     }
 
     async fn iptables(&self, args: &[&str]) -> Result<Output, InterceptError> {
@@ -357,44 +439,52 @@ async fn detect(family: &str) -> &'static str {
     if legacy > nft { "legacy" } else { "nft" }
 }
 
-/// The listen address must be the node's own, and named interfaces should exist.
-async fn check_node(
-    listen: SocketAddr,
-    interfaces: &[InterfaceSpec],
-) -> Result<(), InterceptError> {
+/// What rtnetlink tells of the node.
+struct Node {
+    addresses: Vec<IpAddr>,
+    /// The first global-scope IPv6 address (the target of the IPv6 redirect).
+    global_v6: Option<IpAddr>,
+    links: Vec<String>,
+}
+
+/// The node's addresses and interface names, over rtnetlink.
+async fn read_node() -> Result<Node, InterceptError> {
     let netlink = |e: rtnetlink::Error| InterceptError::Netlink(e.to_string());
     let (connection, handle, _) =
         rtnetlink::new_connection().map_err(|e| InterceptError::Netlink(e.to_string()))?;
     let task = tokio::spawn(connection);
-    let mut local = false;
+    let mut node = Node {
+        addresses: Vec::new(),
+        global_v6: None,
+        links: Vec::new(),
+    };
     let mut addresses = handle.address().get().execute();
     while let Some(msg) = addresses.try_next().await.map_err(netlink)? {
-        local |= msg.attributes.iter().any(|a| {
-            matches!(a, AddressAttribute::Address(ip) | AddressAttribute::Local(ip) if *ip == listen.ip())
-        });
+        for a in &msg.attributes {
+            if let AddressAttribute::Address(ip) | AddressAttribute::Local(ip) = a {
+                node.addresses.push(*ip);
+                // Not the metadata address itself (on the node's lo, where EC2 answers).
+                if ip.is_ipv6()
+                    && msg.header.scope == AddressScope::Universe
+                    && !ip.is_loopback()
+                    && ip.to_string() != rules::METADATA_V6
+                    && node.global_v6.is_none()
+                {
+                    node.global_v6 = Some(*ip);
+                }
+            }
+        }
     }
-    let mut names = Vec::new();
     let mut links = handle.link().get().execute();
     while let Some(msg) = links.try_next().await.map_err(netlink)? {
         for a in &msg.attributes {
             if let LinkAttribute::IfName(name) = a {
-                names.push(name.clone());
+                node.links.push(name.clone());
             }
         }
     }
     task.abort();
-    if !local {
-        return Err(InterceptError::NotLocal(listen));
-    }
-    for name in interfaces.iter().filter_map(InterfaceSpec::exact) {
-        if !names.iter().any(|n| n == name) {
-            tracing::warn!(
-                interface = name,
-                "--host-interface names an interface this node does not have (yet)"
-            );
-        }
-    }
-    Ok(())
+    Ok(node)
 }
 
 #[cfg(test)]
