@@ -366,6 +366,65 @@ fn redirect_is_real_reasserted_and_fails_closed() {
 }
 
 #[test]
+fn connections_opened_before_the_redirect_are_cut_off() {
+    if !root_or_skip("connections_opened_before_the_redirect_are_cut_off") {
+        return;
+    }
+    use std::io::{BufRead, BufReader, Write};
+    let lab = Lab::new();
+    // Connection tracking is on, as on every real node (kube-proxy, the CNI): without a
+    // user, a fresh namespace tracks nothing and there would be no entry to flush.
+    sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &lab.node,
+        "iptables-nft",
+        "-A",
+        "INPUT",
+        "-m",
+        "conntrack",
+        "--ctstate",
+        "ESTABLISHED,RELATED",
+        "-j",
+        "ACCEPT",
+    ]);
+    // A pod holds a connection to the real metadata service, opened before the agent.
+    let script = "import socket, sys\n\
+        s = socket.create_connection(('169.254.169.254', 80), timeout=5)\n\
+        print('connected', flush=True)\n\
+        sys.stdin.readline()\n\
+        try:\n    \
+            s.sendall(b'GET /latest/meta-data/iam/security-credentials/ HTTP/1.0\\r\\n\\r\\n')\n    \
+            print('answer', s.recv(4096))\n\
+        except Exception as e:\n    \
+            print('error', repr(e))\n";
+    let mut pod = Command::new("ip")
+        .args(["netns", "exec", &lab.pod, "python3", "-c", script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(pod.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "connected");
+
+    let _agent = lab.agent(&[]);
+    // The agent flushed conntrack after installing: the old connection's next packet is
+    // redirected like any new one, and the agent has no such connection: reset.
+    writeln!(pod.stdin.take().unwrap()).unwrap();
+    let mut answer = String::new();
+    out.read_line(&mut answer).unwrap();
+    let _ = pod.wait();
+    assert!(!answer.contains(NODE_ROLE), "{answer}");
+    assert!(
+        answer.starts_with("error") || answer.contains("answer b''"),
+        "{answer}"
+    );
+}
+
+#[test]
 fn ipv6_metadata_address_is_redirected_with_ipv6() {
     if !root_or_skip("ipv6_metadata_address_is_redirected_with_ipv6") {
         return;

@@ -24,6 +24,42 @@ pub const USER_DATA: &str = "#!/bin/sh\nexport DB_PASSWORD=NODE-USER-DATA-SECRET
 pub const NODE_ROLE: &str = "node-instance-role";
 const TOKEN: &str = "real-imds-token-of-the-agent";
 
+/// The node's instance role and credentials, as the stand-in serves them.
+#[derive(Clone)]
+pub struct NodeIdentity {
+    /// The role name (`iam/security-credentials/`).
+    pub role: String,
+    /// `AccessKeyId`.
+    pub access_key_id: String,
+    /// `SecretAccessKey`.
+    pub secret_access_key: String,
+    /// `Token`.
+    pub token: String,
+    /// `Expiration`, RFC 3339.
+    pub expiration: String,
+}
+
+impl Default for NodeIdentity {
+    fn default() -> Self {
+        Self {
+            role: NODE_ROLE.into(),
+            access_key_id: "ASIANODE".into(),
+            secret_access_key: NODE_SECRET.into(),
+            token: "node".into(),
+            expiration: "2099-01-01T00:00:00Z".into(),
+        }
+    }
+}
+
+impl std::fmt::Debug for NodeIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeIdentity")
+            .field("role", &self.role)
+            .field("access_key_id", &self.access_key_id)
+            .finish_non_exhaustive()
+    }
+}
+
 /// One request the stand-in received.
 #[derive(Clone, Debug)]
 pub struct Seen {
@@ -45,10 +81,18 @@ pub struct FakeImds {
 }
 
 impl FakeImds {
-    /// Starts on a free loopback port.
+    /// Starts on a free loopback port, with the default node identity.
     pub async fn start() -> std::io::Result<Self> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        Self::serve(
+            TcpListener::bind("127.0.0.1:0").await?,
+            NodeIdentity::default(),
+        )
+    }
+
+    /// Serves `node`'s metadata on `listener`.
+    pub fn serve(listener: TcpListener, node: NodeIdentity) -> std::io::Result<Self> {
         let addr = listener.local_addr()?;
+        let node = Arc::new(node);
         let seen = Arc::new(Mutex::new(Vec::new()));
         let stop = CancellationToken::new();
         let (log, done) = (seen.clone(), stop.clone());
@@ -61,11 +105,11 @@ impl FakeImds {
                         Err(_) => continue,
                     },
                 };
-                let log = log.clone();
+                let (log, node) = (log.clone(), node.clone());
                 tokio::spawn(async move {
                     let service = service_fn(move |req| {
-                        let log = log.clone();
-                        async move { Ok::<_, Infallible>(answer(&log, &req)) }
+                        let (log, node) = (log.clone(), node.clone());
+                        async move { Ok::<_, Infallible>(answer(&log, &node, &req)) }
                     });
                     let _ = auto::Builder::new(TokioExecutor::new())
                         .serve_connection(TokioIo::new(stream), service)
@@ -88,7 +132,11 @@ impl Drop for FakeImds {
     }
 }
 
-fn answer<B>(log: &Mutex<Vec<Seen>>, req: &Request<B>) -> Response<Full<Bytes>> {
+fn answer<B>(
+    log: &Mutex<Vec<Seen>>,
+    node: &NodeIdentity,
+    req: &Request<B>,
+) -> Response<Full<Bytes>> {
     let headers = req
         .headers()
         .iter()
@@ -118,12 +166,20 @@ fn answer<B>(log: &Mutex<Vec<Seen>>, req: &Request<B>) -> Response<Full<Bytes>> 
         "/latest/meta-data/hostname" => "ip-100-64-0-1.ec2.internal".to_string(),
         "/latest/user-data" => USER_DATA.to_string(),
         "/latest/meta-data/iam/info" => format!(
-            "{{\"InstanceProfileArn\":\"arn:aws:iam::123456789012:instance-profile/{NODE_ROLE}\"}}"
+            "{{\"InstanceProfileArn\":\"arn:aws:iam::123456789012:instance-profile/{}\"}}",
+            node.role
         ),
-        "/latest/meta-data/iam/security-credentials" => NODE_ROLE.to_string(),
-        p if p.starts_with("/latest/meta-data/iam/security-credentials/") => format!(
-            "{{\"Code\":\"Success\",\"AccessKeyId\":\"ASIANODE\",\"SecretAccessKey\":\"{NODE_SECRET}\",\"Token\":\"node\",\"Expiration\":\"2099-01-01T00:00:00Z\"}}"
-        ),
+        "/latest/meta-data/iam/security-credentials" => node.role.clone(),
+        p if p.starts_with("/latest/meta-data/iam/security-credentials/") => serde_json::json!({
+            "Code": "Success",
+            "Type": "AWS-HMAC",
+            "AccessKeyId": node.access_key_id,
+            "SecretAccessKey": node.secret_access_key,
+            "Token": node.token,
+            "Expiration": node.expiration,
+            "LastUpdated": "2026-01-01T00:00:00Z",
+        })
+        .to_string(),
         _ => return reply(StatusCode::NOT_FOUND, String::new()),
     };
     reply(StatusCode::OK, body)

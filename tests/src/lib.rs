@@ -12,6 +12,8 @@
 //! - [`stack`]: a real podiam server with moto, the proxy and a PKI, for end-to-end tests.
 //! - [`sts_proxy`]: a counting, fault-injecting proxy in front of moto (a test double).
 //! - [`manifests`]: loads multi-document YAML manifests into the stand-in.
+//! - [`netns`]: network namespaces: `ip` commands, sockets made inside a namespace.
+//! - [`sandbox`]: the one-machine cluster of `podiam-sandbox` (state, control, supervisor).
 //! - [`process`]: podiam binaries as child processes (admin address, RSS, CPU).
 //! - [`objects`]: builders for the Pod and Namespace manifests tests feed it.
 
@@ -23,7 +25,9 @@ pub mod imds_client;
 pub mod kube_api;
 pub mod manifests;
 pub mod moto;
+pub mod netns;
 pub mod objects;
 pub mod process;
+pub mod sandbox;
 pub mod stack;
 pub mod sts_proxy;

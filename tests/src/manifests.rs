@@ -27,6 +27,12 @@ pub struct LoadedPod {
     pub node: String,
     /// `status.podIP`, as given or assigned.
     pub ip: String,
+    /// The `iam.amazonaws.com/role` annotation.
+    pub role: Option<String>,
+    /// `spec.hostNetwork`.
+    pub host_network: bool,
+    /// `status.phase` is Running (the default).
+    pub running: bool,
 }
 
 /// Why a manifest file could not be loaded.
@@ -60,82 +66,122 @@ pub enum ManifestError {
     },
 }
 
-/// Loads the Namespace and Pod documents of `path` into `kube`. Pods without
-/// `status.podIP` get `100.64.<node>.<n>` (one /24 per node, in file order of nodes);
-/// pods without a phase are Running; pods without a node go to `node-a`.
+/// Reads manifests and assigns what they leave out, remembering its assignments across
+/// files (the sandbox applies more files to a running cluster).
+#[derive(Debug, Default)]
+pub struct Loader {
+    /// Node name → (index in order of first appearance, pods assigned an IP so far).
+    nodes: BTreeMap<String, (usize, u8)>,
+}
+
+/// A file's documents, ready to apply, and what they hold.
+#[derive(Debug)]
+pub struct Parsed {
+    /// The documents, completed.
+    pub docs: Vec<Value>,
+    /// What they hold.
+    pub loaded: Loaded,
+}
+
+/// Loads the Namespace and Pod documents of `path` into `kube` (see [`Loader::parse`]).
 pub fn load(kube: &FakeKube, path: &Path) -> Result<Loaded, ManifestError> {
-    let shown = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|source| ManifestError::Read {
-        path: shown.clone(),
-        source,
-    })?;
-    let docs: Vec<Value> =
-        serde_saphyr::from_multiple(&text).map_err(|e| ManifestError::Parse {
-            path: shown.clone(),
-            message: e.to_string(),
-        })?;
-    let mut loaded = Loaded::default();
-    let mut nodes: BTreeMap<String, (usize, u8)> = BTreeMap::new();
-    for (i, mut doc) in docs.into_iter().enumerate() {
-        if doc.is_null() {
-            continue;
-        }
-        let invalid = |message: String| ManifestError::Invalid {
-            path: shown.clone(),
-            index: i + 1,
-            message,
-        };
-        if doc["metadata"]["name"].as_str().is_none_or(str::is_empty) {
-            return Err(invalid("metadata.name is required".into()));
-        }
-        match doc["kind"].as_str() {
-            Some("Namespace") => {
-                loaded
-                    .namespaces
-                    .push(doc["metadata"]["name"].as_str().unwrap_or_default().into());
-            }
-            Some("Pod") => {
-                if doc["metadata"]["namespace"].as_str().is_none() {
-                    doc["metadata"]["namespace"] = json!("default");
-                }
-                if doc["spec"]["nodeName"].as_str().is_none() {
-                    doc["spec"]["nodeName"] = json!("node-a");
-                }
-                let node = doc["spec"]["nodeName"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_string();
-                let next = nodes.len();
-                let (index, count) = nodes.entry(node.clone()).or_insert((next, 0));
-                if doc["status"]["podIP"].as_str().is_none() {
-                    *count = count
-                        .checked_add(1)
-                        .filter(|c| *c < 255)
-                        .ok_or_else(|| invalid(format!("more than 254 pods on {node}")))?;
-                    let ip = format!("100.64.{}.{}", *index + 1, *count + 1);
-                    doc["status"]["podIP"] = json!(ip);
-                    doc["status"]["podIPs"] = json!([{ "ip": ip }]);
-                }
-                if doc["status"]["phase"].as_str().is_none() {
-                    doc["status"]["phase"] = json!("Running");
-                }
-                loaded.pods.push(LoadedPod {
-                    namespace: doc["metadata"]["namespace"]
-                        .as_str()
-                        .unwrap_or_default()
-                        .into(),
-                    name: doc["metadata"]["name"].as_str().unwrap_or_default().into(),
-                    node,
-                    ip: doc["status"]["podIP"].as_str().unwrap_or_default().into(),
-                });
-            }
-            other => {
-                return Err(invalid(format!(
-                    "kind {other:?} is not supported (Namespace and Pod are)"
-                )));
-            }
-        }
+    let parsed = Loader::default().parse(path)?;
+    for doc in parsed.docs {
         kube.apply(doc);
     }
-    Ok(loaded)
+    Ok(parsed.loaded)
+}
+
+impl Loader {
+    /// The nodes seen so far, in order of first appearance.
+    pub fn nodes(&self) -> Vec<String> {
+        let mut nodes: Vec<_> = self.nodes.iter().collect();
+        nodes.sort_by_key(|(_, (index, _))| *index);
+        nodes.into_iter().map(|(name, _)| name.clone()).collect()
+    }
+
+    /// Reads the Namespace and Pod documents of `path`. Pods without `status.podIP` get
+    /// `100.64.<node>.<n>` (one /24 per node, in order of first appearance); pods without
+    /// a phase are Running; pods without a node go to `node-a`. Nothing is applied.
+    pub fn parse(&mut self, path: &Path) -> Result<Parsed, ManifestError> {
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ManifestError::Read {
+            path: shown.clone(),
+            source,
+        })?;
+        let docs: Vec<Value> =
+            serde_saphyr::from_multiple(&text).map_err(|e| ManifestError::Parse {
+                path: shown.clone(),
+                message: e.to_string(),
+            })?;
+        let mut loaded = Loaded::default();
+        let mut out = Vec::new();
+        for (i, mut doc) in docs.into_iter().enumerate() {
+            if doc.is_null() {
+                continue;
+            }
+            let invalid = |message: String| ManifestError::Invalid {
+                path: shown.clone(),
+                index: i + 1,
+                message,
+            };
+            if doc["metadata"]["name"].as_str().is_none_or(str::is_empty) {
+                return Err(invalid("metadata.name is required".into()));
+            }
+            match doc["kind"].as_str() {
+                Some("Namespace") => {
+                    loaded
+                        .namespaces
+                        .push(doc["metadata"]["name"].as_str().unwrap_or_default().into());
+                }
+                Some("Pod") => {
+                    if doc["metadata"]["namespace"].as_str().is_none() {
+                        doc["metadata"]["namespace"] = json!("default");
+                    }
+                    if doc["spec"]["nodeName"].as_str().is_none() {
+                        doc["spec"]["nodeName"] = json!("node-a");
+                    }
+                    let node = doc["spec"]["nodeName"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string();
+                    let next = self.nodes.len();
+                    let (index, count) = self.nodes.entry(node.clone()).or_insert((next, 0));
+                    if doc["status"]["podIP"].as_str().is_none() {
+                        *count = count
+                            .checked_add(1)
+                            .filter(|c| *c < 255)
+                            .ok_or_else(|| invalid(format!("more than 254 pods on {node}")))?;
+                        let ip = format!("100.64.{}.{}", *index + 1, *count + 1);
+                        doc["status"]["podIP"] = json!(ip);
+                        doc["status"]["podIPs"] = json!([{ "ip": ip }]);
+                    }
+                    if doc["status"]["phase"].as_str().is_none() {
+                        doc["status"]["phase"] = json!("Running");
+                    }
+                    loaded.pods.push(LoadedPod {
+                        namespace: doc["metadata"]["namespace"]
+                            .as_str()
+                            .unwrap_or_default()
+                            .into(),
+                        name: doc["metadata"]["name"].as_str().unwrap_or_default().into(),
+                        node,
+                        ip: doc["status"]["podIP"].as_str().unwrap_or_default().into(),
+                        role: doc["metadata"]["annotations"]["iam.amazonaws.com/role"]
+                            .as_str()
+                            .map(str::to_string),
+                        host_network: doc["spec"]["hostNetwork"].as_bool() == Some(true),
+                        running: doc["status"]["phase"].as_str() == Some("Running"),
+                    });
+                }
+                other => {
+                    return Err(invalid(format!(
+                        "kind {other:?} is not supported (Namespace and Pod are)"
+                    )));
+                }
+            }
+            out.push(doc);
+        }
+        Ok(Parsed { docs: out, loaded })
+    }
 }

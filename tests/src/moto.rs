@@ -18,13 +18,24 @@ pub struct Moto {
 }
 
 /// The venv `scripts/setup` creates.
+pub fn venv() -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.venv");
+    dir.canonicalize().unwrap_or(dir)
+}
+
 fn moto_server() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/moto_server")
+    venv().join("bin/moto_server")
 }
 
 impl Moto {
-    /// Starts moto. Fails loudly when it is not installed: run `scripts/setup`.
+    /// Starts moto on a free loopback port. Fails loudly when it is not installed: run
+    /// `scripts/setup`.
     pub async fn start() -> std::io::Result<Self> {
+        Self::start_on("127.0.0.1").await
+    }
+
+    /// Starts moto on a free port of `host`.
+    pub async fn start_on(host: &str) -> std::io::Result<Self> {
         let bin = moto_server();
         if !bin.exists() {
             return Err(std::io::Error::other(format!(
@@ -33,7 +44,7 @@ impl Moto {
             )));
         }
         let mut child = Command::new(&bin)
-            .args(["-H", "127.0.0.1", "-p", "0"])
+            .args(["-H", host, "-p", "0"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

@@ -4,8 +4,9 @@
 
 use std::{
     collections::HashMap,
-    io::{BufRead, BufReader},
+    io::{BufRead, BufReader, Write},
     net::SocketAddr,
+    path::Path,
     process::{Child, Command, ExitStatus, Stdio},
     sync::Arc,
     time::{Duration, Instant},
@@ -34,7 +35,24 @@ impl Process {
 
     /// Like [`Process::spawn`], and also waits for each `"<what> listening"` line of
     /// `others` (e.g. `"agent API"`), whose addresses [`Process::addr`] then returns.
-    pub fn spawn_announcing(mut cmd: Command, others: &[&str]) -> std::io::Result<Self> {
+    pub fn spawn_announcing(cmd: Command, others: &[&str]) -> std::io::Result<Self> {
+        Self::spawn_inner(cmd, others, None)
+    }
+
+    /// Like [`Process::spawn_announcing`], and also appends every log line to `log`.
+    pub fn spawn_logged(cmd: Command, others: &[&str], log: &Path) -> std::io::Result<Self> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)?;
+        Self::spawn_inner(cmd, others, Some(file))
+    }
+
+    fn spawn_inner(
+        mut cmd: Command,
+        others: &[&str],
+        mut file: Option<std::fs::File>,
+    ) -> std::io::Result<Self> {
         let mut child = cmd.stderr(Stdio::piped()).spawn()?;
         let stderr = child
             .stderr
@@ -55,6 +73,9 @@ impl Process {
                 )));
             };
             let line = line?;
+            if let Some(file) = &mut file {
+                writeln!(file, "{line}")?;
+            }
             logs.lock().push(line.clone());
             let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
             let message = v["message"].as_str().unwrap_or_default();
@@ -72,6 +93,9 @@ impl Process {
         let sink = logs.clone();
         std::thread::spawn(move || {
             for line in lines.map_while(Result::ok) {
+                if let Some(file) = &mut file {
+                    let _ = writeln!(file, "{line}");
+                }
                 sink.lock().push(line);
             }
         });

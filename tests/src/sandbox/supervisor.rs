@@ -1,0 +1,715 @@
+//! The sandbox's supervisor: builds the namespaces, runs every process, writes the
+//! [`State`] after each change, answers [`Request`]s on its Unix socket, and removes all
+//! of it on `down`, SIGTERM or SIGINT. It runs inside the control namespace (`up` puts it
+//! there), so the stand-in API server, moto and the server live there too.
+
+use std::{
+    collections::HashMap,
+    io::Read,
+    net::SocketAddr,
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
+
+use anyhow::{Context, bail};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
+    net::UnixListener,
+};
+
+use super::{
+    ACCOUNT, AGENT_ADMIN_PORT, AGENT_PORT, CTL_IP, NodeState, PodState, Reply, Request,
+    SERVER_PORT, State, dir, veth_name,
+};
+use crate::{
+    certs::Pki,
+    fake_imds::{FakeImds, NodeIdentity},
+    http,
+    kube_api::FakeKube,
+    manifests::{LoadedPod, Loader},
+    moto::{Moto, venv},
+    netns::{self, ip},
+    process::Process,
+    stack::agent_identity,
+};
+
+/// The binaries the sandbox runs.
+#[derive(Clone, Debug)]
+pub struct Bins {
+    /// `podiam-server`.
+    pub server: PathBuf,
+    /// `podiam-agent`.
+    pub agent: PathBuf,
+}
+
+/// Everything the sandbox runs.
+#[derive(Debug)]
+pub struct Supervisor {
+    state: State,
+    dir: PathBuf,
+    bins: Bins,
+    kube: FakeKube,
+    loader: Loader,
+    pki: Pki,
+    server: Option<Process>,
+    agents: HashMap<String, Process>,
+    node_imds: Vec<FakeImds>,
+    moto: Option<Moto>,
+}
+
+/// Prints a progress line for `up`.
+fn step(what: &str) {
+    println!("step {what}");
+}
+
+impl Supervisor {
+    /// Builds the sandbox of `manifests` into the state `up` wrote (the control namespace
+    /// exists and this process is in it). On error, what was built is left in the state
+    /// for [`Supervisor::teardown`].
+    pub async fn start(
+        name: &str,
+        manifests: &Path,
+        bins: Bins,
+    ) -> anyhow::Result<(Self, anyhow::Result<()>)> {
+        let mut state = State::load(name)?;
+        state.supervisor = std::process::id();
+        state.save()?;
+        let dir = dir(name);
+        for sub in ["pki", "nodes", "logs", "home"] {
+            std::fs::create_dir_all(dir.join(sub))?;
+        }
+        let pki = Pki::generate(&dir.join("pki"), "sandbox")?;
+        let kube = FakeKube::start()
+            .await
+            .context("starting the stand-in API server")?;
+        let mut supervisor = Self {
+            state,
+            dir,
+            bins,
+            kube,
+            loader: Loader::default(),
+            pki,
+            server: None,
+            agents: HashMap::new(),
+            node_imds: Vec::new(),
+            moto: None,
+        };
+        let built = supervisor.build(manifests).await;
+        Ok((supervisor, built))
+    }
+
+    async fn build(&mut self, manifests: &Path) -> anyhow::Result<()> {
+        let parsed = self.loader.parse(manifests)?;
+        if parsed.loaded.pods.is_empty() {
+            bail!("{} has no pods", manifests.display());
+        }
+        let ctl = self.state.ctl.clone();
+        ip(&["-n", &ctl, "link", "set", "lo", "up"])?;
+        ip(&[
+            "-n",
+            &ctl,
+            "addr",
+            "add",
+            &format!("{CTL_IP}/32"),
+            "dev",
+            "lo",
+        ])?;
+
+        step("moto (the STS) in the control namespace");
+        let moto = Moto::start_on(CTL_IP).await.context("starting moto")?;
+        self.state.sts = moto.url();
+        self.moto = Some(moto);
+        self.state.save()?;
+
+        step("the stand-in Kubernetes API server, loaded with the manifests");
+        for doc in parsed.docs {
+            self.kube.apply(doc);
+        }
+        step("podiam-server");
+        self.start_server().await?;
+
+        let nodes = self.loader.nodes();
+        let identities = node_identities(&self.state.sts, &nodes)?;
+        for (index, (node, identity)) in nodes.iter().zip(identities).enumerate() {
+            step(&format!(
+                "node {node}: namespace, metadata service, podiam-agent"
+            ));
+            self.add_node(index, node, identity).await?;
+        }
+        for pod in &parsed.loaded.pods {
+            self.wire(pod)?;
+        }
+        self.state.save()?;
+        Ok(())
+    }
+
+    async fn start_server(&mut self) -> anyhow::Result<()> {
+        let kubeconfig = self.dir.join("kubeconfig");
+        self.kube.write_kubeconfig(&kubeconfig)?;
+        let mut cmd = Command::new(&self.bins.server);
+        cmd.env_clear()
+            .env("AWS_ACCESS_KEY_ID", "sandbox")
+            .env("AWS_SECRET_ACCESS_KEY", "sandbox")
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .args(["--listen", &format!("{CTL_IP}:{SERVER_PORT}")])
+            .args(["--admin-addr", "127.0.0.1:0", "--log-format", "json"])
+            .args(["--base-role-arn", &format!("arn:aws:iam::{ACCOUNT}:role/")])
+            .args(["--region", "us-east-1", "--sts-endpoint", &self.state.sts])
+            .arg("--kubeconfig")
+            .arg(&kubeconfig)
+            .arg("--ca")
+            .arg(&self.pki.ca)
+            .arg("--cert")
+            .arg(&self.pki.server.cert)
+            .arg("--key")
+            .arg(&self.pki.server.key);
+        let log = self.dir.join("logs/server.log");
+        let server =
+            tokio::task::spawn_blocking(move || Process::spawn_logged(cmd, &["agent API"], &log))
+                .await?
+                .context("starting podiam-server (see logs/server.log)")?;
+        self.state.server_pid = Some(server.pid());
+        self.state.server_admin = Some(server.admin.to_string());
+        self.state.save()?;
+        http::wait_ready(server.admin, Duration::from_secs(30))
+            .await
+            .context("podiam-server did not become ready (see logs/server.log)")?;
+        self.server = Some(server);
+        Ok(())
+    }
+
+    async fn add_node(
+        &mut self,
+        index: usize,
+        node: &str,
+        identity: NodeIdentity,
+    ) -> anyhow::Result<()> {
+        if index > 250 {
+            bail!("the sandbox supports up to 251 nodes");
+        }
+        let netns = format!("{}-node-{node}", self.state.name);
+        let (ctl_side, node_ip) = (format!("100.100.{index}.1"), format!("100.100.{index}.2"));
+        let veth = format!("vnode{index}");
+        self.state.netns.push(netns.clone());
+        self.state.nodes.push(NodeState {
+            name: node.into(),
+            netns: netns.clone(),
+            ip: node_ip.clone(),
+            role: format!("arn:aws:iam::{ACCOUNT}:role/{}", identity.role),
+            agent_pid: None,
+        });
+        self.state.save()?;
+        let ctl = self.state.ctl.clone();
+        ip(&["netns", "add", &netns])?;
+        ip(&[
+            "-n", &ctl, "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns",
+            &netns,
+        ])?;
+        ip(&[
+            "-n",
+            &ctl,
+            "addr",
+            "add",
+            &format!("{ctl_side}/24"),
+            "dev",
+            &veth,
+        ])?;
+        ip(&["-n", &ctl, "link", "set", &veth, "up"])?;
+        ip(&[
+            "-n",
+            &netns,
+            "addr",
+            "add",
+            &format!("{node_ip}/24"),
+            "dev",
+            "eth0",
+        ])?;
+        for dev in ["eth0", "lo"] {
+            ip(&["-n", &netns, "link", "set", dev, "up"])?;
+        }
+        // The node's routes: its link to the control namespace, the STS and server behind
+        // it, and (added per pod) its pods. No default route.
+        ip(&[
+            "-n",
+            &netns,
+            "route",
+            "add",
+            &format!("{CTL_IP}/32"),
+            "via",
+            &ctl_side,
+        ])?;
+        netns::run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &netns,
+                "sysctl",
+                "-qw",
+                "net.ipv4.ip_forward=1",
+            ],
+        )?;
+        // EC2's metadata service, on the node, with the node's own role.
+        ip(&[
+            "-n",
+            &netns,
+            "addr",
+            "add",
+            "169.254.169.254/32",
+            "dev",
+            "lo",
+        ])?;
+        let listener = netns::bind(&netns, SocketAddr::from(([169, 254, 169, 254], 80)))?;
+        self.node_imds.push(FakeImds::serve(
+            tokio::net::TcpListener::from_std(listener)?,
+            identity,
+        )?);
+        // The agent's ServiceAccount token, bound to this node.
+        let token = random_token()?;
+        self.kube.add_token(&token, agent_identity(node));
+        let node_dir = self.dir.join("nodes").join(node);
+        std::fs::create_dir_all(&node_dir)?;
+        std::fs::write(node_dir.join("token"), &token)?;
+        std::fs::set_permissions(
+            node_dir.join("token"),
+            std::fs::Permissions::from_mode(0o600),
+        )?;
+        self.start_agent(node).await
+    }
+
+    async fn start_agent(&mut self, node: &str) -> anyhow::Result<()> {
+        let Some(state) = self.state.node(node).cloned() else {
+            bail!("no node {node} in the sandbox");
+        };
+        if self.agents.contains_key(node) {
+            bail!("the agent of {node} is already running");
+        }
+        let node_dir = self.dir.join("nodes").join(node);
+        let mut cmd = Command::new("ip");
+        cmd.env_clear()
+            .env(
+                "PATH",
+                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            )
+            .args(["netns", "exec", &state.netns])
+            .arg(&self.bins.agent)
+            .args(["--listen", &format!("{}:{AGENT_PORT}", state.ip)])
+            .args(["--admin-addr", &format!("{}:{AGENT_ADMIN_PORT}", state.ip)])
+            .args([
+                "--iptables",
+                "--host-interface",
+                "cali+",
+                "--require-imdsv2",
+            ])
+            .args(["--server-address", &format!("{CTL_IP}:{SERVER_PORT}")])
+            .args([
+                "--server-name",
+                "localhost",
+                "--server-health-interval",
+                "1s",
+            ])
+            .args(["--log-format", "json"])
+            .arg("--token-file")
+            .arg(node_dir.join("token"))
+            .arg("--token-key-file")
+            .arg(node_dir.join("imds-token.key"))
+            .arg("--ca")
+            .arg(&self.pki.ca)
+            .arg("--cert")
+            .arg(&self.pki.client.cert)
+            .arg("--key")
+            .arg(&self.pki.client.key);
+        let log = self.dir.join(format!("logs/agent-{node}.log"));
+        let agent = tokio::task::spawn_blocking(move || {
+            Process::spawn_logged(cmd, &["metadata endpoint"], &log)
+        })
+        .await?
+        .with_context(|| format!("starting the agent of {node} (see logs/agent-{node}.log)"))?;
+        if let Some(n) = self.state.nodes.iter_mut().find(|n| n.name == node) {
+            n.agent_pid = Some(agent.pid());
+        }
+        self.state.save()?;
+        let admin = agent.admin;
+        self.agents.insert(node.to_string(), agent);
+        http::wait_ready(admin, Duration::from_secs(30))
+            .await
+            .with_context(|| {
+                format!("the agent of {node} did not become ready (see logs/agent-{node}.log)")
+            })?;
+        Ok(())
+    }
+
+    async fn stop_agent(&mut self, node: &str) -> anyhow::Result<()> {
+        let Some(agent) = self.agents.remove(node) else {
+            bail!("the agent of {node} is not running");
+        };
+        tokio::task::spawn_blocking(move || agent.terminate(Duration::from_secs(10))).await??;
+        if let Some(n) = self.state.nodes.iter_mut().find(|n| n.name == node) {
+            n.agent_pid = None;
+        }
+        self.state.save()
+    }
+
+    /// Gives a pod its namespace, wired to its node (hostNetwork pods share the node's;
+    /// finished pods get none).
+    fn wire(&mut self, pod: &LoadedPod) -> anyhow::Result<()> {
+        let Some(node) = self.state.node(&pod.node).cloned() else {
+            bail!(
+                "{}/{} is on node {:?}, which the sandbox does not have",
+                pod.namespace,
+                pod.name,
+                pod.node
+            );
+        };
+        let mut record = PodState {
+            namespace: pod.namespace.clone(),
+            name: pod.name.clone(),
+            node: pod.node.clone(),
+            ip: pod.ip.clone(),
+            role: pod.role.clone(),
+            netns: None,
+        };
+        if pod.host_network {
+            record.netns = Some(node.netns.clone());
+        } else if pod.running {
+            if let Some(other) = self
+                .state
+                .pods
+                .iter()
+                .find(|p| p.ip == pod.ip && p.netns.as_ref().is_some_and(|n| *n != node.netns))
+            {
+                bail!(
+                    "{}/{}: IP {} is in use by {}/{}",
+                    pod.namespace,
+                    pod.name,
+                    pod.ip,
+                    other.namespace,
+                    other.name
+                );
+            }
+            let netns = format!("{}-pod-{}.{}", self.state.name, pod.namespace, pod.name);
+            let veth = veth_name(&pod.namespace, &pod.name);
+            record.netns = Some(netns.clone());
+            self.state.netns.push(netns.clone());
+            self.state.pods.push(record);
+            self.state.save()?;
+            ip(&["netns", "add", &netns])?;
+            ip(&[
+                "-n",
+                &node.netns,
+                "link",
+                "add",
+                &veth,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                &netns,
+            ])?;
+            ip(&[
+                "-n",
+                &netns,
+                "addr",
+                "add",
+                &format!("{}/32", pod.ip),
+                "dev",
+                "eth0",
+            ])?;
+            for dev in ["eth0", "lo"] {
+                ip(&["-n", &netns, "link", "set", dev, "up"])?;
+            }
+            // The pod reaches its node, and through it only the metadata address and the STS.
+            ip(&[
+                "-n",
+                &netns,
+                "route",
+                "add",
+                &format!("{}/32", node.ip),
+                "dev",
+                "eth0",
+                "scope",
+                "link",
+            ])?;
+            for dest in ["169.254.169.254/32", &format!("{CTL_IP}/32")] {
+                ip(&[
+                    "-n", &netns, "route", "add", dest, "via", &node.ip, "dev", "eth0",
+                ])?;
+            }
+            ip(&["-n", &node.netns, "link", "set", &veth, "up"])?;
+            ip(&[
+                "-n",
+                &node.netns,
+                "route",
+                "add",
+                &format!("{}/32", pod.ip),
+                "dev",
+                &veth,
+            ])?;
+            ip(&[
+                "-n",
+                &self.state.ctl,
+                "route",
+                "add",
+                &format!("{}/32", pod.ip),
+                "via",
+                &node.ip,
+            ])?;
+            return Ok(());
+        }
+        self.state.pods.push(record);
+        Ok(())
+    }
+
+    /// Removes a pod's namespace and its routes.
+    fn unwire(&mut self, namespace: &str, name: &str) -> anyhow::Result<()> {
+        let Some(i) = self
+            .state
+            .pods
+            .iter()
+            .position(|p| p.namespace == namespace && p.name == name)
+        else {
+            return Ok(());
+        };
+        let pod = self.state.pods.remove(i);
+        let own = format!("{}-pod-{}.{}", self.state.name, namespace, name);
+        if pod.netns.as_deref() == Some(own.as_str()) {
+            netns::destroy(&own)?;
+            self.state.netns.retain(|n| *n != own);
+            let _ = ip(&[
+                "-n",
+                &self.state.ctl,
+                "route",
+                "del",
+                &format!("{}/32", pod.ip),
+            ]);
+        }
+        self.state.save()
+    }
+
+    async fn handle(&mut self, request: Request) -> anyhow::Result<String> {
+        match request {
+            Request::AgentStop { node } => {
+                self.stop_agent(&node).await?;
+                Ok(format!(
+                    "the agent of {node} stopped (its rules stay in place)"
+                ))
+            }
+            Request::AgentStart { node } => {
+                self.start_agent(&node).await?;
+                Ok(format!("the agent of {node} is ready"))
+            }
+            Request::Apply { file } => {
+                let parsed = self.loader.parse(&file)?;
+                for pod in &parsed.loaded.pods {
+                    if self.state.node(&pod.node).is_none() {
+                        bail!(
+                            "{}/{} is on node {:?}, which the sandbox does not have (nodes: {})",
+                            pod.namespace,
+                            pod.name,
+                            pod.node,
+                            self.loader_nodes()
+                        );
+                    }
+                }
+                let mut lines = Vec::new();
+                for doc in parsed.docs {
+                    self.kube.apply(doc);
+                }
+                for pod in &parsed.loaded.pods {
+                    self.unwire(&pod.namespace, &pod.name)?;
+                    self.wire(pod)?;
+                    lines.push(format!(
+                        "pod {}/{} on {} at {}",
+                        pod.namespace, pod.name, pod.node, pod.ip
+                    ));
+                }
+                for ns in &parsed.loaded.namespaces {
+                    lines.push(format!("namespace {ns}"));
+                }
+                self.state.save()?;
+                Ok(lines.join("\n"))
+            }
+            Request::Delete { pod } => {
+                let Some((namespace, name)) = pod.split_once('/') else {
+                    bail!("{pod:?}: give NAMESPACE/NAME");
+                };
+                if !self.kube.delete_pod(namespace, name) {
+                    bail!("no pod {pod} in the sandbox");
+                }
+                self.unwire(namespace, name)?;
+                Ok(format!("pod {pod} deleted"))
+            }
+            Request::Down => Ok("down".into()),
+        }
+    }
+
+    fn loader_nodes(&self) -> String {
+        self.state
+            .nodes
+            .iter()
+            .map(|n| n.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// Answers requests until `down`, SIGTERM or SIGINT.
+    pub async fn serve(&mut self) -> anyhow::Result<()> {
+        let socket = self.dir.join("control.sock");
+        let _ = std::fs::remove_file(&socket);
+        let listener = UnixListener::bind(&socket)?;
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        loop {
+            let stream = tokio::select! {
+                _ = term.recv() => return Ok(()),
+                _ = tokio::signal::ctrl_c() => return Ok(()),
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(_) => continue,
+                },
+            };
+            let (read, mut write) = stream.into_split();
+            let mut line = String::new();
+            if BufReader::new(read).read_line(&mut line).await.is_err() {
+                continue;
+            }
+            let (reply, down) = match serde_json::from_str::<Request>(&line) {
+                Ok(request) => {
+                    let down = matches!(request, Request::Down);
+                    eprintln!("request: {}", line.trim());
+                    let result = self.handle(request).await;
+                    (
+                        match result {
+                            Ok(message) => Reply { ok: true, message },
+                            Err(error) => Reply {
+                                ok: false,
+                                message: format!("{error:#}"),
+                            },
+                        },
+                        down,
+                    )
+                }
+                Err(error) => (
+                    Reply {
+                        ok: false,
+                        message: format!("bad request: {error}"),
+                    },
+                    false,
+                ),
+            };
+            let reply = if down {
+                // Answer once everything is gone.
+                Reply {
+                    ok: true,
+                    message: self.teardown().await,
+                }
+            } else {
+                reply
+            };
+            let mut text = serde_json::to_string(&reply)?;
+            text.push('\n');
+            let _ = write.write_all(text.as_bytes()).await;
+            if down {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Stops every process and deletes every namespace the state lists; says what it
+    /// removed.
+    pub async fn teardown(&mut self) -> String {
+        let processes = self.agents.len()
+            + usize::from(self.server.is_some())
+            + usize::from(self.moto.is_some());
+        let agents: Vec<_> = self.agents.drain().map(|(_, a)| a).collect();
+        let server = self.server.take();
+        let _ = tokio::task::spawn_blocking(move || {
+            for agent in agents {
+                let _ = agent.terminate(Duration::from_secs(10));
+            }
+            if let Some(server) = server {
+                let _ = server.terminate(Duration::from_secs(10));
+            }
+        })
+        .await;
+        self.moto.take();
+        self.node_imds.clear();
+        let mut removed = Vec::new();
+        for ns in self.state.netns.iter().rev() {
+            match netns::destroy(ns) {
+                Ok(true) => removed.push(ns.clone()),
+                Ok(false) => {}
+                Err(error) => eprintln!("removing netns {ns}: {error:#}"),
+            }
+        }
+        self.state.netns.clear();
+        self.state.nodes.clear();
+        self.state.pods.clear();
+        let _ = self.state.save();
+        let _ = std::fs::remove_file(self.dir.join("control.sock"));
+        format!(
+            "stopped {processes} processes and the in-process stand-ins; removed netns {} (with their veths and rules)",
+            removed.join(", ")
+        )
+    }
+}
+
+/// Credentials of each node's instance role (`sandbox-node-<node>`), from moto, so that
+/// a leak shows in `aws sts get-caller-identity` as the node's role.
+fn node_identities(sts: &str, nodes: &[String]) -> anyhow::Result<Vec<NodeIdentity>> {
+    const SCRIPT: &str = r#"
+import boto3, json, sys
+sts = boto3.client("sts", endpoint_url=sys.argv[1], region_name="us-east-1",
+                   aws_access_key_id="sandbox", aws_secret_access_key="sandbox")
+out = []
+for node in sys.argv[2:]:
+    c = sts.assume_role(RoleArn="arn:aws:iam::123456789012:role/sandbox-node-" + node,
+                        RoleSessionName="i-" + node)["Credentials"]
+    out.append({"role": "sandbox-node-" + node, "id": c["AccessKeyId"],
+                "secret": c["SecretAccessKey"], "token": c["SessionToken"],
+                "expiration": c["Expiration"].strftime("%Y-%m-%dT%H:%M:%SZ")})
+print(json.dumps(out))
+"#;
+    let python = venv().join("bin/python3");
+    let mut cmd = Command::new(&python);
+    cmd.env_clear()
+        .env("AWS_CONFIG_FILE", "/dev/null")
+        .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
+        .arg("-c")
+        .arg(SCRIPT)
+        .arg(sts)
+        .args(nodes);
+    let out = cmd
+        .output()
+        .with_context(|| format!("running {} (scripts/setup installs it)", python.display()))?;
+    if !out.status.success() {
+        bail!(
+            "getting the nodes' credentials from moto: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let list: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout)?;
+    Ok(list
+        .into_iter()
+        .map(|v| {
+            let field = |k: &str| v[k].as_str().unwrap_or_default().to_string();
+            NodeIdentity {
+                role: field("role"),
+                access_key_id: field("id"),
+                secret_access_key: field("secret"),
+                token: field("token"),
+                expiration: field("expiration"),
+            }
+        })
+        .collect())
+}
+
+/// 32 random hex digits from the kernel.
+fn random_token() -> anyhow::Result<String> {
+    let mut bytes = [0u8; 16];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}

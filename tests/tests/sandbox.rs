@@ -1,0 +1,342 @@
+//! End-to-end, through `podiam-sandbox` (root only): real SDK clients in pod namespaces,
+//! the real agent's DNAT with `--require-imdsv2`, the real server, moto as STS, and a
+//! stand-in for each node's metadata service that hands out the node's own role (named
+//! `sandbox-node-*`, so any leak shows in an answer). Outside CI without root these
+//! tests say loudly that they skip; in CI (as root) a missing piece fails them.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Output},
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use podiam_tests::sandbox::State;
+
+const BIN: &str = env!("CARGO_BIN_EXE_podiam-sandbox");
+const NODE_ROLE: &str = "sandbox-node-";
+static NEXT: AtomicU32 = AtomicU32::new(1);
+
+fn root_or_skip(test: &str) -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{test} needs root (network namespaces, iptables) and CI runs as root"
+    );
+    eprintln!("\n*** SKIPPING {test}: it needs root (network namespaces, iptables) ***\n");
+    false
+}
+
+fn example() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/sandbox.yaml")
+}
+
+fn text(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+}
+
+/// A sandbox of its own (own name, own namespaces); `down` when dropped.
+struct Sandbox {
+    name: String,
+    /// What `up` printed.
+    up: String,
+}
+
+impl Sandbox {
+    fn up(file: &Path) -> Self {
+        let name = format!(
+            "t{}-{}",
+            std::process::id() % 100_000,
+            NEXT.fetch_add(1, Ordering::SeqCst)
+        );
+        let out = Command::new(BIN)
+            .args(["--name", &name, "up"])
+            .arg(file)
+            .output()
+            .unwrap();
+        let sandbox = Self {
+            name,
+            up: text(&out),
+        };
+        assert!(out.status.success(), "up failed:\n{}", sandbox.up);
+        sandbox
+    }
+
+    fn cli(&self, args: &[&str]) -> Output {
+        Command::new(BIN)
+            .args(["--name", &self.name])
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(out.status.success(), "{args:?}: {}", text(&out));
+        text(&out)
+    }
+
+    /// Runs a command as `pod`.
+    fn exec(&self, pod: &str, command: &[&str]) -> Output {
+        let mut args = vec!["exec", pod, "--"];
+        args.extend_from_slice(command);
+        self.cli(&args)
+    }
+
+    /// The ARN boto3 (default credential chain) sees in `pod`, and the provider it used,
+    /// or the error.
+    fn boto3(&self, pod: &str) -> String {
+        let script = "import boto3\n\
+            s = boto3.Session()\n\
+            c = s.get_credentials()\n\
+            print('provider', c.method if c else None)\n\
+            print('arn', s.client('sts').get_caller_identity()['Arn'] if c else None)\n";
+        text(&self.exec(pod, &["python3", "-c", script]))
+    }
+
+    /// The ARN the AWS CLI prints in `pod`, or its error.
+    fn cli_identity(&self, pod: &str) -> String {
+        text(&self.exec(
+            pod,
+            &[
+                "aws",
+                "sts",
+                "get-caller-identity",
+                "--query",
+                "Arn",
+                "--output",
+                "text",
+            ],
+        ))
+    }
+
+    /// Raw metadata requests from `pod`: (status or error) of IMDSv1, then the IMDSv2
+    /// role listing and the credentials of the first role listed.
+    fn raw(&self, pod: &str) -> String {
+        text(&self.exec(pod, &["python3", "-c", RAW]))
+    }
+
+    fn state(&self) -> State {
+        State::load(&self.name).unwrap()
+    }
+}
+
+const RAW: &str = r#"
+import urllib.request, urllib.error
+def req(path, method="GET", headers={}):
+    r = urllib.request.Request("http://169.254.169.254" + path, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(r, timeout=3) as rsp:
+            return rsp.status, rsp.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+    except Exception as e:
+        return "error", repr(e)
+print("v1", req("/latest/meta-data/iam/security-credentials/"))
+status, token = req("/latest/api/token", "PUT", {"X-aws-ec2-metadata-token-ttl-seconds": "60"})
+print("token", status)
+h = {"X-aws-ec2-metadata-token": token}
+status, roles = req("/latest/meta-data/iam/security-credentials/", headers=h)
+print("roles", status, roles)
+if status == 200:
+    print("creds", req("/latest/meta-data/iam/security-credentials/" + roles.strip(), headers=h))
+"#;
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        let out = self.cli(&["down"]);
+        if !out.status.success() && !std::thread::panicking() {
+            panic!("down failed: {}", text(&out));
+        }
+    }
+}
+
+#[test]
+fn sdk_clients_in_pods_get_their_own_role_and_nothing_else() {
+    if !root_or_skip("sdk_clients_in_pods_get_their_own_role_and_nothing_else") {
+        return;
+    }
+    let sb = Sandbox::up(&example());
+    // `up` shows every pod's identity: the two permitted pods their roles, the others none.
+    let line = |pod: &str| {
+        sb.up
+            .lines()
+            .find(|l| l.trim_start().starts_with(pod))
+            .unwrap_or_else(|| panic!("{pod} missing from:\n{}", sb.up))
+            .to_string()
+    };
+    assert!(
+        line("payments/api").contains("assumed-role/payments-api/"),
+        "{}",
+        sb.up
+    );
+    assert!(
+        line("analytics/etl").contains("assumed-role/analytics-etl-nightly/"),
+        "{}",
+        sb.up
+    );
+    assert!(
+        line("payments/rogue").contains("no credentials"),
+        "{}",
+        sb.up
+    );
+    assert!(
+        line("analytics/notebook").contains("no credentials"),
+        "{}",
+        sb.up
+    );
+    assert!(!sb.up.contains(NODE_ROLE), "{}", sb.up);
+
+    // boto3's default chain finds the metadata service through the DNAT (IMDSv2).
+    let api = sb.boto3("payments/api");
+    assert!(api.contains("provider iam-role"), "{api}");
+    assert!(
+        api.contains("assumed-role/payments-api/payments.api"),
+        "{api}"
+    );
+    // The AWS CLI too.
+    let etl = sb.cli_identity("analytics/etl");
+    assert!(etl.contains("assumed-role/analytics-etl-nightly/"), "{etl}");
+
+    // IMDSv1 is refused (--require-imdsv2); v2 lists the pod's own role only.
+    let raw = sb.raw("payments/api");
+    assert!(raw.contains("v1 (401"), "{raw}");
+    assert!(raw.contains("roles 200 payments-api"), "{raw}");
+    assert!(raw.contains("AccessKeyId"), "{raw}");
+
+    // The forbidden and the unannotated pods: no credentials from any client.
+    for pod in ["payments/rogue", "analytics/notebook"] {
+        let boto = sb.boto3(pod);
+        assert!(boto.contains("provider None"), "{pod}: {boto}");
+        let cli = sb.cli_identity(pod);
+        assert!(cli.contains("Unable to locate credentials"), "{pod}: {cli}");
+        let raw = sb.raw(pod);
+        assert!(
+            !raw.contains("AccessKeyId") && !raw.contains("roles 200"),
+            "{pod}: {raw}"
+        );
+        assert!(!(boto + &cli + &raw).contains(NODE_ROLE), "{pod}");
+    }
+}
+
+#[test]
+fn an_agent_on_one_node_gets_nothing_for_a_pod_on_another() {
+    if !root_or_skip("an_agent_on_one_node_gets_nothing_for_a_pod_on_another") {
+        return;
+    }
+    let sb = Sandbox::up(&example());
+    let state = sb.state();
+    let etl = state.pod("analytics/etl").unwrap().clone();
+    let node_a = state.node("node-a").unwrap().clone();
+    assert_ne!(etl.node, node_a.name);
+    // A process on node-a borrows the address of a pod of node-b and asks node-a's agent.
+    let ns = &node_a.netns;
+    let ip = |args: &[&str]| {
+        let out = Command::new("ip").args(args).output().unwrap();
+        assert!(out.status.success(), "{args:?}: {}", text(&out));
+    };
+    ip(&[
+        "-n",
+        ns,
+        "addr",
+        "add",
+        &format!("{}/32", etl.ip),
+        "dev",
+        "lo",
+    ]);
+    let script = format!(
+        "import http.client\n\
+        def req(method, path, headers):\n    \
+            c = http.client.HTTPConnection('{agent}', 8181, timeout=5, source_address=('{src}', 0))\n    \
+            c.request(method, path, headers=headers)\n    \
+            r = c.getresponse()\n    \
+            return r.status, r.read().decode()\n\
+        s, t = req('PUT', '/latest/api/token', {{'X-aws-ec2-metadata-token-ttl-seconds': '60'}})\n\
+        print('token', s)\n\
+        print('creds', req('GET', '/latest/meta-data/iam/security-credentials/analytics-etl-nightly', {{'X-aws-ec2-metadata-token': t}}))\n",
+        agent = node_a.ip,
+        src = etl.ip
+    );
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, "python3", "-c", &script])
+        .output()
+        .unwrap();
+    let answer = text(&out);
+    assert!(answer.contains("token 200"), "{answer}");
+    assert!(!answer.contains("AccessKeyId"), "{answer}");
+    assert!(answer.contains("creds (4"), "refused with a 4xx: {answer}");
+    // The server refused it for the node, and said so.
+    let log = std::fs::read_to_string(podiam_tests::sandbox::dir(&sb.name).join("logs/server.log"))
+        .unwrap();
+    assert!(log.contains("node_mismatch"), "{log}");
+    // The pod itself, on its own node, still gets its role.
+    let own = sb.cli_identity("analytics/etl");
+    assert!(own.contains("assumed-role/analytics-etl-nightly/"), "{own}");
+}
+
+#[test]
+fn a_stopped_agent_means_refused_connections_and_a_restarted_one_serves() {
+    if !root_or_skip("a_stopped_agent_means_refused_connections_and_a_restarted_one_serves") {
+        return;
+    }
+    let sb = Sandbox::up(&example());
+    sb.ok(&["agent", "stop", "node-a"]);
+    assert!(sb.ok(&["status"]).contains("podiam-agent stopped"));
+    let raw = sb.raw("payments/api");
+    assert!(
+        raw.contains("v1 ('error'") && raw.contains("refused"),
+        "{raw}"
+    );
+    let cli = sb.cli_identity("payments/api");
+    assert!(!cli.contains("assumed-role"), "{cli}");
+    let boto = sb.boto3("payments/api");
+    assert!(boto.contains("provider None"), "{boto}");
+    assert!(!(raw + &cli + &boto).contains(NODE_ROLE));
+    // Pods of the other node are unaffected.
+    assert!(
+        sb.cli_identity("analytics/etl")
+            .contains("analytics-etl-nightly")
+    );
+
+    sb.ok(&["agent", "start", "node-a"]);
+    let cli = sb.cli_identity("payments/api");
+    assert!(cli.contains("assumed-role/payments-api/"), "{cli}");
+}
+
+#[test]
+fn a_new_pod_on_a_reused_ip_gets_only_its_own_role() {
+    if !root_or_skip("a_new_pod_on_a_reused_ip_gets_only_its_own_role") {
+        return;
+    }
+    let sb = Sandbox::up(&example());
+    let old = sb.state().pod("payments/api").unwrap().clone();
+    assert!(sb.cli_identity("payments/api").contains("payments-api"));
+
+    sb.ok(&["delete", "payments/api"]);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("reports.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: reports\n  namespace: payments\n  \
+             annotations:\n    iam.amazonaws.com/role: payments-reports\n\
+             spec:\n  nodeName: {}\nstatus:\n  podIP: {}\n",
+            old.node, old.ip
+        ),
+    )
+    .unwrap();
+    sb.ok(&["apply", file.to_str().unwrap()]);
+    let new = sb.state().pod("payments/reports").unwrap().clone();
+    assert_eq!(new.ip, old.ip, "the new pod has the old pod's IP");
+
+    let cli = sb.cli_identity("payments/reports");
+    assert!(cli.contains("assumed-role/payments-reports/"), "{cli}");
+    let raw = sb.raw("payments/reports");
+    assert!(raw.contains("roles 200 payments-reports"), "{raw}");
+    assert!(!raw.contains("payments-api"), "{raw}");
+    // The old pod is gone from the sandbox with its namespace.
+    let status = sb.ok(&["status"]);
+    assert!(!status.contains("payments/api "), "{status}");
+}
