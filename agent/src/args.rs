@@ -73,9 +73,10 @@ struct ImdsArgs {
     metadata_addr: String,
 
     /// Paths (normalised, e.g. /latest/meta-data/instance-id) proxied to the real metadata
-    /// service: a regex matched anchored, with or without a trailing slash (kiam:
-    /// --allow-route-regexp). User data and the node's iam/ are never proxied.
-    #[arg(long, env = "PODIAM_ALLOW_ROUTE_REGEXP", default_value = DEFAULT_ALLOW)]
+    /// service: a regex matched anchored, with or without a trailing slash (kiam v4:
+    /// --allow-route-regexp; kiam v3's --whitelist-route-regexp is accepted too). User data
+    /// and the node's iam/ are never proxied.
+    #[arg(long, env = "PODIAM_ALLOW_ROUTE_REGEXP", default_value = DEFAULT_ALLOW, alias = "whitelist-route-regexp")]
     allow_route_regexp: String,
 
     /// Deadline of a request to the real metadata service.

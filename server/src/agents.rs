@@ -6,14 +6,32 @@
 //! `authentication.kubernetes.io/node-name` extra. Every projected token of every pod
 //! carries that extra, which is why the ServiceAccount must match too: without that check,
 //! any pod's token would pass for an agent. Results are cached briefly by token hash.
+//! While the API server cannot be reached, a token accepted before keeps being accepted
+//! until it expires (at most [`STALE_LIMIT`] after its last review), so that an API server
+//! outage does not stop agents that were already known from being served.
 
-use std::{fmt, sync::Arc, time::Duration};
+use std::{
+    fmt,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
 
 use futures::{FutureExt, future::BoxFuture};
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
 use kube::{Api, Client, api::PostParams};
 
 use crate::issue::Caller;
+
+/// How long a token accepted by a TokenReview is still accepted while TokenReviews fail
+/// (bounded by the token's own expiry).
+pub const STALE_LIMIT: Duration = Duration::from_secs(3600);
+
+/// How long a TokenReview may take before it counts as failed (agents give up on a server
+/// after 5 s by default).
+pub const REVIEW_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The token extra that names the node of the pod the token was issued to.
 pub const NODE_NAME_EXTRA: &str = "authentication.kubernetes.io/node-name";
@@ -60,6 +78,10 @@ pub struct TokenReviewer {
     /// Keyed by SHA-256 of the token, so the cache holds no tokens.
     accepted: moka::sync::Cache<[u8; 32], Caller>,
     rejected: moka::sync::Cache<[u8; 32], AuthError>,
+    /// Accepted tokens with their expiry, for when the API server cannot be reached.
+    known: moka::sync::Cache<[u8; 32], (Caller, SystemTime)>,
+    /// When the fallback was last logged (Unix seconds).
+    warned: Arc<AtomicU64>,
 }
 
 // === impl Unbound ===
@@ -94,10 +116,16 @@ impl TokenReviewer {
                 .max_capacity(100_000)
                 .time_to_live(ttl.min(Duration::from_secs(5)))
                 .build(),
+            known: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(STALE_LIMIT)
+                .build(),
+            warned: Arc::new(AtomicU64::new(0)),
         }
     }
 
     async fn review(self, token: String, key: [u8; 32]) -> Result<Caller, AuthError> {
+        let expires = token_expiry(&token);
         let review = TokenReview {
             spec: TokenReviewSpec {
                 token: Some(token),
@@ -105,19 +133,51 @@ impl TokenReviewer {
             },
             ..TokenReview::default()
         };
-        let result = self
-            .api
-            .create(&PostParams::default(), &review)
-            .await
-            .map_err(|e| AuthError::Unavailable(e.to_string()))?;
+        let params = PostParams::default();
+        let call = self.api.create(&params, &review);
+        let result = match tokio::time::timeout(REVIEW_TIMEOUT, call).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(error)) => return self.fallback(key, error.to_string()),
+            Err(_) => {
+                return self.fallback(key, format!("no answer within {REVIEW_TIMEOUT:?}"));
+            }
+        };
         let verdict = self.judge(&result);
         match &verdict {
-            Ok(caller) => self.accepted.insert(key, caller.clone()),
+            Ok(caller) => {
+                self.accepted.insert(key, caller.clone());
+                let limit = SystemTime::now() + STALE_LIMIT;
+                let until = expires.map_or(limit, |e| e.min(limit));
+                self.known.insert(key, (caller.clone(), until));
+            }
             // An unreachable API server is not the token's fault: not cached.
             Err(AuthError::Unavailable(_)) => {}
             Err(error) => self.rejected.insert(key, error.clone()),
         }
         verdict
+    }
+
+    /// The TokenReview failed: a token accepted before, and not expired, still passes.
+    fn fallback(&self, key: [u8; 32], error: String) -> Result<Caller, AuthError> {
+        let now = SystemTime::now();
+        match self.known.get(&key) {
+            Some((caller, until)) if until > now => {
+                let secs = now.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+                let last = self.warned.load(Ordering::Relaxed);
+                if secs >= last + 30
+                    && self
+                        .warned
+                        .compare_exchange(last, secs, Ordering::Relaxed, Ordering::Relaxed)
+                        .is_ok()
+                {
+                    tracing::warn!(%error, "TokenReview failed: accepting agents' tokens reviewed before, until they expire");
+                }
+                // Not asked again (and waited for) until the review cache expires.
+                self.accepted.insert(key, caller.clone());
+                Ok(caller)
+            }
+            _ => Err(AuthError::Unavailable(error)),
+        }
     }
 
     fn judge(&self, review: &TokenReview) -> Result<Caller, AuthError> {
@@ -184,7 +244,39 @@ impl fmt::Debug for TokenReviewer {
     }
 }
 
+/// The `exp` claim of a JWT (the token was verified by the TokenReview; this only bounds
+/// how long it is remembered), or `None` if it has none.
+fn token_expiry(token: &str) -> Option<SystemTime> {
+    use base64::Engine;
+    let payload = token.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .ok()?;
+    let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    Some(UNIX_EPOCH + Duration::from_secs(claims["exp"].as_u64()?))
+}
+
 /// Shared handle.
 pub fn shared<A: Authenticate>(a: A) -> Arc<dyn Authenticate> {
     Arc::new(a)
+}
+
+#[cfg(test)]
+mod tests {
+    use base64::Engine;
+
+    use super::*;
+
+    #[test]
+    fn token_expiry_is_read_from_the_jwt() {
+        let claims = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .encode(br#"{"aud":["podiam"],"exp":1900000000,"sub":"x"}"#);
+        let token = format!("eyJhbGciOiJSUzI1NiJ9.{claims}.c2ln");
+        assert_eq!(
+            token_expiry(&token),
+            Some(UNIX_EPOCH + Duration::from_secs(1_900_000_000))
+        );
+        assert_eq!(token_expiry("not-a-jwt"), None);
+        assert_eq!(token_expiry("a.!!!.c"), None);
+    }
 }

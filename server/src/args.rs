@@ -23,7 +23,7 @@ use crate::{
     api::{AgentApi, ApiMetrics},
     events::KubeEvents,
     explain::ExplainArgs,
-    issue::{CHAINED_MAX, Issuer, SessionSettings},
+    issue::{CHAINED_MAX, Issuer, SessionScope, SessionSettings},
     pods::{
         ClusterIndex,
         metrics::{IndexCollector, WatchMetrics},
@@ -72,8 +72,8 @@ enum Command {
 /// How to reach the Kubernetes API server.
 #[derive(Clone, Debug, clap::Args)]
 pub struct KubeArgs {
-    /// Path to a kubeconfig file. Without it: the in-cluster service account, else
-    /// $KUBECONFIG or ~/.kube/config.
+    /// Path to a kubeconfig file. Without it: $KUBECONFIG or ~/.kube/config if present,
+    /// else the in-cluster service account.
     #[arg(long, env = "PODIAM_KUBECONFIG", global = true)]
     pub kubeconfig: Option<PathBuf>,
 
@@ -172,6 +172,12 @@ struct StsArgs {
     /// kubernetes-service-account (role trust policies must allow sts:TagSession).
     #[arg(long, env = "PODIAM_SESSION_TAGS")]
     session_tags: bool,
+
+    /// Who shares an STS session: `pod` (one per pod, named NAMESPACE.POD, so CloudTrail
+    /// names the pod) or `role` (one per role, named podiam-ROLE, as kiam does: STS calls
+    /// grow with roles, not pods). `role` cannot be combined with --session-tags.
+    #[arg(long, env = "PODIAM_SESSION_SCOPE", value_enum, default_value_t = SessionScope::Pod)]
+    session_scope: SessionScope,
 
     /// Timeout of one AssumeRole attempt (up to 3 attempts with backoff).
     #[arg(long, env = "PODIAM_STS_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration)]
@@ -456,6 +462,7 @@ impl StsArgs {
             session_duration,
             session_refresh,
             session_tags,
+            session_scope,
             sts_timeout,
             sts_negative_cache,
             prefetch_buffer_size,
@@ -495,10 +502,16 @@ impl StsArgs {
             prefetch_concurrency: *prefetch_concurrency,
             ..BrokerConfig::default()
         };
+        if *session_tags && *session_scope == SessionScope::Role {
+            bail!(
+                "--session-tags tags a session with its pod: it needs --session-scope pod (one session per pod)"
+            );
+        }
         let sessions = SessionSettings {
             default_duration: *session_duration,
             chained: sts.chained,
             tags: *session_tags,
+            scope: *session_scope,
         };
         Ok((sts, broker, sessions))
     }

@@ -28,6 +28,19 @@ pub struct SessionSettings {
     pub chained: bool,
     /// Whether to tag sessions with the pod's namespace, name and service account.
     pub tags: bool,
+    /// Who shares a session when the pod's annotation names none.
+    pub scope: SessionScope,
+}
+
+/// Who shares an STS session (when no `iam.amazonaws.com/session-name` says otherwise).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum SessionScope {
+    /// One session per pod, named `NAMESPACE.POD`: CloudTrail names the pod.
+    #[default]
+    Pod,
+    /// One session per role (and external ID and duration), named `podiam-ROLE`: STS
+    /// calls grow with the number of roles, not pods (kiam's behaviour).
+    Role,
 }
 
 /// Who is asking: the agent's node, learnt from its ServiceAccount token (`None` when node
@@ -325,9 +338,10 @@ impl Issuer {
         if settings.chained {
             duration = duration.min(CHAINED_MAX);
         }
-        let session_name = match &grant.session_name {
-            Some(name) => name.as_str().into(),
-            None => session_name(&pod.key),
+        let session_name = match (&grant.session_name, settings.scope) {
+            (Some(name), _) => name.as_str().into(),
+            (None, SessionScope::Pod) => session_name(&pod.key),
+            (None, SessionScope::Role) => role_session_name(&grant.role_arn),
         };
         let tags: Arc<[(&'static str, String)]> = if settings.tags {
             let mut tags = vec![
@@ -375,10 +389,19 @@ fn is_role(requested: &str, role: &RoleArn) -> bool {
     requested == role.as_str() || requested == role.name()
 }
 
-/// `namespace.pod`, reduced to STS's `[\w+=,.@-]{2,64}`; a longer one keeps a hash of the
-/// whole so that two long pod names do not share a session.
+/// `podiam-ROLE` for a session shared by every pod of the role (see [`sts_name`]).
+pub fn role_session_name(role: &RoleArn) -> Arc<str> {
+    sts_name(&format!("podiam-{}", role.name()))
+}
+
+/// `namespace.pod`, reduced to STS's `[\w+=,.@-]{2,64}` (see [`sts_name`]).
 pub fn session_name(pod: &PodKey) -> Arc<str> {
-    let raw = format!("{}.{}", pod.namespace, pod.name);
+    sts_name(&format!("{}.{}", pod.namespace, pod.name))
+}
+
+/// `raw` reduced to STS's `[\w+=,.@-]{2,64}`; a longer one keeps a hash of the whole so
+/// that two long names do not share a session.
+fn sts_name(raw: &str) -> Arc<str> {
     let mut name: String = raw
         .chars()
         .map(|c| {
@@ -432,6 +455,18 @@ mod tests {
             long.chars()
                 .all(|c| c.is_ascii_alphanumeric() || "_+=,.@-".contains(c))
         );
+    }
+
+    #[test]
+    fn role_scoped_sessions_are_named_after_the_role() {
+        let role = RoleArn::parse("arn:aws:iam::123456789012:role/team/web").unwrap();
+        assert_eq!(&*role_session_name(&role), "podiam-web");
+        let long = RoleArn::parse(&format!(
+            "arn:aws:iam::123456789012:role/{}",
+            "r".repeat(64)
+        ))
+        .unwrap();
+        assert_eq!(role_session_name(&long).len(), 64);
     }
 
     #[test]

@@ -368,3 +368,87 @@ async fn sts_trouble_keeps_cached_credentials_and_fails_cold_requests_fast() {
     );
     assert_eq!(env.proxy.calls("AssumeRole/team-a.web-d"), 1);
 }
+
+#[tokio::test]
+async fn role_scoped_sessions_are_shared_by_the_pods_of_a_role() {
+    let kube = FakeKube::start().await.unwrap();
+    kube.apply(namespace(
+        "team-a",
+        &[("iam.amazonaws.com/permitted", &arn("web.*"))],
+    ));
+    for (name, ip) in [("web-0", "10.0.0.1"), ("web-1", "10.0.0.2")] {
+        kube.apply(
+            pod("team-a", name)
+                .ip(ip)
+                .role("web")
+                .node("node-a")
+                .build(),
+        );
+    }
+    kube.add_token(AGENT_A, agent_identity("node-a"));
+    let env = ServerStack::start(
+        std::path::Path::new(BIN),
+        kube,
+        &["--session-scope", "role"],
+    )
+    .await
+    .unwrap();
+    let mut c = client(&env).await;
+    let (s0, a) = credentials(&mut c, AGENT_A, "10.0.0.1", Some("web")).await;
+    let (s1, b) = credentials(&mut c, AGENT_A, "10.0.0.2", Some("web")).await;
+    assert_eq!((s0, s1), (200, 200), "{a} {b}");
+    let key = &a["credentials"]["access_key_id"];
+    assert!(key.is_string(), "{a}");
+    assert_eq!(
+        key, &b["credentials"]["access_key_id"],
+        "one session for the role"
+    );
+    assert_eq!(env.proxy.calls("AssumeRole/podiam-web"), 1);
+    assert_eq!(env.proxy.calls("AssumeRole/team-a.web-0"), 0);
+}
+
+#[tokio::test]
+async fn known_agents_are_served_while_the_api_server_cannot_review_tokens() {
+    let kube = FakeKube::start().await.unwrap();
+    kube.apply(namespace(
+        "team-a",
+        &[("iam.amazonaws.com/permitted", &arn("web.*"))],
+    ));
+    kube.apply(
+        pod("team-a", "web-0")
+            .ip("10.0.0.1")
+            .role("web")
+            .node("node-a")
+            .build(),
+    );
+    kube.add_token(AGENT_A, agent_identity("node-a"));
+    kube.add_token(AGENT_B, agent_identity("node-a"));
+    let env = ServerStack::start(
+        std::path::Path::new(BIN),
+        kube,
+        &["--token-review-cache", "200ms"],
+    )
+    .await
+    .unwrap();
+    let mut c = client(&env).await;
+    let (code, v) = credentials(&mut c, AGENT_A, "10.0.0.1", Some("web")).await;
+    assert_eq!(code, 200, "{v}");
+    let reviews = env.kube.token_reviews();
+
+    env.kube.set_token_reviews_down(true);
+    // Past the review cache (its TTL is the only signal): the next request reviews again.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let (code, v) = credentials(&mut c, AGENT_A, "10.0.0.1", Some("web")).await;
+    assert_eq!(code, 200, "a known agent is still served: {v}");
+    assert!(
+        env.kube.token_reviews() == reviews,
+        "the failed review was not answered"
+    );
+    // A token never reviewed is not let in.
+    let (code, v) = credentials(&mut c, AGENT_B, "10.0.0.1", Some("web")).await;
+    assert_eq!(code, 503, "{v}");
+
+    env.kube.set_token_reviews_down(false);
+    let (code, v) = credentials(&mut c, AGENT_B, "10.0.0.1", Some("web")).await;
+    assert_eq!(code, 200, "{v}");
+}

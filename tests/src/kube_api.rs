@@ -81,6 +81,7 @@ pub struct TokenIdentity {
 #[derive(Debug)]
 struct Shared {
     tokens: Mutex<HashMap<String, TokenIdentity>>,
+    reviews_down: std::sync::atomic::AtomicBool,
     reviews: watch::Sender<u64>,
     events: watch::Sender<Vec<Value>>,
     state: Mutex<State>,
@@ -140,6 +141,7 @@ impl FakeKube {
         let (changes, _) = broadcast::channel(16 * 1024);
         let shared = Arc::new(Shared {
             tokens: Mutex::new(HashMap::new()),
+            reviews_down: std::sync::atomic::AtomicBool::new(false),
             reviews: watch::channel(0).0,
             events: watch::channel(Vec::new()).0,
             state: Mutex::new(State {
@@ -248,6 +250,22 @@ impl FakeKube {
         state.history.clear();
     }
 
+    /// Keeps only the newest `keep` history records of each kind, as an API server's
+    /// watch cache does: a watch resuming from before them gets 410 (for long benchmarks,
+    /// whose history would otherwise grow without bound).
+    pub fn trim_history(&self, keep: usize) {
+        let mut state = self.shared.state.lock();
+        let mut oldest_kept = state.compacted;
+        for records in state.history.values_mut() {
+            if records.len() > keep {
+                let cut = records.len() - keep;
+                oldest_kept = oldest_kept.max(records[cut - 1].rv);
+                records.drain(..cut);
+            }
+        }
+        state.compacted = oldest_kept;
+    }
+
     /// Sends a bookmark at the current resourceVersion to every watch that asked for them.
     pub fn bookmark(&self) {
         let rv = self.shared.state.lock().rv;
@@ -308,6 +326,13 @@ impl FakeKube {
             .tokens
             .lock()
             .insert(token.to_string(), identity);
+    }
+
+    /// While `down`, TokenReviews fail with 503, as when the API server is unreachable.
+    pub fn set_token_reviews_down(&self, down: bool) {
+        self.shared
+            .reviews_down
+            .store(down, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// TokenReviews answered so far.
@@ -421,6 +446,16 @@ async fn route(shared: Arc<Shared>, req: Request<hyper::body::Incoming>) -> Resp
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     match (req.method().clone(), segments.as_slice()) {
         (Method::POST, ["apis", "authentication.k8s.io", "v1", "tokenreviews"]) => {
+            if shared
+                .reviews_down
+                .load(std::sync::atomic::Ordering::SeqCst)
+            {
+                return status(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "ServiceUnavailable",
+                    "down",
+                );
+            }
             return token_review(&shared, req).await;
         }
         (

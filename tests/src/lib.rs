@@ -6,6 +6,7 @@
 //! - [`http`]: a minimal HTTP client for admin endpoints.
 //! - [`api_client`]: an HTTP/2 mutual-TLS client of the server's agent API.
 //! - [`fake_imds`]: the node's real metadata service, with the node's secrets (a test double).
+//! - [`fake_sts`]: a counting in-memory STS and a clock for the broker under paused time.
 //! - [`imds_client`]: a metadata client that picks its source address, and a raw mode.
 //! - [`certs`]: a test PKI (rcgen) for mutual TLS.
 //! - [`moto`]: moto, from the project's venv, as the STS.
@@ -20,6 +21,7 @@
 pub mod api_client;
 pub mod certs;
 pub mod fake_imds;
+pub mod fake_sts;
 pub mod http;
 pub mod imds_client;
 pub mod kube_api;

@@ -1,75 +1,20 @@
 //! The STS broker with paused time: refresh ahead, the 15-minute floor, single flight,
-//! negative caching, prefetch overflow. The STS here is a test double (below); the broker
-//! against real STS semantics (moto) is covered by the server's API tests.
+//! negative caching, prefetch overflow. The STS here is a test double
+//! (`podiam_tests::fake_sts`); the broker against real STS semantics (moto) is covered by
+//! the server's API tests.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::{
-    sync::{
-        Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering},
-    },
+    sync::{Arc, atomic::Ordering},
     time::{Duration, SystemTime},
 };
 
-use futures::{FutureExt, future::BoxFuture};
-use podiam_common::{protocol::Credentials, secret::Secret};
-use podiam_server::sts::{
-    AssumeRole, Broker, BrokerConfig, Clock, SessionKey, StsError, metrics::BrokerMetrics,
-};
+use podiam_server::sts::{Broker, BrokerConfig, SessionKey, metrics::BrokerMetrics};
+use podiam_tests::fake_sts::{FakeSts, TokioClock};
 use prometheus::Registry;
-use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 const MIN: Duration = Duration::from_secs(60);
-
-/// **Test double**: wall-clock time that moves with tokio's (paused) clock.
-#[derive(Debug)]
-struct TokioClock {
-    start: Instant,
-    wall: SystemTime,
-}
-
-impl Clock for TokioClock {
-    fn now(&self) -> SystemTime {
-        self.wall + self.start.elapsed()
-    }
-}
-
-/// **Test double**: an STS that issues credentials for `key.duration` from the clock's
-/// now, after `delay`, numbering them; it can be made to fail.
-#[derive(Debug)]
-struct FakeSts {
-    clock: Arc<TokioClock>,
-    calls: AtomicU64,
-    failing: AtomicBool,
-    delay: Duration,
-}
-
-impl AssumeRole for FakeSts {
-    fn assume_role(&self, key: &SessionKey) -> BoxFuture<'static, Result<Credentials, StsError>> {
-        let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
-        let failing = self.failing.load(Ordering::SeqCst);
-        let clock = self.clock.clone();
-        let delay = self.delay;
-        let duration = key.duration;
-        async move {
-            tokio::time::sleep(delay).await;
-            if failing {
-                return Err(StsError::Service {
-                    code: "Throttling".into(),
-                    message: "Rate exceeded".into(),
-                });
-            }
-            Ok(Credentials {
-                access_key_id: format!("ASIAFAKE{n:08}"),
-                secret_access_key: Secret::new(format!("secret-{n}")),
-                session_token: Secret::new(format!("token-{n}")),
-                expiration: clock.now() + duration,
-            })
-        }
-        .boxed()
-    }
-}
 
 struct Setup {
     broker: Broker,
@@ -79,16 +24,8 @@ struct Setup {
 }
 
 fn setup(delay: Duration, config: BrokerConfig) -> Setup {
-    let clock = Arc::new(TokioClock {
-        start: Instant::now(),
-        wall: SystemTime::now(),
-    });
-    let sts = Arc::new(FakeSts {
-        clock: clock.clone(),
-        calls: AtomicU64::new(0),
-        failing: AtomicBool::new(false),
-        delay,
-    });
+    let clock = Arc::new(TokioClock::new());
+    let sts = Arc::new(FakeSts::new(clock.clone(), delay));
     let metrics = BrokerMetrics::register(&Registry::new()).unwrap();
     let shutdown = CancellationToken::new();
     let broker = Broker::new(

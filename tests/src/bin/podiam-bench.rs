@@ -7,6 +7,19 @@
 //! build) is started against it; we time spawn → `/readyz` 200 and read its RSS.
 //!
 //! `podiam-bench api`: warm credential requests through the server's agent API.
+//!
+//! `podiam-bench agent`: warm credential requests from a pod through agent and server,
+//! each level measured against a *floor* in the same run: a bare hyper server (its own
+//! process, `podiam-bench floor`) answering the same bytes to the same client.
+//!
+//! `podiam-bench churn`: server RSS while pods are created and deleted (a simulated hour
+//! at a given rate, replayed faster).
+//!
+//! `podiam-bench sts`: AssumeRole calls of the broker for N pods over R roles across
+//! simulated hours (paused clock, in-memory STS), against the ideal.
+//!
+//! `podiam-bench prefetch`: the share of new pods whose first request is served from the
+//! cache, with pods created at a given rate and STS answering after a fixed delay.
 
 use std::{
     path::{Path, PathBuf},
@@ -52,20 +65,84 @@ enum Bench {
         #[arg(long, value_enum, default_value_t = Policies::Distinct)]
         policies: Policies,
     },
-    /// Warm credential requests from a pod through agent and server (IMDSv2; STS = moto).
-    /// Warm credential requests through the server's agent API (mTLS HTTP/2, node
-    /// binding on, STS = moto): latency percentiles, throughput, server RSS and CPU.
+    /// Warm credential requests from a pod through agent and server (IMDSv2; STS = moto),
+    /// against the floor: a bare hyper server answering the same bytes.
     Agent {
         /// Concurrent clients (keep-alive connections from the pod's address).
-        #[arg(long, default_value = "1,64", value_delimiter = ',')]
+        #[arg(long, default_value = "1,16,64,256", value_delimiter = ',')]
         concurrency: Vec<usize>,
-        /// How long each level runs.
-        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        /// How long each level runs (floor and agent each).
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
         duration: Duration,
+        /// Rounds (floor then agent each time); medians and spreads are reported.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
         /// The server binary (the agent is taken from the same directory).
         #[arg(long)]
         server: Option<PathBuf>,
     },
+    /// Server RSS under pod churn: pods created and deleted at --rate per simulated
+    /// second for --simulated, replayed --speed times faster.
+    Churn {
+        /// Pods present throughout.
+        #[arg(long, default_value_t = 10_000)]
+        pods: usize,
+        /// Namespaces.
+        #[arg(long, default_value_t = 500)]
+        namespaces: usize,
+        /// Pods created (and as many deleted) per simulated second.
+        #[arg(long, default_value_t = 50)]
+        rate: usize,
+        /// Simulated time.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        simulated: Duration,
+        /// How much faster than real time it is replayed.
+        #[arg(long, default_value_t = 20)]
+        speed: usize,
+        /// The server binary.
+        #[arg(long)]
+        server: Option<PathBuf>,
+    },
+    /// AssumeRole calls for N pods over R roles across simulated hours (broker with a
+    /// paused clock and an in-memory STS), against the ideal.
+    Sts {
+        /// Pods.
+        #[arg(long, default_value_t = 1000)]
+        pods: usize,
+        /// Roles (pod i has role i mod R).
+        #[arg(long, default_value_t = 20)]
+        roles: usize,
+        /// Simulated hours (the first is the cold start; steady state is counted after).
+        #[arg(long, default_value_t = 4)]
+        hours: u64,
+    },
+    /// Share of new pods whose first request finds their session ready (prefetch), with
+    /// pods created at each rate and STS answering after --sts-delay.
+    Prefetch {
+        /// Pods created per second, comma-separated.
+        #[arg(long, default_value = "10,100", value_delimiter = ',')]
+        rates: Vec<u32>,
+        /// Pods per rate.
+        #[arg(long, default_value_t = 500)]
+        pods: usize,
+        /// Added STS latency (moto behind the delaying proxy).
+        #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
+        sts_delay: Duration,
+        /// Time from a pod's creation (with its IP) to its first request: container start.
+        #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+        first_request_after: Duration,
+        /// The server binary.
+        #[arg(long)]
+        server: Option<PathBuf>,
+    },
+    /// (internal) The floor for `agent`: a bare hyper server answering `body`.
+    #[command(hide = true)]
+    Floor {
+        /// The bytes to answer.
+        body: PathBuf,
+    },
+    /// Warm credential requests through the server's agent API (mTLS HTTP/2, node
+    /// binding on, STS = moto): latency percentiles, throughput, server RSS and CPU.
     Api {
         /// Concurrent clients, comma-separated.
         #[arg(long, default_value = "1,16,64", value_delimiter = ',')]
@@ -87,9 +164,60 @@ enum Policies {
 
 const ACCOUNT: &str = "123456789012";
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    match Args::parse().bench {
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    if let Bench::Sts { pods, roles, hours } = args.bench {
+        // Simulated hours: tokio's clock is paused and jumps to the next timer.
+        return tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .start_paused(true)
+            .build()?
+            .block_on(sts(pods, roles, hours));
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(run(args.bench))
+}
+
+async fn run(bench: Bench) -> anyhow::Result<()> {
+    match bench {
+        Bench::Sts { .. } => bail!("the sts bench runs on its own paused runtime"),
+        Bench::Floor { body } => floor(&body).await?,
+        Bench::Churn {
+            pods,
+            namespaces,
+            rate,
+            simulated,
+            speed,
+            server,
+        } => {
+            churn(
+                &server_path(server)?,
+                pods,
+                namespaces,
+                rate,
+                simulated,
+                speed,
+            )
+            .await?
+        }
+        Bench::Prefetch {
+            rates,
+            pods,
+            sts_delay,
+            first_request_after,
+            server,
+        } => {
+            prefetch(
+                &server_path(server)?,
+                &rates,
+                pods,
+                sts_delay,
+                first_request_after,
+            )
+            .await?
+        }
         Bench::Api {
             concurrency,
             duration,
@@ -98,8 +226,9 @@ async fn main() -> anyhow::Result<()> {
         Bench::Agent {
             concurrency,
             duration,
+            runs,
             server,
-        } => agent(&server_path(server)?, &concurrency, duration).await?,
+        } => agent(&server_path(server)?, &concurrency, duration, runs).await?,
         Bench::Index {
             sizes,
             runs,
@@ -224,8 +353,14 @@ async fn bench_cluster() -> anyhow::Result<FakeKube> {
     Ok(kube)
 }
 
-/// Warm credential requests through agent and server, as a pod's SDK makes them.
-async fn agent(server: &Path, levels: &[usize], duration: Duration) -> anyhow::Result<()> {
+/// Warm credential requests through agent and server, as a pod's SDK makes them, each
+/// level against the floor (a bare hyper server answering the same bytes) in the same run.
+async fn agent(
+    server: &Path,
+    levels: &[usize],
+    duration: Duration,
+    runs: usize,
+) -> anyhow::Result<()> {
     let stack = ServerStack::start(server, bench_cluster().await?, &[]).await?;
     let agent_bin = server.with_file_name("podiam-agent");
     let token_file = stack.dir.path().join("sa-token");
@@ -270,57 +405,180 @@ async fn agent(server: &Path, levels: &[usize], duration: Duration) -> anyhow::R
     if warm.status != 200 {
         bail!("warm-up request failed: {} {}", warm.status, warm.body);
     }
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The floor answers the very bytes the agent answered, from its own process.
+    let body_file = stack.dir.path().join("floor-body");
+    std::fs::write(&body_file, &warm.body)?;
+    let mut floor_cmd = Command::new(std::env::current_exe()?);
+    floor_cmd.arg("floor").arg(&body_file);
+    let floor = tokio::task::spawn_blocking(move || Process::spawn(floor_cmd)).await??;
+    let floor_addr = floor
+        .addr("floor")
+        .context("the floor announced no address")?;
+
+    // Idle: nothing but health checks, for 10 s.
+    let (a0, t0) = (agent.cpu_time().unwrap_or_default(), Instant::now());
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let idle_cpu = agent.cpu_time().unwrap_or_default().saturating_sub(a0);
     println!(
-        "agent {}; idle RSS: agent {:.1} MiB, server {:.1} MiB",
+        "agent {}; idle: agent RSS {:.1} MiB, CPU {:.4} cores (over {:.0?}); server RSS {:.1} MiB; {} B per answer",
         agent_bin.display(),
         agent.rss_kib().unwrap_or(0) as f64 / 1024.0,
-        stack.server.rss_kib().unwrap_or(0) as f64 / 1024.0
+        idle_cpu.as_secs_f64() / t0.elapsed().as_secs_f64(),
+        t0.elapsed(),
+        stack.server.rss_kib().unwrap_or(0) as f64 / 1024.0,
+        warm.body.len(),
     );
+    println!("\n{runs} rounds of {duration:?} per level, floor then agent; medians (min-max)\n");
     println!(
-        "| mode | clients | requests/s | p50 | p99 | p99.9 | agent RSS | agent CPU | server CPU |"
+        "| mode | clients | floor req/s | agent req/s | agent / floor | floor p99 | agent p50 | agent p99 | agent p99.9 | agent RSS | agent CPU | server CPU |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for fresh_token in [false, true] {
         for &clients in levels {
-            let (a0, s0) = (
-                agent.cpu_time().unwrap_or_default(),
-                stack.server.cpu_time().unwrap_or_default(),
-            );
-            let started = Instant::now();
-            let deadline = started + duration;
-            let tasks: Vec<_> = (0..clients)
-                .map(|_| {
-                    let token = token.clone();
-                    tokio::spawn(async move {
-                        pod_client(imds, path, token, fresh_token, deadline).await
-                    })
-                })
-                .collect();
-            let mut all = Vec::new();
-            for t in tasks {
-                all.extend(t.await??);
+            let mut rounds = Vec::new();
+            for _ in 0..runs {
+                let base = load(floor_addr, path, &token, fresh_token, clients, duration).await?;
+                let (a0, s0) = (
+                    agent.cpu_time().unwrap_or_default(),
+                    stack.server.cpu_time().unwrap_or_default(),
+                );
+                let started = Instant::now();
+                let real = load(imds, path, &token, fresh_token, clients, duration).await?;
+                let wall = started.elapsed().as_secs_f64();
+                let cores = |now: Option<Duration>, before: Duration| {
+                    now.unwrap_or_default().saturating_sub(before).as_secs_f64() / wall
+                };
+                rounds.push(Round {
+                    floor: base,
+                    agent: real,
+                    agent_cpu: cores(agent.cpu_time(), a0),
+                    server_cpu: cores(stack.server.cpu_time(), s0),
+                });
             }
-            let wall = started.elapsed();
-            let cores = |now: Option<Duration>, before: Duration| {
-                now.unwrap_or_default().saturating_sub(before).as_secs_f64() / wall.as_secs_f64()
+            let med = |f: &dyn Fn(&Round) -> f64| spread(rounds.iter().map(f).collect());
+            let ms = |(m, lo, hi): (f64, f64, f64)| {
+                format!("{:.2} ms ({:.2}-{:.2})", m * 1e3, lo * 1e3, hi * 1e3)
             };
-            let (p50, p99, p999) = percentiles(&mut all);
+            let n = |(m, lo, hi): (f64, f64, f64)| format!("{m:.0} ({lo:.0}-{hi:.0})");
+            let (ratio, rlo, rhi) = med(&|r| r.agent.rps / r.floor.rps);
             println!(
-                "| {} | {clients} | {:.0} | {p50:.2?} | {p99:.2?} | {p999:.2?} | {:.1} MiB | {:.2} | {:.2} |",
+                "| {} | {clients} | {} | {} | {:.0} % ({:.0}-{:.0}) | {} | {} | {} | {} | {:.1} MiB | {:.2} | {:.2} |",
                 if fresh_token {
                     "IMDSv2, PUT + GET each time"
                 } else {
                     "IMDSv2, token reused"
                 },
-                all.len() as f64 / wall.as_secs_f64(),
+                n(med(&|r| r.floor.rps)),
+                n(med(&|r| r.agent.rps)),
+                ratio * 100.0,
+                rlo * 100.0,
+                rhi * 100.0,
+                ms(med(&|r| r.floor.p99)),
+                ms(med(&|r| r.agent.p50)),
+                ms(med(&|r| r.agent.p99)),
+                ms(med(&|r| r.agent.p999)),
                 agent.rss_kib().unwrap_or(0) as f64 / 1024.0,
-                cores(agent.cpu_time(), a0),
-                cores(stack.server.cpu_time(), s0),
+                med(&|r| r.agent_cpu).0,
+                med(&|r| r.server_cpu).0,
             );
         }
     }
+    drop(floor);
     Ok(())
+}
+
+/// One level's numbers.
+struct Load {
+    rps: f64,
+    p50: f64,
+    p99: f64,
+    p999: f64,
+}
+
+struct Round {
+    floor: Load,
+    agent: Load,
+    agent_cpu: f64,
+    server_cpu: f64,
+}
+
+/// `clients` keep-alive clients against `addr` for `duration`.
+async fn load(
+    addr: std::net::SocketAddr,
+    path: &'static str,
+    token: &str,
+    fresh_token: bool,
+    clients: usize,
+    duration: Duration,
+) -> anyhow::Result<Load> {
+    let started = Instant::now();
+    let deadline = started + duration;
+    let tasks: Vec<_> = (0..clients)
+        .map(|_| {
+            let token = token.to_string();
+            tokio::spawn(async move { pod_client(addr, path, token, fresh_token, deadline).await })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await??);
+    }
+    let wall = started.elapsed();
+    let (p50, p99, p999) = percentiles(&mut all);
+    Ok(Load {
+        rps: all.len() as f64 / wall.as_secs_f64(),
+        p50: p50.as_secs_f64(),
+        p99: p99.as_secs_f64(),
+        p999: p999.as_secs_f64(),
+    })
+}
+
+/// Median, min and max.
+fn spread(mut v: Vec<f64>) -> (f64, f64, f64) {
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() {
+        return (0.0, 0.0, 0.0);
+    }
+    (v[v.len() / 2], v[0], v[v.len() - 1])
+}
+
+/// The floor: a bare hyper HTTP/1.1 server answering the same bytes to every request, with
+/// the same runtime as the agent (multi-threaded tokio). Announces its address like the
+/// podiam binaries (`floor listening`, and an `admin server` line for [`Process`]).
+async fn floor(body: &Path) -> anyhow::Result<()> {
+    use hyper::service::service_fn;
+    let body = bytes::Bytes::from(std::fs::read(body)?);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    eprintln!(
+        "{}",
+        json!({"message": "admin server listening", "addr": addr.to_string()})
+    );
+    eprintln!(
+        "{}",
+        json!({"message": "floor listening", "addr": addr.to_string()})
+    );
+    loop {
+        let (tcp, _) = listener.accept().await?;
+        let _ = tcp.set_nodelay(true);
+        let body = body.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |_req| {
+                let body = body.clone();
+                async move {
+                    let mut rsp = ::http::Response::new(http_body_util::Full::new(body));
+                    rsp.headers_mut().insert(
+                        ::http::header::CONTENT_TYPE,
+                        ::http::HeaderValue::from_static("text/plain"),
+                    );
+                    Ok::<_, std::convert::Infallible>(rsp)
+                }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
+                .await;
+        });
+    }
 }
 
 /// One keep-alive HTTP/1.1 connection from the pod's address, requesting until `deadline`.
@@ -423,36 +681,7 @@ async fn index(
 
     let mut samples = Vec::new();
     for run in 0..runs {
-        let mut cmd = Command::new(server);
-        // The index alone: no STS (prefetch off, endpoint refusing), API on loopback.
-        cmd.env_clear()
-            .env("AWS_ACCESS_KEY_ID", "testing")
-            .env("AWS_SECRET_ACCESS_KEY", "testing")
-            .env("AWS_EC2_METADATA_DISABLED", "true")
-            .args(["--listen", "127.0.0.1:0", "--region", "us-east-1"])
-            .args([
-                "--sts-endpoint",
-                "http://127.0.0.1:9",
-                "--prefetch-concurrency",
-                "0",
-            ])
-            .arg("--ca")
-            .arg(&pki.ca)
-            .arg("--cert")
-            .arg(&pki.server.cert)
-            .arg("--key")
-            .arg(&pki.server.key)
-            .args([
-                "--admin-addr",
-                "127.0.0.1:0",
-                "--log-format",
-                "json",
-                "--log-level",
-                "warn,podiam_server=info",
-            ])
-            .args(["--base-role-arn", &format!("arn:aws:iam::{ACCOUNT}:role/")])
-            .arg("--kubeconfig")
-            .arg(&kubeconfig);
+        let cmd = index_server(server, &kubeconfig, &pki);
         let t0 = Instant::now();
         let process = tokio::task::spawn_blocking(move || Process::spawn(cmd)).await??;
         http::wait_ready(process.admin, Duration::from_secs(600)).await?;
@@ -497,6 +726,334 @@ async fn index(
         "| {pods} | {namespaces} | {ready:.2} s ({rmin:.2}-{rmax:.2}) | {rss:.1} MiB ({smin:.1}-{smax:.1}) | {peak:.1} MiB | {settled:.1} MiB | {cpu:.2} s |"
     );
     assert_eq!(kube.count(Kind::Pod), pods);
+    Ok(())
+}
+
+/// The server command of `index` and `churn`: the index alone (no STS: prefetch off,
+/// endpoint refusing), API on loopback.
+fn index_server(server: &Path, kubeconfig: &Path, pki: &Pki) -> Command {
+    let mut cmd = Command::new(server);
+    cmd.env_clear()
+        .env("AWS_ACCESS_KEY_ID", "testing")
+        .env("AWS_SECRET_ACCESS_KEY", "testing")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .args(["--listen", "127.0.0.1:0", "--region", "us-east-1"])
+        .args([
+            "--sts-endpoint",
+            "http://127.0.0.1:9",
+            "--prefetch-concurrency",
+            "0",
+        ])
+        .arg("--ca")
+        .arg(&pki.ca)
+        .arg("--cert")
+        .arg(&pki.server.cert)
+        .arg("--key")
+        .arg(&pki.server.key)
+        .args([
+            "--admin-addr",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+            "--log-level",
+            "warn,podiam_server=info",
+        ])
+        .args(["--base-role-arn", &format!("arn:aws:iam::{ACCOUNT}:role/")])
+        .arg("--kubeconfig")
+        .arg(kubeconfig);
+    cmd
+}
+
+/// Server RSS while pods come and go: `rate` creations and deletions per simulated second
+/// for `simulated`, replayed `speed` times faster, with `pods` present throughout.
+async fn churn(
+    server: &Path,
+    pods: usize,
+    namespaces: usize,
+    rate: usize,
+    simulated: Duration,
+    speed: usize,
+) -> anyhow::Result<()> {
+    let kube = FakeKube::start().await?;
+    for n in 0..namespaces {
+        kube.apply(namespace(
+            &format!("ns-{n}"),
+            &[(
+                "iam.amazonaws.com/permitted",
+                &format!("arn:aws:iam::{ACCOUNT}:role/ns-{n}-.*"),
+            )],
+        ));
+    }
+    let mut live = std::collections::VecDeque::new();
+    for i in 0..pods {
+        let ns = i % namespaces.max(1);
+        kube.apply(realistic_pod(i, ns));
+        live.push_back((format!("ns-{ns}"), format!("app-{i}-7d9f8c6b5-x2k4p")));
+    }
+    kube.compact();
+    let dir = tempfile::tempdir()?;
+    let kubeconfig = dir.path().join("kubeconfig");
+    kube.write_kubeconfig(&kubeconfig)?;
+    let pki = Pki::generate(dir.path(), "bench")?;
+    let cmd = index_server(server, &kubeconfig, &pki);
+    let process = tokio::task::spawn_blocking(move || Process::spawn(cmd)).await??;
+    http::wait_ready(process.admin, Duration::from_secs(600)).await?;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let rss = |p: &Process| p.rss_kib().unwrap_or(0) as f64 / 1024.0;
+    let start_rss = rss(&process);
+    let total = rate * simulated.as_secs() as usize;
+    println!(
+        "server {}; {pods} pods in {namespaces} namespaces; {rate} pods/s created and deleted for {simulated:?} simulated ({total} of each), replayed {speed}x",
+        server.display()
+    );
+    println!(
+        "\n| simulated time | pods created and deleted | server RSS | peak RSS | pods indexed |"
+    );
+    println!("|---:|---:|---:|---:|---:|");
+    println!(
+        "| 0 min | 0 | {start_rss:.1} MiB | {:.1} MiB | {pods} |",
+        process.peak_rss_kib().unwrap_or(0) as f64 / 1024.0
+    );
+    // Every 10 ms of real time: rate * speed / 100 pods replaced.
+    let tick = Duration::from_millis(10);
+    let per_tick = (rate * speed).div_ceil(100).max(1);
+    let sample_every = (rate * 300).max(1); // every 5 simulated minutes
+    let started = Instant::now();
+    let mut next = pods;
+    let mut done = 0;
+    let mut interval = tokio::time::interval(tick);
+    while done < total {
+        interval.tick().await;
+        for _ in 0..per_tick.min(total - done) {
+            if let Some((ns, name)) = live.pop_front() {
+                kube.delete_pod(&ns, &name);
+            }
+            let ns = next % namespaces.max(1);
+            kube.apply(realistic_pod(next, ns));
+            live.push_back((format!("ns-{ns}"), format!("app-{next}-7d9f8c6b5-x2k4p")));
+            next += 1;
+            done += 1;
+            if done % sample_every == 0 {
+                let (_, metrics) = http::get(process.admin, "/metrics").await?;
+                println!(
+                    "| {} min | {done} | {:.1} MiB | {:.1} MiB | {} |",
+                    done / rate / 60,
+                    rss(&process),
+                    process.peak_rss_kib().unwrap_or(0) as f64 / 1024.0,
+                    metric(&metrics, "podiam_pod_index_pods").unwrap_or(0.0)
+                );
+            }
+        }
+        // An API server's watch cache keeps a bounded history too.
+        kube.trim_history(50_000);
+    }
+    let replay = started.elapsed();
+    // Let the server catch up, then settle.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, metrics) = http::get(process.admin, "/metrics").await?;
+        if metric(&metrics, "podiam_pod_index_pods") == Some(pods as f64)
+            || Instant::now() > deadline
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let end_rss = rss(&process);
+    println!(
+        "\nreplayed in {replay:.1?}; RSS {start_rss:.1} MiB before, {end_rss:.1} MiB after ({:+.1} %)",
+        (end_rss / start_rss - 1.0) * 100.0
+    );
+    Ok(())
+}
+
+/// AssumeRole calls of the broker for `pods` pods over `roles` roles across `hours`
+/// simulated hours, each pod asking the way SDKs do (again 15 minutes before its
+/// credentials expire), in both session scopes; and 1,000 concurrent cold requests.
+async fn sts(pods: usize, roles: usize, hours: u64) -> anyhow::Result<()> {
+    use podiam_server::sts::{Broker, BrokerConfig, SessionKey, metrics::BrokerMetrics};
+    use podiam_tests::fake_sts::{FakeSts, TokioClock};
+    use std::sync::Arc;
+
+    const MIN: Duration = Duration::from_secs(60);
+    let config = BrokerConfig::default();
+    let duration = 60 * MIN;
+    let period = duration - config.refresh_before;
+    let start = |delay| {
+        let clock = Arc::new(TokioClock::new());
+        let fake = Arc::new(FakeSts::new(clock.clone(), delay));
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let broker = Broker::new(
+            fake.clone(),
+            clock.clone(),
+            config.clone(),
+            BrokerMetrics::register(&prometheus::Registry::new())?,
+            shutdown.clone(),
+        );
+        anyhow::Ok((clock, fake, broker, shutdown.drop_guard()))
+    };
+    let key = |role: usize, session: String| {
+        anyhow::Ok(SessionKey {
+            role_arn: format!("arn:aws:iam::{ACCOUNT}:role/role-{role}").parse()?,
+            external_id: None,
+            session_name: session.into(),
+            duration,
+            tags: Arc::new([]),
+        })
+    };
+
+    // Single flight: 1,000 concurrent requests for a cold session.
+    let (_, fake, broker, _guard) = start(Duration::from_millis(200))?;
+    let cold = key(0, "team.web".into())?;
+    let waiting: Vec<_> = (0..1000)
+        .map(|_| {
+            let (b, k) = (broker.clone(), cold.clone());
+            tokio::spawn(async move { b.credentials(&k).await })
+        })
+        .collect();
+    for w in waiting {
+        w.await??;
+    }
+    println!(
+        "1,000 concurrent cold requests for one session: {} AssumeRole call(s)\n",
+        fake.calls()
+    );
+
+    println!(
+        "{pods} pods over {roles} roles, {hours} simulated hours, sessions of {} min refreshed {} min before expiry (one call per {} min per session in use)\n",
+        duration.as_secs() / 60,
+        config.refresh_before.as_secs() / 60,
+        period.as_secs() / 60
+    );
+    println!(
+        "| session scope | sessions | calls in hour 1 (cold) | calls in hours 2-{hours} | ideal for hours 2-{hours} | calls / ideal |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|");
+    for scope in ["role", "pod"] {
+        let (clock, fake, broker, _guard) = start(Duration::from_millis(50))?;
+        let horizon = tokio::time::Instant::now() + Duration::from_secs(hours * 3600);
+        let sessions = if scope == "role" { roles } else { pods };
+        let keys = (0..pods)
+            .map(|i| {
+                if scope == "role" {
+                    key(i % roles, format!("podiam-role-{}", i % roles))
+                } else {
+                    key(i % roles, format!("team.pod-{i}"))
+                }
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let tasks: Vec<_> = keys
+            .into_iter()
+            .enumerate()
+            .map(|(i, k)| {
+                let (broker, clock) = (broker.clone(), clock.clone());
+                // Pods start within the first minute, and SDKs' clocks drift by seconds.
+                let offset = Duration::from_millis((i as u64 * 60_000) / pods.max(1) as u64);
+                let skew = Duration::from_secs(i as u64 % 60);
+                tokio::spawn(async move {
+                    tokio::time::sleep(offset).await;
+                    loop {
+                        let c = broker.credentials(&k).await?;
+                        let left = c
+                            .expiration
+                            .duration_since(podiam_server::sts::Clock::now(&*clock))
+                            .unwrap_or_default();
+                        let next = tokio::time::Instant::now()
+                            + left.saturating_sub(15 * MIN).saturating_sub(skew);
+                        if next >= horizon {
+                            return anyhow::Ok(());
+                        }
+                        tokio::time::sleep_until(next).await;
+                    }
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        let first = fake.calls();
+        for t in tasks {
+            t.await??;
+        }
+        tokio::time::sleep_until(horizon).await;
+        let steady = fake.calls() - first;
+        let ideal = sessions as f64 * ((hours - 1) * 60) as f64 / (period.as_secs() / 60) as f64;
+        println!(
+            "| {scope} | {sessions} | {first} | {steady} | {ideal:.0} | {:.3} |",
+            steady as f64 / ideal
+        );
+    }
+    Ok(())
+}
+
+/// Share of new pods whose first request finds their session ready.
+async fn prefetch(
+    server: &Path,
+    rates: &[u32],
+    pods: usize,
+    sts_delay: Duration,
+    first_request_after: Duration,
+) -> anyhow::Result<()> {
+    println!(
+        "server {}; STS = moto + {sts_delay:?}; each pod's first request {first_request_after:?} after it appears with its IP; served from cache = answered in under {:?}\n",
+        server.display(),
+        sts_delay / 2
+    );
+    println!(
+        "| pods/s | pods | first requests served from cache | p50 | p99 | max | AssumeRole calls | prefetch overflows |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for &rate in rates {
+        let stack = ServerStack::start(server, bench_cluster().await?, &[]).await?;
+        stack
+            .proxy
+            .set_mode(podiam_tests::sts_proxy::Mode::Delay(sts_delay));
+        let config = tls_config(&stack.pki.ca, Some(&stack.pki.client))?;
+        let client = ApiClient::connect(stack.api, config).await?;
+        let calls0 = stack.proxy.calls("AssumeRole");
+        let started = Instant::now();
+        let mut tasks = Vec::new();
+        for i in 0..pods {
+            let at = started + Duration::from_secs_f64(i as f64 / f64::from(rate));
+            tokio::time::sleep_until(at.into()).await;
+            let ip = format!("100.65.{}.{}", i / 250, i % 250 + 1);
+            stack.kube.apply(
+                pod("bench", &format!("new-{i}"))
+                    .ip(&ip)
+                    .role("web")
+                    .node("node-a")
+                    .build(),
+            );
+            let mut client = client.clone();
+            tasks.push(tokio::spawn(async move {
+                tokio::time::sleep(first_request_after).await;
+                let t = Instant::now();
+                let (status, v) = client
+                    .post(
+                        "/v1/credentials",
+                        Some("agent"),
+                        json!({"ip": ip, "role": "web"}),
+                    )
+                    .await?;
+                if status != 200 {
+                    bail!("pod {i}: {status} {v}");
+                }
+                anyhow::Ok(t.elapsed())
+            }));
+        }
+        let mut latencies = Vec::new();
+        for t in tasks {
+            latencies.push(t.await??);
+        }
+        let warm = latencies.iter().filter(|l| **l < sts_delay / 2).count();
+        let (p50, p99, _) = percentiles(&mut latencies);
+        println!(
+            "| {rate} | {pods} | {:.1} % | {p50:.2?} | {p99:.2?} | {:.2?} | {} | {} |",
+            warm as f64 * 100.0 / pods as f64,
+            latencies.last().copied().unwrap_or_default(),
+            stack.proxy.calls("AssumeRole") - calls0,
+            stack.metric("podiam_prefetch_overflow_total").await,
+        );
+    }
     Ok(())
 }
 

@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# Creates podiam's mutual-TLS pair without cert-manager: a CA, a server certificate for
+# the podiam-server Service and a client certificate for the agents (ECDSA P-256), and
+# stores them as the Secrets podiam-server-tls and podiam-agent-tls (ca.crt, tls.crt,
+# tls.key), as deploy/base expects. The binaries reload rotated files by themselves:
+# rerun with --rotate before --days runs out (the CA is kept unless --new-ca).
+#
+#   deploy/gen-certs.sh                    # into the cluster of the current kubectl context
+#   deploy/gen-certs.sh --out DIR          # only write the files
+#   options: --namespace NS (podiam)  --days N (90)  --ca-days N (3650)  --rotate  --new-ca
+set -euo pipefail
+
+namespace=podiam
+days=90
+ca_days=3650
+out=
+keep_ca=1
+while [ $# -gt 0 ]; do
+  case $1 in
+    --namespace) namespace=$2; shift 2 ;;
+    --days) days=$2; shift 2 ;;
+    --ca-days) ca_days=$2; shift 2 ;;
+    --out) out=$2; shift 2 ;;
+    --rotate) shift ;;
+    --new-ca) keep_ca=0; shift ;;
+    *) echo "gen-certs.sh: unknown option $1 (see the header of this script)" >&2; exit 2 ;;
+  esac
+done
+command -v openssl >/dev/null || { echo "gen-certs.sh: openssl is required" >&2; exit 1; }
+
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+umask 077
+dir=${out:-$work}
+mkdir -p "$dir"
+
+# Reuse the CA already in the cluster (rotation), unless told otherwise.
+if [ -z "$out" ] && [ "$keep_ca" = 1 ] \
+  && kubectl -n "$namespace" get secret podiam-ca >/dev/null 2>&1; then
+  kubectl -n "$namespace" get secret podiam-ca -o jsonpath='{.data.tls\.crt}' | base64 -d > "$dir/ca.crt"
+  kubectl -n "$namespace" get secret podiam-ca -o jsonpath='{.data.tls\.key}' | base64 -d > "$dir/ca.key"
+  echo "reusing the CA in secret $namespace/podiam-ca"
+elif [ ! -s "$dir/ca.crt" ] || [ "$keep_ca" = 0 ]; then
+  openssl req -x509 -new -nodes -newkey ec -pkeyopt ec_paramgen_curve:P-256 \
+    -keyout "$dir/ca.key" -out "$dir/ca.crt" -days "$ca_days" -subj "/CN=podiam CA" \
+    -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" 2>/dev/null
+fi
+
+leaf() { # name, extensions
+  openssl req -new -nodes -newkey ec -pkeyopt ec_paramgen_curve:P-256 \
+    -keyout "$dir/$1.key" -out "$work/$1.csr" -subj "/CN=$1" 2>/dev/null
+  printf '%s\n' "$2" > "$work/$1.ext"
+  openssl x509 -req -in "$work/$1.csr" -CA "$dir/ca.crt" -CAkey "$dir/ca.key" -CAcreateserial \
+    -out "$dir/$1.crt" -days "$days" -extfile "$work/$1.ext" 2>/dev/null
+}
+svc=podiam-server
+leaf podiam-server "basicConstraints=CA:FALSE
+keyUsage=critical,digitalSignature
+extendedKeyUsage=serverAuth
+subjectAltName=DNS:$svc,DNS:$svc.$namespace,DNS:$svc.$namespace.svc,DNS:$svc.$namespace.svc.cluster.local"
+leaf podiam-agent "basicConstraints=CA:FALSE
+keyUsage=critical,digitalSignature
+extendedKeyUsage=clientAuth"
+
+if [ -n "$out" ]; then
+  echo "wrote ca.crt, ca.key, podiam-server.{crt,key}, podiam-agent.{crt,key} to $out"
+  exit 0
+fi
+
+kubectl get namespace "$namespace" >/dev/null 2>&1 || kubectl create namespace "$namespace"
+secret() { # name, cert, key
+  kubectl -n "$namespace" create secret generic "$1" \
+    --from-file=ca.crt="$dir/ca.crt" --from-file=tls.crt="$2" --from-file=tls.key="$3" \
+    --dry-run=client -o yaml | kubectl apply -f -
+}
+kubectl -n "$namespace" create secret tls podiam-ca --cert="$dir/ca.crt" --key="$dir/ca.key" \
+  --dry-run=client -o yaml | kubectl apply -f -
+secret podiam-server-tls "$dir/podiam-server.crt" "$dir/podiam-server.key"
+secret podiam-agent-tls "$dir/podiam-agent.crt" "$dir/podiam-agent.key"
+echo "secrets podiam-server-tls and podiam-agent-tls are in namespace $namespace (valid $days days)"

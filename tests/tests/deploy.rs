@@ -1,0 +1,350 @@
+//! The deployment as shipped: the kustomize manifests render, every argument they give a
+//! podiam container parses with the binary's own flag parser, the pieces agree with each
+//! other (token audience, server name, TLS Secrets), the certificates `deploy/gen-certs.sh`
+//! makes carry real mutual TLS between the real binaries, and the docs cover every flag
+//! and metric.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::{
+    collections::BTreeSet,
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
+
+use clap::CommandFactory;
+use podiam_tests::{
+    certs::{Pair, Pki},
+    http,
+    kube_api::FakeKube,
+    process::Process,
+    stack::{self, agent_identity},
+};
+use serde_json::Value;
+
+const SERVER: &str = env!("CARGO_BIN_EXE_podiam-fake-kube");
+const OVERLAYS: [&str; 4] = [
+    "base",
+    "overlays/cert-manager",
+    "overlays/prometheus-operator",
+    "overlays/instance-profile",
+];
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// `kubectl kustomize deploy/<dir>` as JSON documents, or `None` (said loudly) when
+/// kubectl is missing outside CI.
+fn render(dir: &str) -> Option<Vec<Value>> {
+    let out = match Command::new("kubectl")
+        .arg("kustomize")
+        .arg(root().join("deploy").join(dir))
+        .output()
+    {
+        Ok(out) => out,
+        Err(error) => {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "kubectl is needed to render deploy/ and CI has it: {error}"
+            );
+            eprintln!("\n*** SKIPPING: kubectl is missing ({error}) ***\n");
+            return None;
+        }
+    };
+    assert!(
+        out.status.success(),
+        "kubectl kustomize deploy/{dir}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let docs: Vec<Value> = serde_saphyr::from_multiple(&String::from_utf8(out.stdout).unwrap())
+        .unwrap_or_else(|e| panic!("deploy/{dir} renders invalid YAML: {e}"));
+    Some(docs.into_iter().filter(|d| !d.is_null()).collect())
+}
+
+fn find<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    docs.iter()
+        .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {kind} {name}"))
+}
+
+/// The container args with `$(VAR)` references replaced as the kubelet would.
+fn args(container: &Value) -> Vec<String> {
+    container["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap().replace("$(HOST_IP)", "10.0.0.1"))
+        .collect()
+}
+
+#[test]
+fn manifests_render_and_every_argument_parses_with_the_binary() {
+    for dir in OVERLAYS {
+        let Some(docs) = render(dir) else { return };
+        let server = find(&docs, "Deployment", "podiam-server");
+        let agent = find(&docs, "DaemonSet", "podiam-agent");
+        let server_c = &server["spec"]["template"]["spec"]["containers"][0];
+        let agent_c = &agent["spec"]["template"]["spec"]["containers"][0];
+
+        // The binaries' own parsers accept the arguments as given (names and values).
+        let server_args = args(server_c);
+        if let Err(e) = podiam_server::args::Cli::command().try_get_matches_from(
+            std::iter::once("podiam-server".to_string()).chain(server_args.clone()),
+        ) {
+            panic!("deploy/{dir}: podiam-server rejects its args: {e}");
+        }
+        let agent_args = args(agent_c);
+        if let Err(e) = podiam_agent::args::Cli::command().try_get_matches_from(
+            std::iter::once("podiam-agent".to_string()).chain(agent_args.clone()),
+        ) {
+            panic!("deploy/{dir}: podiam-agent rejects its args: {e}");
+        }
+
+        // The server is redundant and spread; the agent is on every node, host network.
+        assert!(server["spec"]["replicas"].as_u64().unwrap() >= 2, "{dir}");
+        let spec = &agent["spec"]["template"]["spec"];
+        assert_eq!(spec["hostNetwork"], true, "{dir}");
+        assert_eq!(spec["priorityClassName"], "system-node-critical");
+        assert_eq!(spec["tolerations"][0]["operator"], "Exists");
+        let caps = &agent_c["securityContext"]["capabilities"];
+        assert_eq!(caps["drop"][0], "ALL");
+        let added: BTreeSet<_> = caps["add"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(Value::as_str)
+            .collect();
+        assert!(
+            added.is_subset(&BTreeSet::from(["NET_ADMIN", "NET_RAW"]))
+                && added.contains("NET_ADMIN"),
+            "{dir}: {added:?}"
+        );
+        let sc = &server_c["securityContext"];
+        assert_eq!(sc["readOnlyRootFilesystem"], true);
+        assert_eq!(
+            server["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"],
+            true
+        );
+
+        // The agent's projected token is for the audience the server reviews.
+        let flag = |args: &[String], name: &str| {
+            args.iter()
+                .find_map(|a| a.strip_prefix(&format!("--{name}=")).map(str::to_string))
+        };
+        let audience = flag(&server_args, "token-audience").unwrap_or("podiam".into());
+        let projected = spec["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find_map(|v| v["projected"]["sources"][0]["serviceAccountToken"]["audience"].as_str())
+            .unwrap();
+        assert_eq!(projected, audience, "{dir}");
+        // The agent's ServiceAccount is the one the server expects.
+        let expected_sa = flag(&server_args, "agent-service-account").unwrap();
+        assert_eq!(
+            format!(
+                "{}/{}",
+                agent["metadata"]["namespace"].as_str().unwrap(),
+                spec["serviceAccountName"].as_str().unwrap()
+            ),
+            expected_sa
+        );
+        // Both mount the Secrets the TLS setups create.
+        let secrets = |pod: &Value| -> BTreeSet<String> {
+            pod["spec"]["template"]["spec"]["volumes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter_map(|v| v["secret"]["secretName"].as_str().map(str::to_string))
+                .collect()
+        };
+        assert!(secrets(server).contains("podiam-server-tls"), "{dir}");
+        assert!(secrets(agent).contains("podiam-agent-tls"), "{dir}");
+
+        // With cert-manager, the server certificate names what the agents verify.
+        if dir == "overlays/cert-manager" {
+            let name = flag(&agent_args, "server-name").unwrap();
+            let cert = find(&docs, "Certificate", "podiam-server");
+            assert!(
+                cert["spec"]["dnsNames"]
+                    .as_array()
+                    .unwrap()
+                    .contains(&Value::from(name.clone())),
+                "{name}"
+            );
+            assert_eq!(cert["spec"]["secretName"], "podiam-server-tls");
+            assert_eq!(
+                find(&docs, "Certificate", "podiam-agent")["spec"]["secretName"],
+                "podiam-agent-tls"
+            );
+        }
+        // The agents' server address is the headless Service.
+        let service = find(&docs, "Service", "podiam-server");
+        assert_eq!(service["spec"]["clusterIP"], "None");
+        assert!(
+            flag(&agent_args, "server-address")
+                .unwrap()
+                .starts_with("podiam-server.podiam.svc")
+        );
+    }
+}
+
+#[tokio::test]
+async fn gen_certs_makes_a_pair_the_binaries_accept_for_mutual_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(root().join("deploy/gen-certs.sh"))
+        .arg("--out")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pki = Pki {
+        ca: dir.path().join("ca.crt"),
+        server: Pair {
+            cert: dir.path().join("podiam-server.crt"),
+            key: dir.path().join("podiam-server.key"),
+        },
+        client: Pair {
+            cert: dir.path().join("podiam-agent.crt"),
+            key: dir.path().join("podiam-agent.key"),
+        },
+    };
+    // The real server with those files, and the real agent verifying it by the Service
+    // name the manifests use: the agent is ready only after a health check over mTLS.
+    let kube = FakeKube::start().await.unwrap();
+    kube.add_token("agent-token", agent_identity("node-a"));
+    let kubeconfig = dir.path().join("kubeconfig");
+    kube.write_kubeconfig(&kubeconfig).unwrap();
+    let server_bin = stack::sibling(SERVER, "podiam-server");
+    let server = Process::spawn_announcing(
+        stack::server_command(&server_bin, "http://127.0.0.1:9", &pki, &kubeconfig, &[]),
+        &["agent API"],
+    )
+    .unwrap();
+    http::wait_ready(server.admin, Duration::from_secs(30))
+        .await
+        .unwrap();
+    let api = server.addr("agent API").unwrap();
+    std::fs::write(dir.path().join("token"), "agent-token").unwrap();
+    let mut agent = Command::new(stack::sibling(SERVER, "podiam-agent"));
+    agent
+        .env_clear()
+        .args([
+            "--admin-addr",
+            "127.0.0.1:0",
+            "--listen",
+            "127.0.0.100:0",
+            "--log-format",
+            "json",
+        ])
+        .args([
+            "--server-address",
+            &api.to_string(),
+            "--server-name",
+            "podiam-server.podiam.svc",
+        ])
+        .args(["--server-health-interval", "200ms"])
+        .arg("--token-file")
+        .arg(dir.path().join("token"))
+        .arg("--token-key-file")
+        .arg(dir.path().join("imds.key"))
+        .arg("--ca")
+        .arg(&pki.ca)
+        .arg("--cert")
+        .arg(&pki.client.cert)
+        .arg("--key")
+        .arg(&pki.client.key);
+    let agent = Process::spawn(agent).unwrap();
+    let ready = http::wait_ready(agent.admin, Duration::from_secs(15)).await;
+    assert!(
+        ready.is_ok(),
+        "agent not ready over gen-certs TLS: {:?}",
+        agent.logs()
+    );
+}
+
+/// Long flags of a clap command (after propagation of globals), without help/version.
+fn flags(cmd: &clap::Command) -> BTreeSet<String> {
+    cmd.get_arguments()
+        .filter_map(|a| a.get_long())
+        .filter(|l| *l != "help" && *l != "version")
+        .map(|l| format!("--{l}"))
+        .collect()
+}
+
+/// The flags in the table under `### <heading>` of operations.md (rows starting "| `--").
+fn documented(doc: &str, heading: &str) -> BTreeSet<String> {
+    let start = doc
+        .find(&format!("### {heading}\n"))
+        .unwrap_or_else(|| panic!("docs/operations.md has no section ### {heading}"));
+    let rest = &doc[start + heading.len() + 5..];
+    let section = &rest[..rest.find("\n#").unwrap_or(rest.len())];
+    section
+        .lines()
+        .filter_map(|l| l.strip_prefix("| `--"))
+        .map(|l| format!("--{}", &l[..l.find('`').unwrap()]))
+        .collect()
+}
+
+#[test]
+fn the_docs_cover_every_flag_and_metric() {
+    let doc = std::fs::read_to_string(root().join("docs/operations.md")).unwrap();
+    let mut server = podiam_server::args::Cli::command();
+    server.build();
+    let explain = server.find_subcommand("explain").unwrap().clone();
+    let mut agent = podiam_agent::args::Cli::command();
+    agent.build();
+    for (heading, cmd) in [
+        ("podiam-server", &server),
+        ("podiam-server explain", &explain),
+        ("podiam-agent", &agent),
+    ] {
+        let want = flags(cmd);
+        let have = documented(&doc, heading);
+        let missing: Vec<_> = want.difference(&have).collect();
+        let unknown: Vec<_> = have.difference(&want).collect();
+        assert!(
+            missing.is_empty() && unknown.is_empty(),
+            "{heading}: undocumented {missing:?}, documented but not a flag {unknown:?}"
+        );
+    }
+    // Every metric the code registers.
+    let mut metrics = BTreeSet::new();
+    for dir in ["server/src", "agent/src", "common/src"] {
+        collect_metrics(&root().join(dir), &mut metrics);
+    }
+    assert!(metrics.len() > 20, "{metrics:?}");
+    let missing: Vec<_> = metrics
+        .iter()
+        .filter(|m| !doc.contains(&format!("`{m}`")))
+        .collect();
+    assert!(missing.is_empty(), "docs/operations.md lacks {missing:?}");
+}
+
+fn collect_metrics(dir: &Path, out: &mut BTreeSet<String>) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            collect_metrics(&path, out);
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            let text = std::fs::read_to_string(&path).unwrap();
+            let parts: Vec<&str> = text.split("\"podiam_").collect();
+            for (before, part) in parts.iter().zip(&parts[1..]) {
+                let name: String = part
+                    .chars()
+                    .take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_')
+                    .collect();
+                // Not metrics: serde function names.
+                let serde = before.trim_end().ends_with("deserialize_with =");
+                if part[name.len()..].starts_with('"') && !serde {
+                    out.insert(format!("podiam_{name}"));
+                }
+            }
+        }
+    }
+}
