@@ -3,7 +3,9 @@
 # the podiam-server Service and a client certificate for the agents (ECDSA P-256), and
 # stores them as the Secrets podiam-server-tls and podiam-agent-tls (ca.crt, tls.crt,
 # tls.key), as deploy/base expects. The binaries reload rotated files by themselves:
-# rerun with --rotate before --days runs out (the CA is kept unless --new-ca).
+# rerun with --rotate before --days runs out (the CA is kept unless --new-ca; a new CA is
+# trusted next to the old one, so rerun once more after every pod has reloaded to drop
+# the old one).
 #
 #   deploy/gen-certs.sh                    # into the cluster of the current kubectl context
 #   deploy/gen-certs.sh --out DIR          # only write the files
@@ -34,24 +36,49 @@ umask 077
 dir=${out:-$work}
 mkdir -p "$dir"
 
-# Reuse the CA already in the cluster (rotation), unless told otherwise.
-if [ -z "$out" ] && [ "$keep_ca" = 1 ] \
-  && kubectl -n "$namespace" get secret podiam-ca >/dev/null 2>&1; then
-  kubectl -n "$namespace" get secret podiam-ca -o jsonpath='{.data.tls\.crt}' | base64 -d > "$dir/ca.crt"
-  kubectl -n "$namespace" get secret podiam-ca -o jsonpath='{.data.tls\.key}' | base64 -d > "$dir/ca.key"
-  echo "reusing the CA in secret $namespace/podiam-ca"
-elif [ ! -s "$dir/ca.crt" ] || [ "$keep_ca" = 0 ]; then
-  openssl req -x509 -new -nodes -newkey ec -pkeyopt ec_paramgen_curve:P-256 \
+# openssl's own messages only when it fails.
+ssl() {
+  if ! openssl "$@" 2>"$work/openssl.err"; then
+    echo "gen-certs.sh: openssl $1 failed:" >&2
+    cat "$work/openssl.err" >&2
+    exit 1
+  fi
+}
+new_ca() {
+  ssl req -x509 -new -nodes -newkey ec -pkeyopt ec_paramgen_curve:P-256 \
     -keyout "$dir/ca.key" -out "$dir/ca.crt" -days "$ca_days" -subj "/CN=podiam CA" \
-    -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" 2>/dev/null
+    -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign"
+}
+
+# The CA already in the cluster is reused (rotation), unless told otherwise; a new one is
+# trusted next to the old one until every pod has the new certificates.
+old_ca=
+if [ -z "$out" ] && kubectl -n "$namespace" get secret podiam-ca >/dev/null 2>&1; then
+  kubectl -n "$namespace" get secret podiam-ca -o jsonpath='{.data.tls\.crt}' | base64 -d > "$work/old-ca.crt"
+  kubectl -n "$namespace" get secret podiam-ca -o jsonpath='{.data.tls\.key}' | base64 -d > "$work/old-ca.key"
+  if [ ! -s "$work/old-ca.crt" ] || [ ! -s "$work/old-ca.key" ]; then
+    echo "gen-certs.sh: secret $namespace/podiam-ca lacks tls.crt or tls.key; delete it or fix it" >&2
+    exit 1
+  fi
+  if [ "$keep_ca" = 1 ]; then
+    cp "$work/old-ca.crt" "$dir/ca.crt"
+    cp "$work/old-ca.key" "$dir/ca.key"
+    echo "reusing the CA in secret $namespace/podiam-ca"
+  else
+    old_ca=$work/old-ca.crt
+    new_ca
+    echo "new CA; the old one stays trusted until the next run"
+  fi
+elif [ ! -s "$dir/ca.crt" ] || [ ! -s "$dir/ca.key" ] || [ "$keep_ca" = 0 ]; then
+  new_ca
 fi
 
 leaf() { # name, extensions
-  openssl req -new -nodes -newkey ec -pkeyopt ec_paramgen_curve:P-256 \
-    -keyout "$dir/$1.key" -out "$work/$1.csr" -subj "/CN=$1" 2>/dev/null
+  ssl req -new -nodes -newkey ec -pkeyopt ec_paramgen_curve:P-256 \
+    -keyout "$dir/$1.key" -out "$work/$1.csr" -subj "/CN=$1"
   printf '%s\n' "$2" > "$work/$1.ext"
-  openssl x509 -req -in "$work/$1.csr" -CA "$dir/ca.crt" -CAkey "$dir/ca.key" -CAcreateserial \
-    -out "$dir/$1.crt" -days "$days" -extfile "$work/$1.ext" 2>/dev/null
+  ssl x509 -req -in "$work/$1.csr" -CA "$dir/ca.crt" -CAkey "$dir/ca.key" -CAcreateserial \
+    -out "$dir/$1.crt" -days "$days" -extfile "$work/$1.ext"
 }
 svc=podiam-server
 leaf podiam-server "basicConstraints=CA:FALSE
@@ -68,9 +95,11 @@ if [ -n "$out" ]; then
 fi
 
 kubectl get namespace "$namespace" >/dev/null 2>&1 || kubectl create namespace "$namespace"
+# What the pods trust: the CA, and during a CA change the old one too.
+cat "$dir/ca.crt" ${old_ca:+"$old_ca"} > "$work/trust.crt"
 secret() { # name, cert, key
   kubectl -n "$namespace" create secret generic "$1" \
-    --from-file=ca.crt="$dir/ca.crt" --from-file=tls.crt="$2" --from-file=tls.key="$3" \
+    --from-file=ca.crt="$work/trust.crt" --from-file=tls.crt="$2" --from-file=tls.key="$3" \
     --dry-run=client -o yaml | kubectl apply -f -
 }
 kubectl -n "$namespace" create secret tls podiam-ca --cert="$dir/ca.crt" --key="$dir/ca.key" \

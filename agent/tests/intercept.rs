@@ -50,6 +50,7 @@ struct Lab {
     node: String,
     pod: String,
     node_ip: String,
+    node_veth: String,
     dir: tempfile::TempDir,
     pki: Pki,
     real_imds: Vec<Child>,
@@ -182,6 +183,7 @@ impl Lab {
             node,
             pod,
             node_ip,
+            node_veth: vn.clone(),
             dir,
             pki,
             real_imds,
@@ -432,6 +434,19 @@ fn ipv6_metadata_address_is_redirected_with_ipv6() {
     let lab = Lab::new();
     // Nitro's IPv6 endpoint leaks the node's role just like the IPv4 one.
     assert!(lab.pod_sees_v6().contains(NODE_ROLE));
+    // The node's default IPv6 route (towards the pod's link: nothing leaves the lab) names
+    // the interface whose address the agent redirects to.
+    sh(&[
+        "ip",
+        "-n",
+        &lab.node,
+        "-6",
+        "route",
+        "add",
+        "default",
+        "dev",
+        &lab.node_veth,
+    ]);
 
     let agent = lab.agent(&["--ipv6"]);
     assert!(

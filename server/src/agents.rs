@@ -82,6 +82,8 @@ pub struct TokenReviewer {
     known: moka::sync::Cache<[u8; 32], (Caller, SystemTime)>,
     /// When the fallback was last logged (Unix seconds).
     warned: Arc<AtomicU64>,
+    /// How long a review is cached.
+    ttl: Duration,
 }
 
 // === impl Unbound ===
@@ -121,6 +123,7 @@ impl TokenReviewer {
                 .time_to_live(STALE_LIMIT)
                 .build(),
             warned: Arc::new(AtomicU64::new(0)),
+            ttl,
         }
     }
 
@@ -152,7 +155,11 @@ impl TokenReviewer {
             }
             // An unreachable API server is not the token's fault: not cached.
             Err(AuthError::Unavailable(_)) => {}
-            Err(error) => self.rejected.insert(key, error.clone()),
+            Err(error) => {
+                // Refused now: never again accepted from memory during an outage.
+                self.known.invalidate(&key);
+                self.rejected.insert(key, error.clone());
+            }
         }
         verdict
     }
@@ -172,8 +179,11 @@ impl TokenReviewer {
                 {
                     tracing::warn!(%error, "TokenReview failed: accepting agents' tokens reviewed before, until they expire");
                 }
-                // Not asked again (and waited for) until the review cache expires.
-                self.accepted.insert(key, caller.clone());
+                // Not asked again (and waited for) until the review cache expires, unless
+                // the token expires first.
+                if until.duration_since(now).unwrap_or_default() >= self.ttl {
+                    self.accepted.insert(key, caller.clone());
+                }
                 Ok(caller)
             }
             _ => Err(AuthError::Unavailable(error)),
@@ -253,7 +263,7 @@ fn token_expiry(token: &str) -> Option<SystemTime> {
         .decode(payload.trim_end_matches('='))
         .ok()?;
     let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
-    Some(UNIX_EPOCH + Duration::from_secs(claims["exp"].as_u64()?))
+    UNIX_EPOCH.checked_add(Duration::from_secs(claims["exp"].as_u64()?))
 }
 
 /// Shared handle.
@@ -277,6 +287,13 @@ mod tests {
             Some(UNIX_EPOCH + Duration::from_secs(1_900_000_000))
         );
         assert_eq!(token_expiry("not-a-jwt"), None);
+        let huge = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .encode(format!(r#"{{"exp":{}}}"#, u64::MAX));
+        assert_eq!(
+            token_expiry(&format!("h.{huge}.s")),
+            None,
+            "no overflow panic"
+        );
         assert_eq!(token_expiry("a.!!!.c"), None);
     }
 }

@@ -82,6 +82,7 @@ pub struct TokenIdentity {
 struct Shared {
     tokens: Mutex<HashMap<String, TokenIdentity>>,
     reviews_down: std::sync::atomic::AtomicBool,
+    review_attempts: std::sync::atomic::AtomicU64,
     reviews: watch::Sender<u64>,
     events: watch::Sender<Vec<Value>>,
     state: Mutex<State>,
@@ -142,6 +143,7 @@ impl FakeKube {
         let shared = Arc::new(Shared {
             tokens: Mutex::new(HashMap::new()),
             reviews_down: std::sync::atomic::AtomicBool::new(false),
+            review_attempts: std::sync::atomic::AtomicU64::new(0),
             reviews: watch::channel(0).0,
             events: watch::channel(Vec::new()).0,
             state: Mutex::new(State {
@@ -328,6 +330,18 @@ impl FakeKube {
             .insert(token.to_string(), identity);
     }
 
+    /// TokenReviews asked for so far, answered or not.
+    pub fn token_review_attempts(&self) -> u64 {
+        self.shared
+            .review_attempts
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Makes `token` authenticate as nobody (a revoked token).
+    pub fn remove_token(&self, token: &str) {
+        self.shared.tokens.lock().remove(token);
+    }
+
     /// While `down`, TokenReviews fail with 503, as when the API server is unreachable.
     pub fn set_token_reviews_down(&self, down: bool) {
         self.shared
@@ -446,6 +460,9 @@ async fn route(shared: Arc<Shared>, req: Request<hyper::body::Incoming>) -> Resp
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     match (req.method().clone(), segments.as_slice()) {
         (Method::POST, ["apis", "authentication.k8s.io", "v1", "tokenreviews"]) => {
+            shared
+                .review_attempts
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             if shared
                 .reviews_down
                 .load(std::sync::atomic::Ordering::SeqCst)

@@ -66,6 +66,22 @@ pub enum ManifestError {
     },
 }
 
+/// A Kubernetes DNS subdomain name (RFC 1123): what names of pods, namespaces and nodes
+/// may be.
+fn dns_subdomain(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        })
+}
+
 /// Reads manifests and assigns what they leave out, remembering its assignments across
 /// files (the sandbox applies more files to a running cluster).
 #[derive(Debug, Default)]
@@ -125,8 +141,36 @@ impl Loader {
                 index: i + 1,
                 message,
             };
+            if !doc.is_object() {
+                return Err(invalid("a document must be a mapping".into()));
+            }
+            for field in ["metadata", "spec", "status"] {
+                if !(doc[field].is_null() || doc[field].is_object()) {
+                    return Err(invalid(format!("{field} must be a mapping")));
+                }
+            }
+            if !(doc["metadata"]["annotations"].is_null()
+                || doc["metadata"]["annotations"].is_object())
+            {
+                return Err(invalid("metadata.annotations must be a mapping".into()));
+            }
             if doc["metadata"]["name"].as_str().is_none_or(str::is_empty) {
                 return Err(invalid("metadata.name is required".into()));
+            }
+            for (field, value) in [
+                ("metadata.name", &doc["metadata"]["name"]),
+                ("metadata.namespace", &doc["metadata"]["namespace"]),
+                ("spec.nodeName", &doc["spec"]["nodeName"]),
+            ] {
+                if let Some(name) = value.as_str()
+                    && !dns_subdomain(name)
+                {
+                    return Err(invalid(format!(
+                        "{field} {name:?} is not a valid name (lower-case letters, digits, '-' and '.', at most 253)"
+                    )));
+                } else if !value.is_null() && !value.is_string() {
+                    return Err(invalid(format!("{field} must be a string")));
+                }
             }
             match doc["kind"].as_str() {
                 Some("Namespace") => {

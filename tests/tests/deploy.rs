@@ -214,8 +214,17 @@ async fn gen_certs_makes_a_pair_the_binaries_accept_for_mutual_tls() {
             key: dir.path().join("podiam-agent.key"),
         },
     };
-    // The real server with those files, and the real agent verifying it by the Service
-    // name the manifests use: the agent is ready only after a health check over mTLS.
+    // The real server with those files, and the real agent verifying it by the name the
+    // shipped manifests give it: the agent is ready only after a health check over mTLS.
+    let server_name = render("base")
+        .map(|docs| {
+            let agent = find(&docs, "DaemonSet", "podiam-agent");
+            args(&agent["spec"]["template"]["spec"]["containers"][0])
+                .iter()
+                .find_map(|a| a.strip_prefix("--server-name=").map(str::to_string))
+                .expect("the agent's manifest sets --server-name")
+        })
+        .unwrap_or_else(|| "podiam-server.podiam.svc".into());
     let kube = FakeKube::start().await.unwrap();
     kube.add_token("agent-token", agent_identity("node-a"));
     let kubeconfig = dir.path().join("kubeconfig");
@@ -246,7 +255,7 @@ async fn gen_certs_makes_a_pair_the_binaries_accept_for_mutual_tls() {
             "--server-address",
             &api.to_string(),
             "--server-name",
-            "podiam-server.podiam.svc",
+            &server_name,
         ])
         .args(["--server-health-interval", "200ms"])
         .arg("--token-file")

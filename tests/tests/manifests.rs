@@ -36,6 +36,20 @@ async fn unsupported_or_malformed_documents_are_refused_with_the_reason() {
         ("kind: Deployment\nmetadata: {name: x}\n", "Deployment"),
         ("kind: Pod\nmetadata: {}\n", "metadata.name"),
         ("kind: Pod\nmetadata: [unclosed\n", "parsing"),
+        (
+            "kind: Pod\nmetadata: {name: x}\nstatus: Running\n",
+            "status must be a mapping",
+        ),
+        (
+            "kind: Pod\nmetadata: {name: x}\nspec: []\n",
+            "spec must be a mapping",
+        ),
+        ("kind: Pod\nmetadata: {name: X_1}\n", "not a valid name"),
+        (
+            "kind: Pod\nmetadata: {name: x}\nspec: {nodeName: ../../etc}\n",
+            "not a valid name",
+        ),
+        ("- a\n- b\n", "mapping"),
     ];
     for (i, (text, want)) in cases.iter().enumerate() {
         let path = dir.path().join(format!("{i}.yaml"));

@@ -11,16 +11,20 @@
 //! be one of the node's own.
 
 use std::{
-    net::{IpAddr, SocketAddr},
+    net::{IpAddr, Ipv6Addr, SocketAddr},
     process::Output,
     time::Duration,
 };
 
 use futures::TryStreamExt;
 use podiam_common::readiness::Gate;
-use rtnetlink::packet_route::{
-    address::{AddressAttribute, AddressScope},
-    link::LinkAttribute,
+use rtnetlink::{
+    RouteMessageBuilder,
+    packet_route::{
+        address::{AddressAttribute, AddressFlags, AddressScope},
+        link::LinkAttribute,
+        route::RouteAttribute,
+    },
 };
 use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
@@ -56,7 +60,7 @@ pub struct InterceptArgs {
     pub ipv6: bool,
 
     /// The IPv6 address of the metadata endpoint, target of the IPv6 redirect (default:
-    /// the node's first global IPv6 address, with the port of --listen).
+    /// the global IPv6 address of the node's default IPv6 route's interface, with the port of --listen).
     #[arg(long, env = "PODIAM_LISTEN_V6", requires = "ipv6")]
     pub listen_v6: Option<SocketAddr>,
 
@@ -92,7 +96,9 @@ pub enum InterceptError {
     #[error("--ipv6 needs --iptables")]
     Ipv6WithoutIptables,
     /// `--ipv6` without an IPv6 address to redirect to.
-    #[error("--ipv6: this node has no global IPv6 address; give one with --listen-v6")]
+    #[error(
+        "--ipv6: no usable global IPv6 address on an interface with the default IPv6 route; give one with --listen-v6"
+    )]
     NoIpv6,
     /// Netlink failed.
     #[error("reading the node's interfaces over netlink: {0}")]
@@ -442,12 +448,14 @@ async fn detect(family: &str) -> &'static str {
 /// What rtnetlink tells of the node.
 struct Node {
     addresses: Vec<IpAddr>,
-    /// The first global-scope IPv6 address (the target of the IPv6 redirect).
+    /// The IPv6 redirect's target: the first usable global address (not tentative,
+    /// deprecated, temporary or failed duplicate detection) of an interface holding the
+    /// default IPv6 route.
     global_v6: Option<IpAddr>,
     links: Vec<String>,
 }
 
-/// The node's addresses and interface names, over rtnetlink.
+/// The node's addresses, interface names and default IPv6 route, over rtnetlink.
 async fn read_node() -> Result<Node, InterceptError> {
     let netlink = |e: rtnetlink::Error| InterceptError::Netlink(e.to_string());
     let (connection, handle, _) =
@@ -458,16 +466,40 @@ async fn read_node() -> Result<Node, InterceptError> {
         global_v6: None,
         links: Vec::new(),
     };
+    // Interfaces with a default IPv6 route.
+    let mut uplinks = Vec::new();
+    let mut routes = handle
+        .route()
+        .get(RouteMessageBuilder::<Ipv6Addr>::new().build())
+        .execute();
+    while let Some(msg) = routes.try_next().await.map_err(netlink)? {
+        if msg.header.destination_prefix_length == 0 {
+            uplinks.extend(msg.attributes.iter().filter_map(|a| match a {
+                RouteAttribute::Oif(index) => Some(*index),
+                _ => None,
+            }));
+        }
+    }
     let mut addresses = handle.address().get().execute();
     while let Some(msg) = addresses.try_next().await.map_err(netlink)? {
+        let unusable = msg.attributes.iter().any(|a| {
+            matches!(a, AddressAttribute::Flags(flags) if flags.intersects(
+                AddressFlags::Tentative
+                    | AddressFlags::Deprecated
+                    | AddressFlags::Secondary
+                    | AddressFlags::Dadfailed
+            ))
+        });
         for a in &msg.attributes {
             if let AddressAttribute::Address(ip) | AddressAttribute::Local(ip) = a {
                 node.addresses.push(*ip);
                 // Not the metadata address itself (on the node's lo, where EC2 answers).
                 if ip.is_ipv6()
                     && msg.header.scope == AddressScope::Universe
+                    && !unusable
                     && !ip.is_loopback()
                     && ip.to_string() != rules::METADATA_V6
+                    && uplinks.contains(&msg.header.index)
                     && node.global_v6.is_none()
                 {
                     node.global_v6 = Some(*ip);

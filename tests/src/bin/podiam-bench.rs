@@ -135,11 +135,14 @@ enum Bench {
         #[arg(long)]
         server: Option<PathBuf>,
     },
-    /// (internal) The floor for `agent`: a bare hyper server answering `body`.
+    /// (internal) The floor for `agent`: a bare hyper server answering `body` to GETs and
+    /// `token` to PUTs.
     #[command(hide = true)]
     Floor {
-        /// The bytes to answer.
+        /// The bytes to answer a GET.
         body: PathBuf,
+        /// The bytes to answer a PUT (a token).
+        token: PathBuf,
     },
     /// Warm credential requests through the server's agent API (mTLS HTTP/2, node
     /// binding on, STS = moto): latency percentiles, throughput, server RSS and CPU.
@@ -183,7 +186,7 @@ fn main() -> anyhow::Result<()> {
 async fn run(bench: Bench) -> anyhow::Result<()> {
     match bench {
         Bench::Sts { .. } => bail!("the sts bench runs on its own paused runtime"),
-        Bench::Floor { body } => floor(&body).await?,
+        Bench::Floor { body, token } => floor(&body, &token).await?,
         Bench::Churn {
             pods,
             namespaces,
@@ -408,9 +411,13 @@ async fn agent(
     // The floor answers the very bytes the agent answered, from its own process.
     let body_file = stack.dir.path().join("floor-body");
     std::fs::write(&body_file, &warm.body)?;
+    let token_file = stack.dir.path().join("floor-token");
+    std::fs::write(&token_file, &token)?;
     let mut floor_cmd = Command::new(std::env::current_exe()?);
-    floor_cmd.arg("floor").arg(&body_file);
-    let floor = tokio::task::spawn_blocking(move || Process::spawn(floor_cmd)).await??;
+    floor_cmd.arg("floor").arg(&body_file).arg(&token_file);
+    let floor =
+        tokio::task::spawn_blocking(move || Process::spawn_announcing(floor_cmd, &["floor"]))
+            .await??;
     let floor_addr = floor
         .addr("floor")
         .context("the floor announced no address")?;
@@ -545,9 +552,10 @@ fn spread(mut v: Vec<f64>) -> (f64, f64, f64) {
 /// The floor: a bare hyper HTTP/1.1 server answering the same bytes to every request, with
 /// the same runtime as the agent (multi-threaded tokio). Announces its address like the
 /// podiam binaries (`floor listening`, and an `admin server` line for [`Process`]).
-async fn floor(body: &Path) -> anyhow::Result<()> {
+async fn floor(body: &Path, token: &Path) -> anyhow::Result<()> {
     use hyper::service::service_fn;
     let body = bytes::Bytes::from(std::fs::read(body)?);
+    let token = bytes::Bytes::from(std::fs::read(token)?);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     eprintln!(
@@ -561,12 +569,16 @@ async fn floor(body: &Path) -> anyhow::Result<()> {
     loop {
         let (tcp, _) = listener.accept().await?;
         let _ = tcp.set_nodelay(true);
-        let body = body.clone();
+        let (body, token) = (body.clone(), token.clone());
         tokio::spawn(async move {
-            let service = service_fn(move |_req| {
-                let body = body.clone();
+            let service = service_fn(move |req: ::http::Request<hyper::body::Incoming>| {
+                let answer = if req.method() == ::http::Method::PUT {
+                    token.clone()
+                } else {
+                    body.clone()
+                };
                 async move {
-                    let mut rsp = ::http::Response::new(http_body_util::Full::new(body));
+                    let mut rsp = ::http::Response::new(http_body_util::Full::new(answer));
                     rsp.headers_mut().insert(
                         ::http::header::CONTENT_TYPE,
                         ::http::HeaderValue::from_static("text/plain"),

@@ -191,20 +191,37 @@ fn up(name: &str, file: &Path) -> anyhow::Result<()> {
     }
     let dir = dir(name);
     std::fs::create_dir_all(dir.join("logs"))?;
-    let ctl = format!("{name}-ctl");
-    State {
+    let ctl = format!("{name}_ctl");
+    let mut state = State {
         name: name.into(),
-        netns: vec![ctl.clone()],
         ctl: ctl.clone(),
         ..State::default()
+    };
+    state.save()?;
+    // Recorded only once created: `down` never deletes a namespace it did not make.
+    if let Err(error) = netns::ip(&["netns", "add", &ctl]) {
+        cleanup(&state)?;
+        return Err(error);
     }
-    .save()?;
-    netns::ip(&["netns", "add", &ctl])?;
+    state.netns.push(ctl);
+    state.save()?;
+    match start_supervisor(name, &file, &dir, started) {
+        Ok(()) => Ok(()),
+        Err(error) => {
+            if let Ok(state) = State::load(name) {
+                cleanup(&state)?;
+            }
+            Err(error)
+        }
+    }
+}
 
+/// Starts the supervisor, waits for it, and shows every pod's identity.
+fn start_supervisor(name: &str, file: &Path, dir: &Path, started: Instant) -> anyhow::Result<()> {
     let log = std::fs::File::create(dir.join("logs/supervisor.log"))?;
     let mut child = Command::new(std::env::current_exe()?)
         .args(["--name", name, "supervise"])
-        .arg(&file)
+        .arg(file)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(log)
@@ -226,9 +243,6 @@ fn up(name: &str, file: &Path) -> anyhow::Result<()> {
         let _ = child.wait();
         let log = std::fs::read_to_string(dir.join("logs/supervisor.log")).unwrap_or_default();
         eprintln!("{log}");
-        if let Ok(state) = State::load(name) {
-            cleanup(&state)?;
-        }
         bail!("the sandbox did not come up (the supervisor's log is above)");
     }
     let took = started.elapsed();
@@ -359,7 +373,7 @@ fn down(name: &str) -> anyhow::Result<()> {
 /// Kills the supervisor if it is still there, deletes every namespace the state lists
 /// (with every process inside), and removes the state directory.
 fn cleanup(state: &State) -> anyhow::Result<()> {
-    if state.supervisor != 0 && state.supervisor_alive() {
+    if state.supervisor_alive() {
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(i32::try_from(state.supervisor)?),
             nix::sys::signal::Signal::SIGKILL,
@@ -452,12 +466,18 @@ fn supervise(name: &str, file: &Path) -> anyhow::Result<()> {
         .build()?;
     runtime.block_on(async {
         let (mut supervisor, built) = Supervisor::start(name, file, bins).await?;
-        if let Err(error) = built {
-            supervisor.teardown().await;
-            return Err(error);
+        let listener = match built.and_then(|()| supervisor.listen()) {
+            Ok(listener) => listener,
+            Err(error) => {
+                supervisor.teardown().await;
+                return Err(error);
+            }
+        };
+        {
+            use std::io::Write;
+            let _ = writeln!(std::io::stdout(), "ready");
         }
-        println!("ready");
-        supervisor.serve().await?;
+        supervisor.serve(listener).await?;
         supervisor.teardown().await;
         Ok(())
     })

@@ -4,13 +4,13 @@
 //! `podiam-agent` per node with real interception.
 //!
 //! ```text
-//!   <name>-ctl          stand-in API server, moto (STS), podiam-server   100.127.255.1
+//!   <name>_ctl          stand-in API server, moto (STS), podiam-server   100.127.255.1
 //!     | vnode<i> (100.100.<i>.1)
 //!     | eth0     (100.100.<i>.2, the node's IP)
-//!   <name>-node-<node>  podiam-agent --iptables, the node's "real" metadata service
+//!   <name>_node_<node>  podiam-agent --iptables, the node's "real" metadata service
 //!     | cali<hash>      (on 169.254.169.254:80, handing out the node's own role)
 //!     | eth0     (the pod's IP)
-//!   <name>-pod-<ns>.<pod>   routes: the node, 169.254.169.254 and the STS, via the node
+//!   <name>_pod_<ns>_<pod>   routes: the node, 169.254.169.254 and the STS, via the node
 //! ```
 //!
 //! No namespace has a default route and the host's own network is never touched: every
@@ -178,9 +178,14 @@ impl State {
         self.nodes.iter().find(|n| n.name == name)
     }
 
-    /// Whether the supervisor is alive.
+    /// Whether the supervisor is alive: this sandbox's `podiam-sandbox supervise`, not a
+    /// process that reused its PID.
     pub fn supervisor_alive(&self) -> bool {
         alive(self.supervisor)
+            && std::fs::read(format!("/proc/{}/cmdline", self.supervisor)).is_ok_and(|cmd| {
+                let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
+                args.contains(&b"supervise".as_slice()) && args.contains(&self.name.as_bytes())
+            })
     }
 }
 

@@ -61,7 +61,9 @@ pub struct Supervisor {
 
 /// Prints a progress line for `up`.
 fn step(what: &str) {
-    println!("step {what}");
+    use std::io::Write;
+    // `up` may have gone (Ctrl-C): building goes on, and `down` removes it.
+    let _ = writeln!(std::io::stdout(), "step {what}");
 }
 
 impl Supervisor {
@@ -165,6 +167,7 @@ impl Supervisor {
             .arg(&self.pki.server.cert)
             .arg("--key")
             .arg(&self.pki.server.key);
+        cmd.stdout(std::process::Stdio::null());
         let log = self.dir.join("logs/server.log");
         let server =
             tokio::task::spawn_blocking(move || Process::spawn_logged(cmd, &["agent API"], &log))
@@ -189,9 +192,11 @@ impl Supervisor {
         if index > 250 {
             bail!("the sandbox supports up to 251 nodes");
         }
-        let netns = format!("{}-node-{node}", self.state.name);
+        let netns = node_netns(&self.state.name, node);
         let (ctl_side, node_ip) = (format!("100.100.{index}.1"), format!("100.100.{index}.2"));
         let veth = format!("vnode{index}");
+        // Recorded only once created: `down` never deletes a namespace it did not make.
+        ip(&["netns", "add", &netns])?;
         self.state.netns.push(netns.clone());
         self.state.nodes.push(NodeState {
             name: node.into(),
@@ -202,7 +207,6 @@ impl Supervisor {
         });
         self.state.save()?;
         let ctl = self.state.ctl.clone();
-        ip(&["netns", "add", &netns])?;
         ip(&[
             "-n", &ctl, "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns",
             &netns,
@@ -321,6 +325,7 @@ impl Supervisor {
             .arg(&self.pki.client.cert)
             .arg("--key")
             .arg(&self.pki.client.key);
+        cmd.stdout(std::process::Stdio::null());
         let log = self.dir.join(format!("logs/agent-{node}.log"));
         let agent = tokio::task::spawn_blocking(move || {
             Process::spawn_logged(cmd, &["metadata endpoint"], &log)
@@ -389,13 +394,13 @@ impl Supervisor {
                     other.name
                 );
             }
-            let netns = format!("{}-pod-{}.{}", self.state.name, pod.namespace, pod.name);
+            let netns = pod_netns(&self.state.name, &pod.namespace, &pod.name);
             let veth = veth_name(&pod.namespace, &pod.name);
+            ip(&["netns", "add", &netns])?;
             record.netns = Some(netns.clone());
             self.state.netns.push(netns.clone());
             self.state.pods.push(record);
             self.state.save()?;
-            ip(&["netns", "add", &netns])?;
             ip(&[
                 "-n",
                 &node.netns,
@@ -464,6 +469,31 @@ impl Supervisor {
         Ok(())
     }
 
+    /// A running pod's IP must not be another running pod's (the same pod, replaced, may
+    /// keep its own).
+    fn check_ip(&self, pod: &LoadedPod) -> anyhow::Result<()> {
+        if !pod.running || pod.host_network {
+            return Ok(());
+        }
+        if let Some(other) = self.state.pods.iter().find(|p| {
+            p.ip == pod.ip
+                && (p.namespace != pod.namespace || p.name != pod.name)
+                && p.netns
+                    .as_ref()
+                    .is_some_and(|n| self.state.nodes.iter().all(|node| node.netns != *n))
+        }) {
+            bail!(
+                "{}/{}: IP {} is in use by {}/{}",
+                pod.namespace,
+                pod.name,
+                pod.ip,
+                other.namespace,
+                other.name
+            );
+        }
+        Ok(())
+    }
+
     /// Removes a pod's namespace and its routes.
     fn unwire(&mut self, namespace: &str, name: &str) -> anyhow::Result<()> {
         let Some(i) = self
@@ -475,7 +505,7 @@ impl Supervisor {
             return Ok(());
         };
         let pod = self.state.pods.remove(i);
-        let own = format!("{}-pod-{}.{}", self.state.name, namespace, name);
+        let own = pod_netns(&self.state.name, namespace, name);
         if pod.netns.as_deref() == Some(own.as_str()) {
             netns::destroy(&own)?;
             self.state.netns.retain(|n| *n != own);
@@ -512,6 +542,23 @@ impl Supervisor {
                             pod.name,
                             pod.node,
                             self.loader_nodes()
+                        );
+                    }
+                }
+                // Everything is checked before anything is applied.
+                for (i, pod) in parsed.loaded.pods.iter().enumerate() {
+                    self.check_ip(pod)?;
+                    if let Some(twin) = parsed.loaded.pods[..i]
+                        .iter()
+                        .find(|p| p.ip == pod.ip && p.running && pod.running)
+                    {
+                        bail!(
+                            "{}/{} and {}/{} both claim IP {}",
+                            twin.namespace,
+                            twin.name,
+                            pod.namespace,
+                            pod.name,
+                            pod.ip
                         );
                     }
                 }
@@ -556,11 +603,15 @@ impl Supervisor {
             .join(", ")
     }
 
-    /// Answers requests until `down`, SIGTERM or SIGINT.
-    pub async fn serve(&mut self) -> anyhow::Result<()> {
+    /// Binds the control socket (before `up` is told the sandbox is ready).
+    pub fn listen(&self) -> anyhow::Result<UnixListener> {
         let socket = self.dir.join("control.sock");
         let _ = std::fs::remove_file(&socket);
-        let listener = UnixListener::bind(&socket)?;
+        Ok(UnixListener::bind(&socket)?)
+    }
+
+    /// Answers requests on `listener` until `down`, SIGTERM or SIGINT.
+    pub async fn serve(&mut self, listener: UnixListener) -> anyhow::Result<()> {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         loop {
             let stream = tokio::select! {
@@ -655,6 +706,17 @@ impl Supervisor {
             removed.join(", ")
         )
     }
+}
+
+/// The network namespace of a node. `_` cannot occur in Kubernetes or sandbox names, so
+/// one sandbox's names never collide with another's.
+pub fn node_netns(sandbox: &str, node: &str) -> String {
+    format!("{sandbox}_node_{node}")
+}
+
+/// The network namespace of a pod.
+pub fn pod_netns(sandbox: &str, namespace: &str, pod: &str) -> String {
+    format!("{sandbox}_pod_{namespace}_{pod}")
 }
 
 /// Credentials of each node's instance role (`sandbox-node-<node>`), from moto, so that
