@@ -194,7 +194,7 @@ struct StsArgs {
 
     /// Prefetch AssumeRole calls in flight at most; 0 turns prefetching off (every pod's
     /// first request then waits for STS).
-    #[arg(long, env = "PODIAM_PREFETCH_CONCURRENCY", default_value_t = 8)]
+    #[arg(long, env = "PODIAM_PREFETCH_CONCURRENCY", default_value_t = 32)]
     prefetch_concurrency: usize,
 }
 

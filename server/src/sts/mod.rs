@@ -167,7 +167,7 @@ impl Default for BrokerConfig {
             min_remaining: Duration::from_secs(15 * 60),
             negative_ttl: Duration::from_secs(5),
             prefetch_queue: 1000,
-            prefetch_concurrency: 8,
+            prefetch_concurrency: 32,
             max_sessions: 200_000,
         }
     }

@@ -113,7 +113,7 @@ enum Bench {
         #[arg(long, default_value_t = 20)]
         roles: usize,
         /// Simulated hours (the first is the cold start; steady state is counted after).
-        #[arg(long, default_value_t = 4)]
+        #[arg(long, default_value_t = 6)]
         hours: u64,
     },
     /// Share of new pods whose first request finds their session ready (prefetch), with
@@ -131,6 +131,9 @@ enum Bench {
         /// Time from a pod's creation (with its IP) to its first request: container start.
         #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
         first_request_after: Duration,
+        /// The server's --prefetch-concurrency values to compare, comma-separated.
+        #[arg(long, default_value = "8,32", value_delimiter = ',')]
+        prefetch_concurrency: Vec<usize>,
         /// The server binary.
         #[arg(long)]
         server: Option<PathBuf>,
@@ -210,6 +213,7 @@ async fn run(bench: Bench) -> anyhow::Result<()> {
             pods,
             sts_delay,
             first_request_after,
+            prefetch_concurrency,
             server,
         } => {
             prefetch(
@@ -218,6 +222,7 @@ async fn run(bench: Bench) -> anyhow::Result<()> {
                 pods,
                 sts_delay,
                 first_request_after,
+                &prefetch_concurrency,
             )
             .await?
         }
@@ -938,8 +943,13 @@ async fn sts(pods: usize, roles: usize, hours: u64) -> anyhow::Result<()> {
         config.refresh_before.as_secs() / 60,
         period.as_secs() / 60
     );
+    // Steady state: whole refresh periods after the first hour (pods start within a
+    // minute and their SDKs drift by up to a minute: 2 minutes of slack at the end).
+    let periods = (hours.saturating_sub(1) * 60).saturating_sub(2) / (period.as_secs() / 60);
+    let window = Duration::from_secs(3600) + period * periods as u32 + 2 * MIN;
     println!(
-        "| session scope | sessions | calls in hour 1 (cold) | calls in hours 2-{hours} | ideal for hours 2-{hours} | calls / ideal |"
+        "| session scope | sessions | calls in hour 1 (cold) | calls in the next {periods} refresh periods ({} min) | ideal (one per session per period) | calls / ideal |",
+        periods * period.as_secs() / 60
     );
     println!("|---|---:|---:|---:|---:|---:|");
     for scope in ["role", "pod"] {
@@ -981,17 +991,18 @@ async fn sts(pods: usize, roles: usize, hours: u64) -> anyhow::Result<()> {
                 })
             })
             .collect();
-        tokio::time::sleep(Duration::from_secs(3600)).await;
+        let t0 = tokio::time::Instant::now();
+        tokio::time::sleep_until(t0 + Duration::from_secs(3600)).await;
         let first = fake.calls();
+        tokio::time::sleep_until(t0 + window).await;
+        let steady = fake.calls() - first;
         for t in tasks {
             t.await??;
         }
-        tokio::time::sleep_until(horizon).await;
-        let steady = fake.calls() - first;
-        let ideal = sessions as f64 * ((hours - 1) * 60) as f64 / (period.as_secs() / 60) as f64;
+        let ideal = sessions as u64 * periods;
         println!(
-            "| {scope} | {sessions} | {first} | {steady} | {ideal:.0} | {:.3} |",
-            steady as f64 / ideal
+            "| {scope} | {sessions} | {first} | {steady} | {ideal} | {:.3} |",
+            steady as f64 / ideal.max(1) as f64
         );
     }
     Ok(())
@@ -1004,6 +1015,7 @@ async fn prefetch(
     pods: usize,
     sts_delay: Duration,
     first_request_after: Duration,
+    concurrency: &[usize],
 ) -> anyhow::Result<()> {
     println!(
         "server {}; STS = moto + {sts_delay:?}; each pod's first request {first_request_after:?} after it appears with its IP; served from cache = answered in under {:?}\n",
@@ -1011,60 +1023,68 @@ async fn prefetch(
         sts_delay / 2
     );
     println!(
-        "| pods/s | pods | first requests served from cache | p50 | p99 | max | AssumeRole calls | prefetch overflows |"
+        "| pods/s | --prefetch-concurrency | pods | first requests served from cache | p50 | p99 | max | AssumeRole calls | prefetch overflows |"
     );
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for &rate in rates {
-        let stack = ServerStack::start(server, bench_cluster().await?, &[]).await?;
-        stack
-            .proxy
-            .set_mode(podiam_tests::sts_proxy::Mode::Delay(sts_delay));
-        let config = tls_config(&stack.pki.ca, Some(&stack.pki.client))?;
-        let client = ApiClient::connect(stack.api, config).await?;
-        let calls0 = stack.proxy.calls("AssumeRole");
-        let started = Instant::now();
-        let mut tasks = Vec::new();
-        for i in 0..pods {
-            let at = started + Duration::from_secs_f64(i as f64 / f64::from(rate));
-            tokio::time::sleep_until(at.into()).await;
-            let ip = format!("100.65.{}.{}", i / 250, i % 250 + 1);
-            stack.kube.apply(
-                pod("bench", &format!("new-{i}"))
-                    .ip(&ip)
-                    .role("web")
-                    .node("node-a")
-                    .build(),
+        for &parallel in concurrency {
+            let parallel_arg = parallel.to_string();
+            let stack = ServerStack::start(
+                server,
+                bench_cluster().await?,
+                &["--prefetch-concurrency", &parallel_arg],
+            )
+            .await?;
+            stack
+                .proxy
+                .set_mode(podiam_tests::sts_proxy::Mode::Delay(sts_delay));
+            let config = tls_config(&stack.pki.ca, Some(&stack.pki.client))?;
+            let client = ApiClient::connect(stack.api, config).await?;
+            let calls0 = stack.proxy.calls("AssumeRole");
+            let started = Instant::now();
+            let mut tasks = Vec::new();
+            for i in 0..pods {
+                let at = started + Duration::from_secs_f64(i as f64 / f64::from(rate));
+                tokio::time::sleep_until(at.into()).await;
+                let ip = format!("100.65.{}.{}", i / 250, i % 250 + 1);
+                stack.kube.apply(
+                    pod("bench", &format!("new-{i}"))
+                        .ip(&ip)
+                        .role("web")
+                        .node("node-a")
+                        .build(),
+                );
+                let mut client = client.clone();
+                tasks.push(tokio::spawn(async move {
+                    tokio::time::sleep(first_request_after).await;
+                    let t = Instant::now();
+                    let (status, v) = client
+                        .post(
+                            "/v1/credentials",
+                            Some("agent"),
+                            json!({"ip": ip, "role": "web"}),
+                        )
+                        .await?;
+                    if status != 200 {
+                        bail!("pod {i}: {status} {v}");
+                    }
+                    anyhow::Ok(t.elapsed())
+                }));
+            }
+            let mut latencies = Vec::new();
+            for t in tasks {
+                latencies.push(t.await??);
+            }
+            let warm = latencies.iter().filter(|l| **l < sts_delay / 2).count();
+            let (p50, p99, _) = percentiles(&mut latencies);
+            println!(
+                "| {rate} | {parallel} | {pods} | {:.1} % | {p50:.2?} | {p99:.2?} | {:.2?} | {} | {} |",
+                warm as f64 * 100.0 / pods as f64,
+                latencies.last().copied().unwrap_or_default(),
+                stack.proxy.calls("AssumeRole") - calls0,
+                stack.metric("podiam_prefetch_overflow_total").await,
             );
-            let mut client = client.clone();
-            tasks.push(tokio::spawn(async move {
-                tokio::time::sleep(first_request_after).await;
-                let t = Instant::now();
-                let (status, v) = client
-                    .post(
-                        "/v1/credentials",
-                        Some("agent"),
-                        json!({"ip": ip, "role": "web"}),
-                    )
-                    .await?;
-                if status != 200 {
-                    bail!("pod {i}: {status} {v}");
-                }
-                anyhow::Ok(t.elapsed())
-            }));
         }
-        let mut latencies = Vec::new();
-        for t in tasks {
-            latencies.push(t.await??);
-        }
-        let warm = latencies.iter().filter(|l| **l < sts_delay / 2).count();
-        let (p50, p99, _) = percentiles(&mut latencies);
-        println!(
-            "| {rate} | {pods} | {:.1} % | {p50:.2?} | {p99:.2?} | {:.2?} | {} | {} |",
-            warm as f64 * 100.0 / pods as f64,
-            latencies.last().copied().unwrap_or_default(),
-            stack.proxy.calls("AssumeRole") - calls0,
-            stack.metric("podiam_prefetch_overflow_total").await,
-        );
     }
     Ok(())
 }
