@@ -12,24 +12,12 @@ use std::{
     time::{Duration, Instant},
 };
 
+use podiam_tests::netns::root_or_skip;
 use podiam_tests::{certs::Pki, process::Process};
 
 const BIN: &str = env!("CARGO_BIN_EXE_podiam-agent");
 const NODE_ROLE: &str = "NODE-ROLE-must-never-reach-a-pod";
 static NEXT: AtomicU32 = AtomicU32::new(1);
-
-/// Whether this process may create namespaces; outside CI, says loudly that it skips.
-fn root_or_skip(test: &str) -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "{test} needs root (network namespaces, iptables) and CI runs as root"
-    );
-    eprintln!("\n*** SKIPPING {test}: it needs root (network namespaces, iptables) ***\n");
-    false
-}
 
 fn sh(args: &[&str]) {
     let out = Command::new(args[0]).args(&args[1..]).output().unwrap();

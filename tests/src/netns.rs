@@ -7,6 +7,20 @@ use std::{fs::File, path::PathBuf, process::Command};
 use anyhow::{Context, bail};
 use nix::sched::{CloneFlags, setns};
 
+/// Whether this process may create namespaces (root). Outside CI it says loudly that
+/// `test` skips; in CI, which runs as root, not being root fails the test.
+pub fn root_or_skip(test: &str) -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{test} needs root (network namespaces, iptables) and CI runs as root"
+    );
+    eprintln!("\n*** SKIPPING {test}: it needs root (network namespaces, iptables) ***\n");
+    false
+}
+
 /// Runs `program args`, returning its stdout; an error carries its stderr.
 pub fn run(program: &str, args: &[&str]) -> anyhow::Result<String> {
     let out = Command::new(program)

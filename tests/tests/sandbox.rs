@@ -11,23 +11,12 @@ use std::{
     sync::atomic::{AtomicU32, Ordering},
 };
 
+use podiam_tests::netns::root_or_skip;
 use podiam_tests::sandbox::State;
 
 const BIN: &str = env!("CARGO_BIN_EXE_podiam-sandbox");
 const NODE_ROLE: &str = "sandbox-node-";
 static NEXT: AtomicU32 = AtomicU32::new(1);
-
-fn root_or_skip(test: &str) -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "{test} needs root (network namespaces, iptables) and CI runs as root"
-    );
-    eprintln!("\n*** SKIPPING {test}: it needs root (network namespaces, iptables) ***\n");
-    false
-}
 
 fn example() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/sandbox.yaml")
