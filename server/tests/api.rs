@@ -369,14 +369,15 @@ async fn sts_trouble_keeps_cached_credentials_and_fails_cold_requests_fast() {
     assert_eq!(env.proxy.calls("AssumeRole/team-a.web-d"), 1);
 }
 
-#[tokio::test]
-async fn role_scoped_sessions_are_shared_by_the_pods_of_a_role() {
+/// Namespace team-a permitting `web*`, pods `(name, ip)` with role `web` on node-a, and
+/// agent tokens of node-a.
+async fn web_pods(pods: &[(&str, &str)], agents: &[&str]) -> FakeKube {
     let kube = FakeKube::start().await.unwrap();
     kube.apply(namespace(
         "team-a",
         &[("iam.amazonaws.com/permitted", &arn("web.*"))],
     ));
-    for (name, ip) in [("web-0", "10.0.0.1"), ("web-1", "10.0.0.2")] {
+    for (name, ip) in pods {
         kube.apply(
             pod("team-a", name)
                 .ip(ip)
@@ -385,7 +386,15 @@ async fn role_scoped_sessions_are_shared_by_the_pods_of_a_role() {
                 .build(),
         );
     }
-    kube.add_token(AGENT_A, agent_identity("node-a"));
+    for token in agents {
+        kube.add_token(token, agent_identity("node-a"));
+    }
+    kube
+}
+
+#[tokio::test]
+async fn role_scoped_sessions_are_shared_by_the_pods_of_a_role() {
+    let kube = web_pods(&[("web-0", "10.0.0.1"), ("web-1", "10.0.0.2")], &[AGENT_A]).await;
     let env = ServerStack::start(
         std::path::Path::new(BIN),
         kube,
@@ -410,21 +419,7 @@ async fn role_scoped_sessions_are_shared_by_the_pods_of_a_role() {
 #[tokio::test]
 async fn known_agents_are_served_while_the_api_server_cannot_review_tokens() {
     const REVOKED: &str = "token-agent-revoked";
-    let kube = FakeKube::start().await.unwrap();
-    kube.apply(namespace(
-        "team-a",
-        &[("iam.amazonaws.com/permitted", &arn("web.*"))],
-    ));
-    kube.apply(
-        pod("team-a", "web-0")
-            .ip("10.0.0.1")
-            .role("web")
-            .node("node-a")
-            .build(),
-    );
-    for token in [AGENT_A, AGENT_B, REVOKED] {
-        kube.add_token(token, agent_identity("node-a"));
-    }
+    let kube = web_pods(&[("web-0", "10.0.0.1")], &[AGENT_A, AGENT_B, REVOKED]).await;
     let env = ServerStack::start(
         std::path::Path::new(BIN),
         kube,

@@ -172,6 +172,27 @@ pub fn agent_command(
     key_file: &Path,
     token_file: &Path,
 ) -> Command {
+    agent_command_for(
+        bin,
+        pki,
+        servers,
+        "localhost",
+        metadata,
+        key_file,
+        token_file,
+    )
+}
+
+/// [`agent_command`] verifying the servers' certificate by `server_name`.
+pub fn agent_command_for(
+    bin: &Path,
+    pki: &Pki,
+    servers: &str,
+    server_name: &str,
+    metadata: &str,
+    key_file: &Path,
+    token_file: &Path,
+) -> Command {
     let mut cmd = Command::new(bin);
     cmd.env_clear()
         .args([
@@ -182,7 +203,7 @@ pub fn agent_command(
             "--log-format",
             "json",
         ])
-        .args(["--server-address", servers, "--server-name", "localhost"])
+        .args(["--server-address", servers, "--server-name", server_name])
         .args([
             "--metadata-addr",
             metadata,

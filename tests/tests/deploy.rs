@@ -240,34 +240,15 @@ async fn gen_certs_makes_a_pair_the_binaries_accept_for_mutual_tls() {
         .unwrap();
     let api = server.addr("agent API").unwrap();
     std::fs::write(dir.path().join("token"), "agent-token").unwrap();
-    let mut agent = Command::new(stack::sibling(SERVER, "podiam-agent"));
-    agent
-        .env_clear()
-        .args([
-            "--admin-addr",
-            "127.0.0.1:0",
-            "--listen",
-            "127.0.0.100:0",
-            "--log-format",
-            "json",
-        ])
-        .args([
-            "--server-address",
-            &api.to_string(),
-            "--server-name",
-            &server_name,
-        ])
-        .args(["--server-health-interval", "200ms"])
-        .arg("--token-file")
-        .arg(dir.path().join("token"))
-        .arg("--token-key-file")
-        .arg(dir.path().join("imds.key"))
-        .arg("--ca")
-        .arg(&pki.ca)
-        .arg("--cert")
-        .arg(&pki.client.cert)
-        .arg("--key")
-        .arg(&pki.client.key);
+    let agent = stack::agent_command_for(
+        &stack::sibling(SERVER, "podiam-agent"),
+        &pki,
+        &api.to_string(),
+        &server_name,
+        "127.0.0.1:9",
+        &dir.path().join("imds.key"),
+        &dir.path().join("token"),
+    );
     let agent = Process::spawn(agent).unwrap();
     let ready = http::wait_ready(agent.admin, Duration::from_secs(15)).await;
     assert!(

@@ -207,10 +207,7 @@ impl Supervisor {
         });
         self.state.save()?;
         let ctl = self.state.ctl.clone();
-        ip(&[
-            "-n", &ctl, "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns",
-            &netns,
-        ])?;
+        plug(&ctl, &veth, &netns, &format!("{node_ip}/24"))?;
         ip(&[
             "-n",
             &ctl,
@@ -220,19 +217,6 @@ impl Supervisor {
             "dev",
             &veth,
         ])?;
-        ip(&["-n", &ctl, "link", "set", &veth, "up"])?;
-        ip(&[
-            "-n",
-            &netns,
-            "addr",
-            "add",
-            &format!("{node_ip}/24"),
-            "dev",
-            "eth0",
-        ])?;
-        for dev in ["eth0", "lo"] {
-            ip(&["-n", &netns, "link", "set", dev, "up"])?;
-        }
         // The node's routes: its link to the control namespace, the STS and server behind
         // it, and (added per pod) its pods. No default route.
         ip(&[
@@ -401,32 +385,7 @@ impl Supervisor {
             self.state.netns.push(netns.clone());
             self.state.pods.push(record);
             self.state.save()?;
-            ip(&[
-                "-n",
-                &node.netns,
-                "link",
-                "add",
-                &veth,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "eth0",
-                "netns",
-                &netns,
-            ])?;
-            ip(&[
-                "-n",
-                &netns,
-                "addr",
-                "add",
-                &format!("{}/32", pod.ip),
-                "dev",
-                "eth0",
-            ])?;
-            for dev in ["eth0", "lo"] {
-                ip(&["-n", &netns, "link", "set", dev, "up"])?;
-            }
+            plug(&node.netns, &veth, &netns, &format!("{}/32", pod.ip))?;
             // The pod reaches its node, and through it only the metadata address and the STS.
             ip(&[
                 "-n",
@@ -444,7 +403,6 @@ impl Supervisor {
                     "-n", &netns, "route", "add", dest, "via", &node.ip, "dev", "eth0",
                 ])?;
             }
-            ip(&["-n", &node.netns, "link", "set", &veth, "up"])?;
             ip(&[
                 "-n",
                 &node.netns,
@@ -706,6 +664,19 @@ impl Supervisor {
             removed.join(", ")
         )
     }
+}
+
+/// Joins namespace `ns` to `host_ns` with a veth pair: `host_if` in `host_ns`, `eth0`
+/// with `address` in `ns`; both ends and `ns`'s loopback up.
+fn plug(host_ns: &str, host_if: &str, ns: &str, address: &str) -> anyhow::Result<()> {
+    ip(&[
+        "-n", host_ns, "link", "add", host_if, "type", "veth", "peer", "name", "eth0", "netns", ns,
+    ])?;
+    ip(&["-n", ns, "addr", "add", address, "dev", "eth0"])?;
+    for dev in ["eth0", "lo"] {
+        ip(&["-n", ns, "link", "set", dev, "up"])?;
+    }
+    ip(&["-n", host_ns, "link", "set", host_if, "up"])
 }
 
 /// The network namespace of a node. `_` cannot occur in Kubernetes or sandbox names, so
