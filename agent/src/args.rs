@@ -177,7 +177,7 @@ impl Cli {
             bail!("--server-address is required (HOST:PORT of the podiam servers)");
         };
         let proxy = MetadataProxy::new(&metadata_addr, &allow_route_regexp, metadata_timeout)
-            .with_context(|| format!("invalid --allow-route-regexp {allow_route_regexp:?}"))?;
+            .context("invalid --allow-route-regexp")?;
         let key = TokenKey::load_or_create(&token_key_file)?;
         let interceptor = Interceptor::prepare(&intercept, listen)
             .await

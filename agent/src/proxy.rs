@@ -2,8 +2,12 @@
 //!
 //! Paths outside the credential surface go to `--metadata-addr` only when their normal
 //! form (see [`crate::imds::path`]) matches `--allow-route-regexp`, anchored, with or
-//! without a trailing slash. User data, the node's own `iam/` tree and
-//! `identity-credentials/` are never proxied, whatever the regex says. Upstream requests
+//! without a trailing slash, and when every segment is made of `[A-Za-z0-9._-]` only. User
+//! data, the node's own `iam/` tree, `identity-credentials/`, the signed instance identity
+//! documents (`pkcs7`, `signature`, `rsa2048`: they authenticate the node to systems such as
+//! Vault) and the instance's tags are never proxied, whatever the regex says, compared
+//! without regard to case. The unsigned identity document is allowed by default: it
+//! describes the instance and authenticates nothing. Upstream requests
 //! use the agent's own IMDSv2 token (pods never see a real one), carry no
 //! `X-Forwarded-For`, and have timeouts.
 
@@ -20,6 +24,7 @@ use hyper_util::{
     rt::TokioExecutor,
 };
 use parking_lot::Mutex;
+use podiam_common::pattern::{PatternError, anchored};
 use regex_lite::Regex;
 
 use crate::imds::path::Normal;
@@ -68,10 +73,42 @@ pub enum Refusal {
     /// The node's identity credentials.
     #[error("identity credentials are never proxied")]
     IdentityCredentials,
+    /// The signed instance identity documents authenticate the node.
+    #[error("signed identity documents are never proxied")]
+    SignedIdentity,
+    /// The instance's tags may name other systems' secrets or structure.
+    #[error("instance tags are never proxied")]
+    InstanceTags,
+    /// A segment with characters no proxied path needs.
+    #[error("only letters, digits, '.', '_' and '-' are proxied")]
+    Characters,
     /// Not in the allow-list.
     #[error("not in --allow-route-regexp")]
     NotAllowed,
 }
+
+/// Path prefixes never proxied (lower case; paths are compared lower-cased), with why.
+const NEVER: &[(&[&str], Refusal)] = &[
+    (&["user-data"], Refusal::UserData),
+    (&["meta-data", "iam"], Refusal::NodeIam),
+    (
+        &["meta-data", "identity-credentials"],
+        Refusal::IdentityCredentials,
+    ),
+    (
+        &["dynamic", "instance-identity", "pkcs7"],
+        Refusal::SignedIdentity,
+    ),
+    (
+        &["dynamic", "instance-identity", "signature"],
+        Refusal::SignedIdentity,
+    ),
+    (
+        &["dynamic", "instance-identity", "rsa2048"],
+        Refusal::SignedIdentity,
+    ),
+    (&["meta-data", "tags", "instance"], Refusal::InstanceTags),
+];
 
 /// The upstream failed.
 #[derive(Debug, thiserror::Error)]
@@ -82,11 +119,9 @@ pub struct UpstreamFailure(String);
 
 impl MetadataProxy {
     /// Proxies to `addr` (`HOST` or `HOST:PORT`, port 80 by default) for paths matching
-    /// `allow` (anchored).
-    pub fn new(addr: &str, allow: &str, timeout: Duration) -> Result<Self, regex_lite::Error> {
-        let allow = regex_lite::RegexBuilder::new(&format!("^(?:{allow})$"))
-            .size_limit(1 << 20)
-            .build()?;
+    /// `allow` (anchored; it must be a whole expression on its own).
+    pub fn new(addr: &str, allow: &str, timeout: Duration) -> Result<Self, PatternError> {
+        let allow = anchored(allow)?;
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(timeout));
         connector.set_nodelay(true);
@@ -103,14 +138,19 @@ impl MetadataProxy {
 
     /// Whether `path` may be proxied.
     pub fn check(&self, path: &Normal) -> Result<(), Refusal> {
-        if path.starts_with(&["user-data"]) {
-            return Err(Refusal::UserData);
+        let lower: Vec<String> = path
+            .segments
+            .iter()
+            .map(|s| s.to_ascii_lowercase())
+            .collect();
+        for (prefix, refusal) in NEVER {
+            if lower.len() >= prefix.len() && lower.iter().zip(*prefix).all(|(a, b)| a == b) {
+                return Err(*refusal);
+            }
         }
-        if path.starts_with(&["meta-data", "iam"]) {
-            return Err(Refusal::NodeIam);
-        }
-        if path.starts_with(&["meta-data", "identity-credentials"]) {
-            return Err(Refusal::IdentityCredentials);
+        let plain = |b: u8| b.is_ascii_alphanumeric() || b"._-".contains(&b);
+        if !path.segments.iter().all(|s| s.bytes().all(plain)) {
+            return Err(Refusal::Characters);
         }
         let mut normal = path.clone();
         normal.trailing_slash = false;
@@ -235,7 +275,7 @@ mod tests {
             ("/latest/meta-data/", Refusal::NotAllowed),
             (
                 "/latest/dynamic/instance-identity/signature",
-                Refusal::NotAllowed,
+                Refusal::SignedIdentity,
             ),
         ] {
             assert_eq!(check(&p, no), Err(why), "{no}");
@@ -248,5 +288,80 @@ mod tests {
             Err(Refusal::NodeIam)
         );
         assert_eq!(check(&open, "/latest/meta-data/hostname"), Ok(()));
+    }
+
+    #[test]
+    fn never_proxied_whatever_the_case_or_the_regex() {
+        let open = MetadataProxy::new("127.0.0.1:1", ".*", Duration::from_secs(1)).unwrap();
+        for (no, why) in [
+            ("/latest/USER-DATA", Refusal::UserData),
+            ("/latest/User-Data/", Refusal::UserData),
+            ("/latest/meta-data/IAM/info", Refusal::NodeIam),
+            (
+                "/latest/Meta-Data/iam/security-credentials/x",
+                Refusal::NodeIam,
+            ),
+            (
+                "/latest/meta-data/Identity-Credentials/ec2/info",
+                Refusal::IdentityCredentials,
+            ),
+            (
+                "/latest/dynamic/instance-identity/pkcs7",
+                Refusal::SignedIdentity,
+            ),
+            (
+                "/latest/dynamic/instance-identity/PKCS7",
+                Refusal::SignedIdentity,
+            ),
+            (
+                "/latest/dynamic/instance-identity/signature",
+                Refusal::SignedIdentity,
+            ),
+            (
+                "/latest/dynamic/instance-identity/rsa2048",
+                Refusal::SignedIdentity,
+            ),
+            (
+                "/latest/dynamic/Instance-Identity/RSA2048/",
+                Refusal::SignedIdentity,
+            ),
+            ("/latest/meta-data/tags/instance", Refusal::InstanceTags),
+            (
+                "/latest/meta-data/tags/instance/Name",
+                Refusal::InstanceTags,
+            ),
+            ("/latest/meta-data/TAGS/Instance/", Refusal::InstanceTags),
+            // RFC 3986 characters the normaliser lets through, but no metadata path needs.
+            ("/latest/meta-data/instance-id;x", Refusal::Characters),
+            ("/latest/meta-data/a=b", Refusal::Characters),
+            ("/latest/meta-data/a@b", Refusal::Characters),
+            ("/latest/meta-data/(x)", Refusal::Characters),
+            ("/latest/meta-data/a~b", Refusal::Characters),
+            ("/latest/meta-data/a+b", Refusal::Characters),
+            ("/latest/meta-data/a:b", Refusal::Characters),
+        ] {
+            assert_eq!(check(&open, no), Err(why), "{no}");
+        }
+        // The unsigned identity document stays allowed by default.
+        let default =
+            MetadataProxy::new("127.0.0.1:1", DEFAULT_ALLOW, Duration::from_secs(1)).unwrap();
+        assert_eq!(
+            check(&default, "/latest/dynamic/instance-identity/document"),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn allow_route_regexp_cannot_escape_its_anchors() {
+        // Wrapped as text this allowed every path; it is refused at start-up now.
+        for escape in [
+            "/latest/meta-data/instance-id)|(.*",
+            "/latest/meta-data/instance-id)|.*|(x",
+        ] {
+            assert!(
+                MetadataProxy::new("127.0.0.1:1", escape, Duration::from_secs(1)).is_err(),
+                "{escape}"
+            );
+        }
     }
 }

@@ -13,6 +13,11 @@ pub const SESSION_NAME: &str = "iam.amazonaws.com/session-name";
 /// Pod: the requested session duration (`1h`, `90m`, `3600s` or plain seconds).
 pub const SESSION_DURATION: &str = "iam.amazonaws.com/session-duration";
 
+/// Pod, set by the kubelet: the pod is the mirror of a static pod from the node's
+/// manifest directory. A kubelet may create mirror pods in any namespace with any
+/// annotations, so such a pod is no identity unless the operator opts in.
+pub const MIRROR: &str = "kubernetes.io/config.mirror";
+
 /// Namespace (kiam): a regular expression, matched anchored against the full role ARN.
 pub const PERMITTED: &str = "iam.amazonaws.com/permitted";
 

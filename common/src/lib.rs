@@ -9,6 +9,7 @@
 //! - [`listen`]: the accept loop every listener shares.
 //! - [`logging`]: `tracing` setup from `--log-format` and `--log-level`.
 //! - [`net`]: IPv4-mapped addresses compared as IPv4.
+//! - [`pattern`]: regular expressions anchored so that no pattern text can escape the anchors.
 //! - [`protocol`]: the agent ↔ server messages and typed errors.
 //! - [`secret`]: strings that never format (keys, tokens).
 //! - [`tls`]: mutual-TLS configurations from PEM files, reloaded when they change.
@@ -19,6 +20,7 @@ pub mod arn;
 pub mod listen;
 pub mod logging;
 pub mod net;
+pub mod pattern;
 pub mod protocol;
 pub mod readiness;
 pub mod secret;

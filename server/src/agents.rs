@@ -5,12 +5,17 @@
 //! agent's ServiceAccount, and takes the agent's node from the token's
 //! `authentication.kubernetes.io/node-name` extra. Every projected token of every pod
 //! carries that extra, which is why the ServiceAccount must match too: without that check,
-//! any pod's token would pass for an agent. Results are cached briefly by token hash.
+//! any pod's token would pass for an agent. Results are cached briefly by token hash, and
+//! never past the token's own `exp`. One review is in flight per token however many
+//! requests carry it (on its own task, so a caller that gives up does not cancel it for
+//! the others). A review whose status does not list the audience asked for is refused:
+//! an authenticator that ignores audiences would otherwise pass any ServiceAccount token.
 //! While the API server cannot be reached, a token accepted before keeps being accepted
 //! until it expires (at most [`STALE_LIMIT`] after its last review), so that an API server
 //! outage does not stop agents that were already known from being served.
 
 use std::{
+    collections::HashMap,
     fmt,
     sync::{
         Arc,
@@ -19,9 +24,13 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use futures::{FutureExt, future::BoxFuture};
+use futures::{
+    FutureExt,
+    future::{BoxFuture, Shared},
+};
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
 use kube::{Api, Client, api::PostParams};
+use parking_lot::Mutex;
 
 use crate::issue::Caller;
 
@@ -75,16 +84,21 @@ pub struct TokenReviewer {
     audience: String,
     /// `system:serviceaccount:NAMESPACE:NAME`.
     agent_user: String,
-    /// Keyed by SHA-256 of the token, so the cache holds no tokens.
-    accepted: moka::sync::Cache<[u8; 32], Caller>,
+    /// Keyed by SHA-256 of the token, so the cache holds no tokens; with the time past
+    /// which the token is not trusted (its `exp`), if it has one.
+    accepted: moka::sync::Cache<[u8; 32], (Caller, Option<SystemTime>)>,
+    /// The one review in flight per token.
+    inflight: Arc<Mutex<HashMap<[u8; 32], Review>>>,
     rejected: moka::sync::Cache<[u8; 32], AuthError>,
     /// Accepted tokens with their expiry, for when the API server cannot be reached.
     known: moka::sync::Cache<[u8; 32], (Caller, SystemTime)>,
     /// When the fallback was last logged (Unix seconds).
     warned: Arc<AtomicU64>,
-    /// How long a review is cached.
-    ttl: Duration,
+    /// The wall clock (tests move it).
+    now: Arc<dyn Fn() -> SystemTime + Send + Sync>,
 }
+
+type Review = Shared<BoxFuture<'static, Result<Caller, AuthError>>>;
 
 // === impl Unbound ===
 
@@ -123,12 +137,44 @@ impl TokenReviewer {
                 .time_to_live(STALE_LIMIT)
                 .build(),
             warned: Arc::new(AtomicU64::new(0)),
-            ttl,
+            inflight: Arc::new(Mutex::new(HashMap::new())),
+            now: Arc::new(SystemTime::now),
         }
+    }
+
+    /// The same reviewer reading the time from `now` (for tests of expiry).
+    pub fn with_clock(mut self, now: Arc<dyn Fn() -> SystemTime + Send + Sync>) -> Self {
+        self.now = now;
+        self
+    }
+
+    /// The review of `token` in flight, started if there is none.
+    fn single_flight(&self, token: &str, key: [u8; 32]) -> Review {
+        let mut inflight = self.inflight.lock();
+        if let Some(review) = inflight.get(&key) {
+            return review.clone();
+        }
+        let task = tokio::spawn(self.clone().review(token.to_string(), key));
+        let this = self.clone();
+        let review = async move {
+            let result = task
+                .await
+                .unwrap_or_else(|e| Err(AuthError::Unavailable(format!("review task: {e}"))));
+            // Removed only once the caches hold the verdict, so no caller falls in between.
+            this.inflight.lock().remove(&key);
+            result
+        }
+        .boxed()
+        .shared();
+        inflight.insert(key, review.clone());
+        review
     }
 
     async fn review(self, token: String, key: [u8; 32]) -> Result<Caller, AuthError> {
         let expires = token_expiry(&token);
+        if expires.is_some_and(|exp| exp <= (self.now)()) {
+            return self.refuse(key, AuthError::Rejected("the token has expired".into()));
+        }
         let review = TokenReview {
             spec: TokenReviewSpec {
                 token: Some(token),
@@ -145,28 +191,29 @@ impl TokenReviewer {
                 return self.fallback(key, format!("no answer within {REVIEW_TIMEOUT:?}"));
             }
         };
-        let verdict = self.judge(&result);
-        match &verdict {
+        match self.judge(&result) {
             Ok(caller) => {
-                self.accepted.insert(key, caller.clone());
-                let limit = SystemTime::now() + STALE_LIMIT;
+                self.accepted.insert(key, (caller.clone(), expires));
+                let limit = (self.now)() + STALE_LIMIT;
                 let until = expires.map_or(limit, |e| e.min(limit));
                 self.known.insert(key, (caller.clone(), until));
+                Ok(caller)
             }
-            // An unreachable API server is not the token's fault: not cached.
-            Err(AuthError::Unavailable(_)) => {}
-            Err(error) => {
-                // Refused now: never again accepted from memory during an outage.
-                self.known.invalidate(&key);
-                self.rejected.insert(key, error.clone());
-            }
+            Err(error) => self.refuse(key, error),
         }
-        verdict
+    }
+
+    /// Refused now: never again accepted from memory during an outage.
+    fn refuse(&self, key: [u8; 32], error: AuthError) -> Result<Caller, AuthError> {
+        self.accepted.invalidate(&key);
+        self.known.invalidate(&key);
+        self.rejected.insert(key, error.clone());
+        Err(error)
     }
 
     /// The TokenReview failed: a token accepted before, and not expired, still passes.
     fn fallback(&self, key: [u8; 32], error: String) -> Result<Caller, AuthError> {
-        let now = SystemTime::now();
+        let now = (self.now)();
         match self.known.get(&key) {
             Some((caller, until)) if until > now => {
                 let secs = now.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
@@ -181,9 +228,7 @@ impl TokenReviewer {
                 }
                 // Not asked again (and waited for) until the review cache expires, unless
                 // the token expires first.
-                if until.duration_since(now).unwrap_or_default() >= self.ttl {
-                    self.accepted.insert(key, caller.clone());
-                }
+                self.accepted.insert(key, (caller.clone(), Some(until)));
                 Ok(caller)
             }
             _ => Err(AuthError::Unavailable(error)),
@@ -203,11 +248,15 @@ impl TokenReviewer {
                     .unwrap_or_else(|| "not authenticated".into()),
             ));
         }
-        if let Some(audiences) = &status.audiences
-            && !audiences.contains(&self.audience)
+        // An authenticator that does not say which audiences it checked has not checked
+        // ours: absent counts as not for us.
+        if !status
+            .audiences
+            .as_ref()
+            .is_some_and(|audiences| audiences.contains(&self.audience))
         {
             return Err(AuthError::Rejected(format!(
-                "token is not for audience {:?}",
+                "the review does not confirm audience {:?}",
                 self.audience
             )));
         }
@@ -235,13 +284,18 @@ impl Authenticate for TokenReviewer {
         };
         let mut key = [0u8; 32];
         key.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, token.as_bytes()).as_ref());
-        if let Some(caller) = self.accepted.get(&key) {
-            return futures::future::ready(Ok(caller)).boxed();
+        match self.accepted.get(&key) {
+            Some((caller, until)) if until.is_none_or(|t| (self.now)() < t) => {
+                return futures::future::ready(Ok(caller)).boxed();
+            }
+            // Past the token's `exp`: never from memory again.
+            Some(_) => self.accepted.invalidate(&key),
+            None => {}
         }
         if let Some(error) = self.rejected.get(&key) {
             return futures::future::ready(Err(error)).boxed();
         }
-        self.clone().review(token.to_string(), key).boxed()
+        self.single_flight(token, key).boxed()
     }
 }
 

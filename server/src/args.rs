@@ -100,6 +100,13 @@ pub struct PolicyArgs {
     /// checked against the namespace policy like any other role. Empty means none.
     #[arg(long, env = "PODIAM_DEFAULT_ROLE", global = true, value_name = "ROLE")]
     pub default_role: Option<String>,
+
+    /// Let mirror pods (static pods' API copies: kubernetes.io/config.mirror, or a Node
+    /// owner) have roles. Off by default: any node's kubelet may create a mirror pod in
+    /// any namespace with any annotations, so with this on, root on one node can claim
+    /// any role some namespace permits.
+    #[arg(long, env = "PODIAM_ALLOW_MIRROR_PODS", global = true)]
+    pub allow_mirror_pods: bool,
 }
 
 /// What only the serving server needs.
@@ -586,6 +593,7 @@ impl PolicyArgs {
         let PolicyArgs {
             base_role_arn,
             default_role,
+            allow_mirror_pods,
         } = self;
         let base_role_arn = match non_empty(base_role_arn).map(str::to_string).or(detected) {
             Some(v) => Some(
@@ -604,6 +612,7 @@ impl PolicyArgs {
         Ok(PolicyConfig {
             base_role_arn,
             default_role,
+            allow_mirror_pods: *allow_mirror_pods,
         })
     }
 }
@@ -674,6 +683,7 @@ mod tests {
         let args = |base: &str, default: &str| PolicyArgs {
             base_role_arn: Some(base.into()),
             default_role: Some(default.into()),
+            allow_mirror_pods: false,
         };
         let cfg = args("arn:aws:iam::123456789012:role/", "web")
             .config(None)

@@ -73,6 +73,7 @@ struct PodSummary {
     ips: Vec<IpAddr>,
     phase: &'static str,
     host_network: bool,
+    mirror: bool,
     service_account: Option<String>,
 }
 
@@ -259,6 +260,9 @@ impl Report {
             };
             writeln!(out, "ips:        {ips}")?;
             writeln!(out, "phase:      {}", pod.phase)?;
+            if pod.mirror {
+                writeln!(out, "mirror:     yes (a static pod's mirror)")?;
+            }
         }
         match &self.verdict {
             Verdict::Allowed(grant) => {
@@ -300,6 +304,7 @@ impl From<&PodInfo> for PodSummary {
             ips: pod.ips.iter().collect(),
             phase: pod.phase.as_str(),
             host_network: pod.host_network,
+            mirror: pod.mirror,
             service_account: pod.service_account.as_deref().map(Into::into),
         }
     }

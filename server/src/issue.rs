@@ -339,7 +339,8 @@ impl Issuer {
             duration = duration.min(CHAINED_MAX);
         }
         let session_name = match (&grant.session_name, settings.scope) {
-            (Some(name), _) => name.as_str().into(),
+            // Namespace-prefixed by the policy; may need shortening to STS's 64.
+            (Some(name), _) => sts_name(name),
             (None, SessionScope::Pod) => session_name(&pod.key),
             (None, SessionScope::Role) => role_session_name(&grant.role_arn),
         };

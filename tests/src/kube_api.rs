@@ -90,6 +90,10 @@ struct Shared {
     drop_watches: Mutex<CancellationToken>,
     list_gate: watch::Sender<bool>,
     watch_gate: watch::Sender<bool>,
+    review_gate: watch::Sender<bool>,
+    reviews_without_audiences: std::sync::atomic::AtomicBool,
+    /// While set, every read (list, watch, get) is answered with this status.
+    refuse_reads: Mutex<Option<StatusCode>>,
     lists: watch::Sender<HashMap<Kind, u64>>,
     watches: watch::Sender<u64>,
 }
@@ -154,6 +158,9 @@ impl FakeKube {
             drop_watches: Mutex::new(CancellationToken::new()),
             list_gate: watch::channel(true).0,
             watch_gate: watch::channel(true).0,
+            review_gate: watch::channel(true).0,
+            reviews_without_audiences: std::sync::atomic::AtomicBool::new(false),
+            refuse_reads: Mutex::new(None),
             lists: watch::channel(HashMap::new()).0,
             watches: watch::channel(0).0,
         });
@@ -296,6 +303,30 @@ impl FakeKube {
         Hold {
             gate: self.shared.watch_gate.clone(),
         }
+    }
+
+    /// Makes TokenReviews wait until the returned guard is dropped (they still count as
+    /// attempts when they arrive).
+    pub fn hold_token_reviews(&self) -> Hold {
+        self.shared.review_gate.send_replace(false);
+        Hold {
+            gate: self.shared.review_gate.clone(),
+        }
+    }
+
+    /// While `on`, TokenReviews answer without `status.audiences`, as an authenticator
+    /// that ignores audiences does.
+    pub fn set_reviews_without_audiences(&self, on: bool) {
+        self.shared
+            .reviews_without_audiences
+            .store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// While `Some`, every list, watch and get is answered with that status (an API server
+    /// that cannot be reached answers 503; an RBAC change, 403). Open watches are not
+    /// affected; see [`FakeKube::drop_watches`].
+    pub fn refuse_reads(&self, status: Option<StatusCode>) {
+        *self.shared.refuse_reads.lock() = status;
     }
 
     /// List requests for `kind` received so far (including held ones).
@@ -473,6 +504,8 @@ async fn route(shared: Arc<Shared>, req: Request<hyper::body::Incoming>) -> Resp
                     "down",
                 );
             }
+            let mut gate = shared.review_gate.subscribe();
+            let _ = gate.wait_for(|open| *open).await;
             return token_review(&shared, req).await;
         }
         (
@@ -481,7 +514,12 @@ async fn route(shared: Arc<Shared>, req: Request<hyper::body::Incoming>) -> Resp
         ) => {
             return record_event(&shared, req).await;
         }
-        (Method::GET, _) => {}
+        (Method::GET, _) => {
+            let refused = *shared.refuse_reads.lock();
+            if let Some(code) = refused {
+                return status(code, "Refused", "refused by the test");
+            }
+        }
         _ => {
             return status(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -572,7 +610,14 @@ async fn token_review(shared: &Shared, req: Request<hyper::body::Incoming>) -> R
             if let Some(node) = id.node {
                 user["extra"] = json!({"authentication.kubernetes.io/node-name": [node]});
             }
-            json!({"authenticated": true, "user": user, "audiences": audiences})
+            if shared
+                .reviews_without_audiences
+                .load(std::sync::atomic::Ordering::SeqCst)
+            {
+                json!({"authenticated": true, "user": user})
+            } else {
+                json!({"authenticated": true, "user": user, "audiences": audiences})
+            }
         }
         Some(_) => json!({"authenticated": false, "error": "token audiences are invalid"}),
         None => json!({"authenticated": false, "error": "invalid bearer token"}),

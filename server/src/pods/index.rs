@@ -39,6 +39,9 @@ pub struct PodInfo {
     pub ips: PodIps,
     /// `spec.hostNetwork`: such pods share the node's address and are never identified by it.
     pub host_network: bool,
+    /// A mirror of a static pod (`kubernetes.io/config.mirror`, or owned by a Node): any
+    /// kubelet can create one in any namespace with any annotations.
+    pub mirror: bool,
     /// `status.phase`.
     pub phase: PodPhase,
     /// The annotations podiam reads; every other annotation is dropped.

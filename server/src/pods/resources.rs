@@ -1,13 +1,15 @@
 //! The Kubernetes objects as the server reads them. Only the fields it uses are
 //! deserialised: containers, volumes, labels, managed fields and every annotation outside
-//! `iam.amazonaws.com/` are skipped by the parser and never allocated. The object is then
+//! `iam.amazonaws.com/` (but the kubelet's mirror-pod mark) are skipped by the parser and
+//! never allocated. Of the owner references only their kinds are read (a `Node` owner also
+//! marks a mirror pod). The object is then
 //! stripped further into a [`PodInfo`] before it is stored.
 
 use std::{collections::BTreeMap, fmt, net::IpAddr};
 
 use k8s_openapi::{
     ClusterResourceScope, Metadata, NamespaceResourceScope, Resource,
-    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference},
 };
 use podiam_common::annotations;
 use serde::{Deserialize, Deserializer, de};
@@ -82,6 +84,15 @@ struct LeanMeta {
     resource_version: Option<String>,
     #[serde(default, deserialize_with = "podiam_annotations")]
     annotations: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    owner_references: Option<Vec<LeanOwner>>,
+}
+
+/// Of an owner reference, only its kind.
+#[derive(Deserialize)]
+struct LeanOwner {
+    #[serde(default)]
+    kind: Option<String>,
 }
 
 /// The object could not be indexed.
@@ -165,6 +176,18 @@ impl WatchedPod {
                 }
             }
         }
+        // The kubelet's mark of a static pod's mirror (its value is a hash), or a Node owner.
+        let mirror = self
+            .metadata
+            .annotations
+            .as_ref()
+            .is_some_and(|a| a.contains_key(annotations::MIRROR))
+            || self
+                .metadata
+                .owner_references
+                .iter()
+                .flatten()
+                .any(|o| o.kind == "Node");
         let mut ann = self.metadata.annotations.unwrap_or_default();
         let mut take = |name: &str| ann.remove(name).map(Into::into);
         let annotations = PodAnnotations {
@@ -180,6 +203,7 @@ impl WatchedPod {
             service_account: spec.service_account_name.map(Into::into),
             ips,
             host_network: spec.host_network.unwrap_or(false),
+            mirror,
             phase: PodPhase::parse(status.phase.as_deref()),
             annotations,
         })
@@ -218,6 +242,15 @@ fn lean_meta<'de, D: Deserializer<'de>>(d: D) -> Result<ObjectMeta, D::Error> {
         uid: m.uid,
         resource_version: m.resource_version,
         annotations: m.annotations,
+        owner_references: m.owner_references.map(|owners| {
+            owners
+                .into_iter()
+                .map(|o| OwnerReference {
+                    kind: o.kind.unwrap_or_default(),
+                    ..OwnerReference::default()
+                })
+                .collect()
+        }),
         ..ObjectMeta::default()
     })
 }
@@ -249,7 +282,7 @@ fn podiam_annotations<'de, D: Deserializer<'de>>(
         fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
             let mut kept = BTreeMap::new();
             while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
-                if key.starts_with(ANNOTATION_PREFIX) {
+                if key.starts_with(ANNOTATION_PREFIX) || key == annotations::MIRROR {
                     kept.insert(key.into_owned(), map.next_value::<String>()?);
                 } else {
                     map.next_value::<de::IgnoredAny>()?;
@@ -292,6 +325,33 @@ mod tests {
         // One address per family; the second IPv4 and the junk are dropped.
         let ips: Vec<String> = info.ips.iter().map(|ip| ip.to_string()).collect();
         assert_eq!(ips, ["10.0.0.1", "fd00::1"]);
+    }
+
+    #[test]
+    fn mirror_pods_are_recognised() {
+        let parse = |metadata: serde_json::Value| {
+            serde_json::from_value::<WatchedPod>(serde_json::json!({ "metadata": metadata }))
+                .unwrap()
+                .into_info()
+                .unwrap()
+        };
+        let by_annotation = parse(serde_json::json!({
+            "name": "etcd-node-a", "namespace": "payments",
+            "annotations": {"kubernetes.io/config.mirror": "3f9a", "iam.amazonaws.com/role": "r"}
+        }));
+        assert!(by_annotation.mirror);
+        assert_eq!(by_annotation.annotations.role.as_deref(), Some("r"));
+        let by_owner = parse(serde_json::json!({
+            "name": "etcd-node-a", "namespace": "payments",
+            "ownerReferences": [{"apiVersion": "v1", "kind": "Node", "name": "node-a", "uid": "u", "controller": true}]
+        }));
+        assert!(by_owner.mirror);
+        let ordinary = parse(serde_json::json!({
+            "name": "web", "namespace": "payments",
+            "annotations": {"kubernetes.io/config.source": "api"},
+            "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "web-1", "uid": "u"}, {}]
+        }));
+        assert!(!ordinary.mirror);
     }
 
     #[test]

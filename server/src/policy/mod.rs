@@ -36,6 +36,8 @@ pub struct PolicyConfig {
     pub base_role_arn: Option<BaseRoleArn>,
     /// The role of pods that name none (still subject to the namespace policy).
     pub default_role: Option<RoleArn>,
+    /// Whether mirror (static) pods may have roles (`--allow-mirror-pods`).
+    pub allow_mirror_pods: bool,
 }
 
 /// The answer for one pod.
@@ -57,7 +59,8 @@ pub struct Grant {
     /// `iam.amazonaws.com/external-id`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub external_id: Option<String>,
-    /// `iam.amazonaws.com/session-name`; without it the broker derives one from the pod.
+    /// `iam.amazonaws.com/session-name` prefixed with the pod's namespace
+    /// (`NAMESPACE.NAME`); without it the broker derives one from the pod.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub session_name: Option<String>,
     /// `iam.amazonaws.com/session-duration`; without it the broker's default applies.
@@ -81,6 +84,13 @@ pub enum RoleSource {
 /// Why a pod gets no credentials: each says what to change.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum Denial {
+    /// A mirror (static) pod: any node's kubelet can create one in any namespace with any
+    /// annotations, so it is no proof of identity.
+    #[error(
+        "the pod is a mirror of a static pod ({} or a Node owner), and mirror pods get no credentials unless the server runs with --allow-mirror-pods",
+        annotations::MIRROR
+    )]
+    MirrorPod,
     /// The pod names no role and there is no default.
     #[error(
         "the pod has no {} annotation and no default role is configured",
@@ -152,6 +162,9 @@ fn decide(
     namespace: Option<&NamespaceInfo>,
     config: &PolicyConfig,
 ) -> Result<Grant, Denial> {
+    if pod.mirror && !config.allow_mirror_pods {
+        return Err(Denial::MirrorPod);
+    }
     let ann = &pod.annotations;
     let (role_arn, role_source) = match ann.role.as_deref().map(str::trim) {
         Some(value) if !value.is_empty() => {
@@ -187,7 +200,7 @@ fn decide(
         role_arn,
         role_source,
         external_id: session::external_id(ann.external_id.as_deref())?,
-        session_name: session::session_name(ann.session_name.as_deref())?,
+        session_name: session::session_name(&pod.key.namespace, ann.session_name.as_deref())?,
         session_duration: session::duration(ann.session_duration.as_deref())?,
     })
 }
@@ -198,6 +211,7 @@ impl Denial {
     /// A stable machine-readable reason, for metrics labels, Events and JSON.
     pub fn code(&self) -> &'static str {
         match self {
+            Denial::MirrorPod => "mirror_pod",
             Denial::NoRole => "no_role",
             Denial::InvalidRole { .. } => "invalid_role",
             Denial::NamespaceNotFound { .. } => "namespace_not_found",

@@ -25,11 +25,10 @@ use podiam_common::{
 // ~11 KB (55 MB at 5,000 namespaces with distinct policies), matching a 60-byte ARN is
 // still linear-time and sub-microsecond, and its ASCII-only `\w`/`\d` are what kiam's Go
 // RE2 regexes meant. Unicode classes (`\p{..}`) are refused with the parser's reason.
-use regex_lite::{Regex, RegexBuilder};
-
-/// Compiled regexes are bounded so that an annotation cannot make the server allocate
-/// without limit.
-const REGEX_SIZE_LIMIT: usize = 1 << 20;
+// Anchoring goes through `pattern::anchored`, which refuses a pattern that is not a whole
+// expression on its own: wrapped as text, `x)|(.*` would permit every role in every account.
+use podiam_common::pattern::anchored;
+use regex_lite::Regex;
 
 /// Longest `allowed-roles` list accepted.
 const MAX_ALLOWED_ROLES: usize = 1000;
@@ -282,7 +281,7 @@ fn compile_permitted(value: &str) -> Rule {
             patterns: vec![regex],
         },
         Err(error) => Rule::Invalid {
-            reason: format!("{source:?} is not a valid regular expression: {error}"),
+            reason: error.to_string(),
         },
     }
 }
@@ -334,12 +333,6 @@ fn compile_allowed_roles(value: &str, base: Option<&BaseRoleArn>) -> Rule {
         source: value.trim().to_string(),
         patterns,
     }
-}
-
-fn anchored(pattern: &str) -> Result<Regex, regex_lite::Error> {
-    RegexBuilder::new(&format!("^(?:{pattern})$"))
-        .size_limit(REGEX_SIZE_LIMIT)
-        .build()
 }
 
 /// kiam before v4 matched `permitted` against the role as annotated; a regex written for

@@ -35,8 +35,21 @@ pub(super) fn external_id(value: Option<&str>) -> Result<Option<String>, Denial>
     checked(value, &EXTERNAL_ID)
 }
 
-pub(super) fn session_name(value: Option<&str>) -> Result<Option<String>, Denial> {
-    checked(value, &SESSION_NAME)
+/// The annotation's name, prefixed with the pod's namespace (`NAMESPACE.NAME`) unless it
+/// already starts with it. Namespace names have no dots, so a session named `payments.x`
+/// can only come from namespace `payments`: no pod can take the name of another
+/// namespace's pods (`kube-system.cluster-autoscaler`) in CloudTrail or in IAM conditions
+/// on the session name. A name longer than STS's 64 characters is shortened with a hash
+/// when the session is assumed.
+pub(super) fn session_name(namespace: &str, value: Option<&str>) -> Result<Option<String>, Denial> {
+    let Some(name) = checked(value, &SESSION_NAME)? else {
+        return Ok(None);
+    };
+    let prefix = format!("{namespace}.");
+    if name.starts_with(&prefix) {
+        return Ok(Some(name));
+    }
+    Ok(Some(prefix + &name))
 }
 
 fn checked(value: Option<&str>, rule: &Rule) -> Result<Option<String>, Denial> {

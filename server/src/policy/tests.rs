@@ -19,6 +19,7 @@ fn config() -> PolicyConfig {
     PolicyConfig {
         base_role_arn: Some(base()),
         default_role: None,
+        allow_mirror_pods: false,
     }
 }
 
@@ -33,6 +34,7 @@ fn mk_pod(role: Option<&str>) -> PodInfo {
         service_account: Some("default".into()),
         ips: ["10.0.0.1".parse().unwrap()].into_iter().collect(),
         host_network: false,
+        mirror: false,
         phase: PodPhase::Running,
         annotations: PodAnnotations {
             role: role.map(Into::into),
@@ -313,7 +315,7 @@ fn session_annotations_are_carried() {
     });
     let g = d.allowed().unwrap();
     assert_eq!(g.external_id.as_deref(), Some("ext-123"));
-    assert_eq!(g.session_name.as_deref(), Some("my.session@x"));
+    assert_eq!(g.session_name.as_deref(), Some("team-a.my.session@x"));
     assert_eq!(g.session_duration, Some(Duration::from_secs(3600)));
     let g = with_session(|_| {});
     let g = g.allowed().unwrap();
@@ -404,4 +406,90 @@ fn compiled_policies_are_bounded_and_evicted_ones_still_decide() {
     let first = &idx.get("ns-0").unwrap().policy;
     assert!(first.check(&role(0)).is_ok());
     assert!(first.check(&role(1)).is_err());
+}
+
+#[test]
+fn permitted_regex_cannot_escape_its_anchors() {
+    // Wrapped as text, each of these closed the anchoring group and permitted any role in
+    // any account. A pattern must be a whole expression on its own before it is anchored.
+    let other_account = mk_pod(Some(
+        "arn:aws:iam::999999999999:role/OrganizationAccountAccessRole",
+    ));
+    for escape in [
+        "arn:aws:iam::123456789012:role/team-a-x)|(.*",
+        "arn:aws:iam::123456789012:role/team-a-x)|(?:.*",
+        "arn:aws:iam::123456789012:role/team-a-.*)|(.*999999999999.*",
+        ".*)$|^(.*",
+        "[)]|(.*",
+        "(?x)arn:aws:iam::123456789012:role/team-a-.* #",
+    ] {
+        let d = denial(decide_with(&other_account, Some(escape), None, &config()));
+        assert_eq!(d.code(), "namespace_policy_invalid", "{escape}");
+        assert!(
+            d.to_string().contains("not a valid regular expression"),
+            "{escape}: {d}"
+        );
+        // The namespace's own roles are refused too: an invalid policy permits nothing.
+        let own = denial(decide_with(
+            &mk_pod(Some("team-a-web")),
+            Some(escape),
+            None,
+            &config(),
+        ));
+        assert_eq!(own.code(), "namespace_policy_invalid", "{escape}");
+    }
+}
+
+#[test]
+fn session_names_cannot_impersonate_another_namespace() {
+    // The pod is in team-a; without the prefix, CloudTrail and IAM conditions on the
+    // session name would see kube-system's autoscaler.
+    for (annotation, want) in [
+        (
+            "kube-system.cluster-autoscaler",
+            "team-a.kube-system.cluster-autoscaler",
+        ),
+        ("podiam-web", "team-a.podiam-web"),
+        ("batch", "team-a.batch"),
+        // Already the namespace's own: kept as written.
+        ("team-a.batch", "team-a.batch"),
+        // A longer namespace that starts with the same letters is another namespace.
+        ("team-ab.batch", "team-a.team-ab.batch"),
+    ] {
+        let d = with_session(|a| a.session_name = Some(annotation.into()));
+        let g = d.allowed().unwrap();
+        assert_eq!(g.session_name.as_deref(), Some(want), "{annotation}");
+    }
+}
+
+#[test]
+fn mirror_pods_get_nothing_unless_allowed() {
+    let mut pod = mk_pod(Some("web"));
+    pod.mirror = true;
+    let d = denial(decide_with(&pod, Some(".*"), None, &config()));
+    assert_eq!(d, Denial::MirrorPod);
+    assert_eq!(d.code(), "mirror_pod");
+    assert!(d.to_string().contains("--allow-mirror-pods"), "{d}");
+    // Even with a default role and a permissive namespace.
+    let cfg = PolicyConfig {
+        default_role: Some(RoleArn::parse(&arn("default")).unwrap()),
+        ..config()
+    };
+    pod.annotations.role = None;
+    assert_eq!(
+        denial(decide_with(&pod, Some(".*"), None, &cfg)),
+        Denial::MirrorPod
+    );
+    // Opted in: a mirror pod is decided like any other, namespace policy included.
+    let allow = PolicyConfig {
+        allow_mirror_pods: true,
+        ..config()
+    };
+    pod.annotations.role = Some("web".into());
+    assert_eq!(
+        allowed_role(&decide_with(&pod, Some(".*"), None, &allow)),
+        arn("web")
+    );
+    let d = denial(decide_with(&pod, Some(&arn("other")), None, &allow));
+    assert_eq!(d.code(), "role_not_permitted");
 }

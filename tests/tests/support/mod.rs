@@ -46,6 +46,7 @@ impl Harness {
         let policy = PolicyConfig {
             base_role_arn: Some(base()),
             default_role: None,
+            allow_mirror_pods: false,
         };
         let index = ClusterIndex::new(policy.base_role_arn.clone());
         let readiness = Readiness::new();

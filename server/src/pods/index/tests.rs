@@ -22,6 +22,7 @@ fn mk_pod(ns: &str, name: &str, ips: &[&str]) -> PodInfo {
         service_account: None,
         ips: ips.iter().map(|s| ip(s)).collect(),
         host_network: false,
+        mirror: false,
         phase: PodPhase::Running,
         annotations: PodAnnotations::default(),
     }
