@@ -134,6 +134,13 @@ struct ServeArgs {
     )]
     base_role_arn_autodetect: bool,
 
+    /// How long the pod or namespace watch may keep failing (API server unreachable, 403
+    /// after an RBAC change) before the server stops answering from its stale index: it
+    /// reports not ready and refuses requests with not_ready (agents turn to another
+    /// replica) until a fresh list succeeds.
+    #[arg(long, env = "PODIAM_WATCH_STALE_AFTER", default_value = "60s", value_parser = humantime::parse_duration)]
+    watch_stale_after: Duration,
+
     /// How long a request from an IP that no pod has (yet) waits for the pod to appear.
     #[arg(long, env = "PODIAM_IP_LOOKUP_WAIT", default_value = "3s", value_parser = humantime::parse_duration)]
     ip_lookup_wait: Duration,
@@ -286,6 +293,7 @@ impl ServeArgs {
             sts,
             binding,
             base_role_arn_autodetect,
+            watch_stale_after,
             ip_lookup_wait,
             event_interval,
             metrics_role_labels,
@@ -311,7 +319,15 @@ impl ServeArgs {
             None
         };
         let policy = policy.config(detected)?;
-        let client = kube.client().await?;
+        let config = kube.config().await?;
+        let client =
+            kube::Client::try_from(config.clone()).context("building the Kubernetes client")?;
+        // The watchers back off on their own; the client's own retries of 503/429 (for
+        // minutes) would hide a failing API server from the stale-index bound.
+        let mut watch_config = config;
+        watch_config.default_retry = false;
+        let watch_client =
+            kube::Client::try_from(watch_config).context("building the Kubernetes client")?;
 
         let index = ClusterIndex::new(policy.base_role_arn.clone());
         IndexCollector::register(&registry, index.clone())?;
@@ -379,24 +395,22 @@ impl ServeArgs {
             let issuer = issuer.clone();
             Arc::new(move |pod| issuer.prefetch(pod))
         };
+        let watch_settings = |ready| watch::WatchSettings {
+            ready,
+            metrics: watch_metrics.clone(),
+            stale_after: watch_stale_after,
+            shutdown: shutdown.clone(),
+        };
         let pods = watch::pods(
-            client.clone(),
+            watch_client.clone(),
             index.clone(),
-            pods_ready,
-            watch_metrics.clone(),
             Some(prefetch),
-            shutdown.clone(),
+            watch_settings(pods_ready),
         );
         spawn(&mut tasks, "pod watch", "watch_pods", async move {
             Ok(pods.await?)
         });
-        let namespaces = watch::namespaces(
-            client,
-            index,
-            namespaces_ready,
-            watch_metrics,
-            shutdown.clone(),
-        );
+        let namespaces = watch::namespaces(watch_client, index, watch_settings(namespaces_ready));
         spawn(
             &mut tasks,
             "namespace watch",
@@ -561,6 +575,11 @@ impl BindingArgs {
 impl KubeArgs {
     /// A client for the configured cluster.
     pub async fn client(&self) -> anyhow::Result<kube::Client> {
+        kube::Client::try_from(self.config().await?).context("building the Kubernetes client")
+    }
+
+    /// The client configuration the flags (or the environment) name.
+    pub async fn config(&self) -> anyhow::Result<kube::Config> {
         let options = KubeConfigOptions {
             context: self.kube_context.clone(),
             ..Default::default()
@@ -580,7 +599,7 @@ impl KubeArgs {
                 .await
                 .context("finding a Kubernetes configuration (in-cluster or kubeconfig)")?,
         };
-        kube::Client::try_from(config).context("building the Kubernetes client")
+        Ok(config)
     }
 }
 

@@ -458,3 +458,79 @@ async fn known_agents_are_served_while_the_api_server_cannot_review_tokens() {
     let (code, v) = credentials(&mut c, AGENT_B, "10.0.0.1", Some("web")).await;
     assert_eq!(code, 200, "{v}");
 }
+
+/// Polls the admin `/readyz` (the server's readiness signal) until it answers `want`.
+async fn wait_readyz(env: &ServerStack, want: u16, within: Duration) {
+    let started = Instant::now();
+    loop {
+        if let Ok((code, _)) = podiam_tests::http::get(env.server.admin, "/readyz").await
+            && code == want
+        {
+            return;
+        }
+        assert!(
+            started.elapsed() < within,
+            "/readyz did not answer {want} within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn no_answers_from_a_frozen_index() {
+    let kube = web_pods(&[("web-0", "10.0.0.1")], &[AGENT_A]).await;
+    kube.apply(namespace(
+        "team-b",
+        &[("iam.amazonaws.com/permitted", &arn("other"))],
+    ));
+    let env = ServerStack::start(
+        std::path::Path::new(BIN),
+        kube,
+        &["--watch-stale-after", "1s"],
+    )
+    .await
+    .unwrap();
+    let mut c = client(&env).await;
+    let (code, v) = credentials(&mut c, AGENT_A, "10.0.0.1", None).await;
+    assert_eq!(
+        (code, v["role_arn"].as_str()),
+        (200, Some(arn("web").as_str()))
+    );
+
+    // The API server stops answering reads (unreachable, or an RBAC change), and while the
+    // server cannot see it, web-0 is deleted and another pod takes its IP.
+    env.kube
+        .refuse_reads(Some(::http::StatusCode::SERVICE_UNAVAILABLE));
+    env.kube.drop_watches();
+    env.kube.delete_pod("team-a", "web-0");
+    env.kube.apply(
+        pod("team-b", "reused")
+            .ip("10.0.0.1")
+            .role("other")
+            .node("node-a")
+            .build(),
+    );
+
+    // Past the bound the server is not ready, and says so to agents.
+    wait_readyz(&env, 503, Duration::from_secs(10)).await;
+    let (code, v) = credentials(&mut c, AGENT_A, "10.0.0.1", None).await;
+    assert_eq!((code, v["code"].as_str()), (503, Some("not_ready")), "{v}");
+    assert_eq!(
+        env.metric("podiam_watch_stale{resource=\"pods\"}").await,
+        1.0
+    );
+
+    // Reads work again: a fresh list, and the new pod's own role.
+    env.kube.refuse_reads(None);
+    wait_readyz(&env, 200, Duration::from_secs(40)).await;
+    let (code, v) = credentials(&mut c, AGENT_A, "10.0.0.1", None).await;
+    assert_eq!(
+        (code, v["role_arn"].as_str()),
+        (200, Some(arn("other").as_str())),
+        "{v}"
+    );
+    assert_eq!(
+        env.metric("podiam_watch_stale{resource=\"pods\"}").await,
+        0.0
+    );
+}

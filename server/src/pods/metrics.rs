@@ -2,7 +2,7 @@
 //! index itself, so they cannot drift from it.
 
 use prometheus::{
-    IntCounterVec, Opts, Registry,
+    IntCounterVec, IntGaugeVec, Opts, Registry,
     core::{Collector, Desc},
     proto::MetricFamily,
 };
@@ -18,6 +18,9 @@ pub struct WatchMetrics {
     pub errors: IntCounterVec,
     /// Re-lists after the first list (dropped watch with a stale resourceVersion, 410).
     pub restarts: IntCounterVec,
+    /// 1 while a watch has been failing for longer than `--watch-stale-after` and the
+    /// index is not trusted (the server is not ready until a re-list succeeds).
+    pub stale: IntGaugeVec,
 }
 
 /// Scrape-time gauges over a [`ClusterIndex`].
@@ -72,11 +75,20 @@ impl WatchMetrics {
         )?;
         registry.register(Box::new(events.clone()))?;
         registry.register(Box::new(errors.clone()))?;
+        let stale = IntGaugeVec::new(
+            Opts::new(
+                "podiam_watch_stale",
+                "1 while the watch has failed for longer than --watch-stale-after: the server answers not_ready until a re-list succeeds",
+            ),
+            &["resource"],
+        )?;
         registry.register(Box::new(restarts.clone()))?;
+        registry.register(Box::new(stale.clone()))?;
         Ok(Self {
             events,
             errors,
             restarts,
+            stale,
         })
     }
 }

@@ -5,8 +5,16 @@
 //! (410 Gone). A re-list arrives as `Init`, `InitApply`... , `InitDone`: objects are
 //! applied as they arrive, and only at `InitDone` are the ones that were not re-listed
 //! removed. So a re-list never opens a window in which known pods vanish.
+//!
+//! An index that stopped changing because its watch fails is not answered from: once the
+//! watch has failed for longer than `stale_after` with no successful list or event in
+//! between (API server unreachable, 403 after an RBAC change), the readiness gate closes
+//! (the API answers `not_ready` and agents turn to another replica) and the watch starts
+//! over with a fresh list; the gate opens again when that list is complete. Otherwise a pod
+//! deleted during the outage would keep its IP in the index, and a new pod on that IP
+//! would be answered with the old pod's role.
 
-use std::{collections::HashSet, fmt::Debug, hash::Hash};
+use std::{collections::HashSet, fmt::Debug, hash::Hash, time::Duration};
 
 use futures::StreamExt;
 use kube::{
@@ -15,6 +23,7 @@ use kube::{
 };
 use podiam_common::readiness::Gate;
 use serde::de::DeserializeOwned;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::{
@@ -44,59 +53,101 @@ pub type PodHook = std::sync::Arc<dyn Fn(&super::PodInfo) + Send + Sync>;
 struct Pods(ClusterIndex, Option<PodHook>);
 struct Namespaces(ClusterIndex);
 
-/// Watches pods in all namespaces into `index`; opens `ready` after the first full list;
-/// calls `on_pod` with each added or changed pod. Returns only when `shutdown` is
-/// cancelled, or with an error if the stream ends.
+/// How a watcher runs.
+#[derive(Debug)]
+pub struct WatchSettings {
+    /// Readiness: open while the index can be answered from.
+    pub ready: Gate,
+    /// Its metrics.
+    pub metrics: WatchMetrics,
+    /// How long the watch may fail before the index is no longer trusted.
+    pub stale_after: Duration,
+    /// Stops the watch.
+    pub shutdown: CancellationToken,
+}
+
+/// Watches pods in all namespaces into `index`; opens the gate after each full list;
+/// calls `on_pod` with each added or changed pod. Returns only when shut down, or with an
+/// error if the stream ends.
 pub async fn pods(
     client: Client,
     index: ClusterIndex,
-    ready: Gate,
-    metrics: WatchMetrics,
     on_pod: Option<PodHook>,
-    shutdown: CancellationToken,
+    settings: WatchSettings,
 ) -> Result<(), WatchEnded> {
     let api = Api::<WatchedPod>::all(client);
-    run(api, Pods(index, on_pod), ready, metrics, shutdown).await
+    run(api, Pods(index, on_pod), settings).await
 }
 
-/// Watches namespaces into `index`; opens `ready` after the first full list.
+/// Watches namespaces into `index`; opens the gate after each full list.
 pub async fn namespaces(
     client: Client,
     index: ClusterIndex,
-    ready: Gate,
-    metrics: WatchMetrics,
-    shutdown: CancellationToken,
+    settings: WatchSettings,
 ) -> Result<(), WatchEnded> {
     let api = Api::<WatchedNamespace>::all(client);
-    run(api, Namespaces(index), ready, metrics, shutdown).await
+    run(api, Namespaces(index), settings).await
 }
 
-async fn run<K, I>(
-    api: Api<K>,
-    indexer: I,
-    ready: Gate,
-    metrics: WatchMetrics,
-    shutdown: CancellationToken,
-) -> Result<(), WatchEnded>
+async fn run<K, I>(api: Api<K>, indexer: I, settings: WatchSettings) -> Result<(), WatchEnded>
 where
     K: kube::Resource + Clone + DeserializeOwned + Debug + Send + 'static,
     I: Indexer<K>,
 {
+    let WatchSettings {
+        ready,
+        metrics,
+        stale_after,
+        shutdown,
+    } = settings;
     // `any_semantic`: the initial list may come from the API server's watch cache, which
     // is far cheaper for it at 100k pods; the watch then brings us up to date.
     let config = watcher::Config::default().any_semantic();
-    let stream = watcher(api, config).default_backoff();
-    let mut stream = std::pin::pin!(stream);
+    let start = || {
+        watcher(api.clone(), config.clone())
+            .default_backoff()
+            .boxed()
+    };
+    let mut stream = start();
     let resource = I::RESOURCE;
     let count = |event: &str| metrics.events.with_label_values(&[resource, event]).inc();
+    let stale_gauge = metrics.stale.with_label_values(&[resource]);
     let mut relisting: Option<HashSet<I::Key>> = None;
     let mut lists = 0u64;
+    // When the watch started failing, with no success since; whether the index is stale.
+    let mut failing_since: Option<Instant> = None;
+    let mut stale = false;
     loop {
+        let stale_at = failing_since
+            .filter(|_| !stale)
+            .map(|since| since + stale_after);
         let event = tokio::select! {
             biased;
             _ = shutdown.cancelled() => return Ok(()),
+            _ = sleep_until(stale_at) => {
+                stale = true;
+                stale_gauge.set(1);
+                ready.close();
+                tracing::error!(
+                    resource,
+                    failing_for = ?stale_after,
+                    "the watch has been failing for too long: not answering from a stale index until a re-list succeeds"
+                );
+                // A fresh watcher starts with a full list: the index is trusted again only
+                // once that list is complete.
+                stream = start();
+                relisting = None;
+                continue;
+            }
             event = stream.next() => event,
         };
+        match &event {
+            Some(Err(_)) => {
+                failing_since.get_or_insert_with(Instant::now);
+            }
+            Some(Ok(_)) if !stale => failing_since = None,
+            _ => {}
+        }
         match event {
             None => return Err(WatchEnded(resource)),
             Some(Err(error)) => {
@@ -125,6 +176,15 @@ where
                 let removed = relisting.take().map_or(0, |seen| indexer.retain(&seen));
                 lists += 1;
                 tracing::info!(resource, objects = indexer.len(), removed, "list complete");
+                if stale {
+                    stale = false;
+                    failing_since = None;
+                    stale_gauge.set(0);
+                    tracing::info!(
+                        resource,
+                        "re-listed after the watch failures: answering again"
+                    );
+                }
                 ready.open();
             }
             Some(Ok(watcher::Event::Apply(obj))) => {
@@ -136,6 +196,14 @@ where
                 indexer.delete(obj);
             }
         }
+    }
+}
+
+/// Sleeps until `at`, or forever without one.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -53,20 +53,22 @@ impl Harness {
         let metrics = WatchMetrics::register(&Registry::new()).unwrap();
         let shutdown = CancellationToken::new();
         let client = client(&kube);
+        let settings = |ready| watch::WatchSettings {
+            ready,
+            metrics: metrics.clone(),
+            stale_after: Duration::from_secs(60),
+            shutdown: shutdown.clone(),
+        };
         tokio::spawn(watch::pods(
             client.clone(),
             index.clone(),
-            readiness.gate("pods"),
-            metrics.clone(),
             None,
-            shutdown.clone(),
+            settings(readiness.gate("pods")),
         ));
         tokio::spawn(watch::namespaces(
             client,
             index.clone(),
-            readiness.gate("namespaces"),
-            metrics.clone(),
-            shutdown.clone(),
+            settings(readiness.gate("namespaces")),
         ));
         Self {
             kube,
