@@ -18,7 +18,7 @@ use tracing::Instrument;
 
 use crate::{
     imds::{Imds, ImdsMetrics, token::TokenKey},
-    intercept::{InterceptArgs, Interceptor},
+    intercept::{InterceptArgs, InterceptMetrics, Interceptor},
     proxy::{DEFAULT_ALLOW, MetadataProxy},
     upstream::{Servers, UpstreamMetrics, UpstreamSettings},
 };
@@ -54,6 +54,18 @@ struct ImdsArgs {
     /// Default: $HOST_IP:8181.
     #[arg(long, env = "PODIAM_LISTEN")]
     listen: Option<SocketAddr>,
+
+    /// Which source addresses are pods', as CIDRs (comma list, e.g. the cluster's pod
+    /// CIDR): connections from any other address are closed unanswered and counted.
+    /// Required without --iptables (an operator who redirects by other means); with
+    /// --iptables the kernel already admits only redirected pod traffic.
+    #[arg(
+        long,
+        env = "PODIAM_POD_SOURCES",
+        value_delimiter = ',',
+        value_name = "CIDR"
+    )]
+    pod_sources: Vec<ipnet::IpNet>,
 
     /// Refuse IMDSv1 (requests without a session token).
     #[arg(long, env = "PODIAM_REQUIRE_IMDSV2")]
@@ -147,6 +159,7 @@ impl Cli {
         } = self;
         let ImdsArgs {
             listen,
+            pod_sources,
             require_imdsv2,
             token_key_file,
             metadata_addr,
@@ -173,18 +186,37 @@ impl Cli {
                 Err(_) => bail!("--listen is required (or HOST_IP, from the downward API)"),
             },
         };
+        let registry = Registry::new();
+        let readiness = Readiness::new();
+        let imds_metrics = ImdsMetrics::register(&registry)?;
+        // The rules go in before anything else that can fail at start (TLS files, the
+        // token key, server addresses): a misconfigured agent leaves pods with refused
+        // connections, never with the node's credentials.
+        let interceptor = Interceptor::prepare(
+            &intercept,
+            listen,
+            InterceptMetrics::register(&registry, imds_metrics.refused())?,
+        )
+        .await
+        .context("setting up interception")?;
+        if let Some(interceptor) = &interceptor {
+            interceptor
+                .install()
+                .await
+                .context("installing the interception rules")?;
+            tracing::info!("interception rules installed");
+        } else if pod_sources.is_empty() {
+            bail!(
+                "without --iptables, --pod-sources must say which source addresses are pods' (e.g. the cluster's pod CIDR)"
+            );
+        }
         let Some(server_address) = server_address.filter(|a| !a.trim().is_empty()) else {
             bail!("--server-address is required (HOST:PORT of the podiam servers)");
         };
         let proxy = MetadataProxy::new(&metadata_addr, &allow_route_regexp, metadata_timeout)
             .context("invalid --allow-route-regexp")?;
         let key = TokenKey::load_or_create(&token_key_file)?;
-        let interceptor = Interceptor::prepare(&intercept, listen)
-            .await
-            .context("setting up interception")?;
         let shutdown = shutdown::on_signals().context("installing signal handlers")?;
-        let registry = Registry::new();
-        let readiness = Readiness::new();
         let tls = tls
             .client(TlsMetrics::register(&registry)?, shutdown.clone())
             .context("loading the agent's TLS files")?;
@@ -202,16 +234,20 @@ impl Cli {
             UpstreamMetrics::register(&registry)?,
             shutdown.clone(),
         )?;
-        let listen_v6 = interceptor.as_ref().and_then(Interceptor::listen_v6);
+        let extra_listens: Vec<SocketAddr> = interceptor
+            .as_ref()
+            .map(|i| i.listen_v4().into_iter().chain(i.listen_v6()).collect())
+            .unwrap_or_default();
         let imds = Imds::new(
             std::iter::once(listen.ip())
-                .chain(listen_v6.map(|a| a.ip()))
+                .chain(extra_listens.iter().map(SocketAddr::ip))
                 .collect(),
+            pod_sources,
             key,
             require_imdsv2,
             servers,
             proxy,
-            ImdsMetrics::register(&registry)?,
+            imds_metrics,
         );
 
         let admin_listener = TcpListener::bind(admin_addr)
@@ -222,24 +258,25 @@ impl Cli {
             .with_context(|| format!("binding the metadata endpoint to {listen}"))?;
         tracing::info!(addr = %admin_listener.local_addr()?, "admin server listening");
         tracing::info!(addr = %imds_listener.local_addr()?, "metadata endpoint listening");
-        let imds_v6_listener = match listen_v6 {
-            Some(addr) => {
-                let listener = TcpListener::bind(addr)
-                    .await
-                    .with_context(|| format!("binding the IPv6 metadata endpoint to {addr}"))?;
-                tracing::info!(addr = %listener.local_addr()?, "IPv6 metadata endpoint listening");
-                Some(listener)
-            }
-            None => None,
-        };
+        let mut extra_listeners = Vec::new();
+        for addr in extra_listens {
+            let family = if addr.is_ipv4() { "IPv4" } else { "IPv6" };
+            let listener = TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding the {family} metadata endpoint to {addr}"))?;
+            tracing::info!(addr = %listener.local_addr()?, "{family} metadata endpoint listening");
+            extra_listeners.push(listener);
+        }
 
         let mut tasks = JoinSet::new();
         if let Some(interceptor) = interceptor {
-            // Ready only once the rules are verified.
-            let gate = readiness.gate("interception");
+            // Ready only once the rules are verified, and while every pod interface is
+            // covered by them.
+            let rules = readiness.gate("interception");
+            let interfaces = readiness.gate("pod-interfaces");
             let shutdown = shutdown.clone();
             tasks.spawn(
-                async move { interceptor.run(gate, shutdown).await }
+                async move { interceptor.run(rules, interfaces, shutdown).await }
                     .instrument(tracing::info_span!("intercept")),
             );
         }
@@ -249,7 +286,7 @@ impl Cli {
             async move { admin.serve(admin_listener, shutdown).await }
                 .instrument(tracing::info_span!("admin"))
         });
-        if let Some(listener) = imds_v6_listener {
+        for listener in extra_listeners {
             let (imds, shutdown) = (imds.clone(), shutdown.clone());
             tasks.spawn(
                 async move { imds.serve(listener, shutdown).await }

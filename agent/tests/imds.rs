@@ -13,7 +13,7 @@ use std::{
 
 use ::http::Method;
 use podiam_tests::{
-    fake_imds::{FakeImds, NODE_ROLE, NODE_SECRET, USER_DATA},
+    fake_imds::{FakeImds, NODE_ROLE, NODE_SECRET, NODE_SIGNED, NODE_TAG, USER_DATA},
     http,
     imds_client::{self, Answer},
     kube_api::FakeKube,
@@ -123,6 +123,10 @@ async fn start_agent_for(
         key_file,
         token_file,
     );
+    // Loopback callers stand for pods, unless the test says otherwise.
+    if !extra.contains(&"--pod-sources") {
+        cmd.args(["--pod-sources", "127.0.0.0/8"]);
+    }
     cmd.args(extra);
     let agent =
         tokio::task::spawn_blocking(move || Process::spawn_announcing(cmd, &["metadata endpoint"]))
@@ -349,10 +353,26 @@ async fn refusals_map_to_metadata_answers() {
     let forbidden = n.get(FORBIDDEN, &format!("{CREDS}admin"), None).await;
     assert_eq!(forbidden.status, 403);
     assert!(
-        forbidden.body.contains("not permitted"),
-        "{}",
+        forbidden.body.contains("Warning Events"),
+        "says what to do: {}",
         forbidden.body
     );
+    // Nothing of the policy, other pods or nodes: that goes to Events and the server log.
+    for secret in [
+        "permitted",
+        "web.*",
+        "arn:aws:iam",
+        "team-a",
+        "admin",
+        "node-a",
+        "web-0",
+    ] {
+        assert!(
+            !forbidden.body.contains(secret),
+            "{secret:?} in {}",
+            forbidden.body
+        );
+    }
     let started = Instant::now();
     assert_eq!(n.get(NOBODY, CREDS, None).await.status, 404);
     assert!(
@@ -369,8 +389,16 @@ async fn refusals_map_to_metadata_answers() {
         started.elapsed() < Duration::from_millis(300),
         "no wait for a pod"
     );
-    // Traffic from a pod the server places on another node.
-    assert_eq!(n.get(OTHER_NODE, CREDS, None).await.status, 403);
+    // Traffic from a pod the server places on another node: no node is named.
+    let other = n.get(OTHER_NODE, CREDS, None).await;
+    assert_eq!(other.status, 403);
+    assert!(
+        !other.body.contains("node-a")
+            && !other.body.contains("node-b")
+            && !other.body.contains("web-b"),
+        "{}",
+        other.body
+    );
 }
 
 #[tokio::test]
@@ -382,6 +410,11 @@ async fn only_allow_listed_paths_reach_the_real_service() {
         .get(WEB, "/latest/meta-data/placement/availability-zone/", None)
         .await;
     assert_eq!((az.status, az.body.as_str()), (200, "us-east-1a"));
+    // The unsigned identity document describes the instance and authenticates nothing.
+    let doc = n
+        .get(WEB, "/latest/dynamic/instance-identity/document", None)
+        .await;
+    assert_eq!(doc.status, 200, "{}", doc.body);
     for refused in [
         "/latest/user-data",
         "/latest/meta-data/iam/info",
@@ -426,6 +459,13 @@ async fn hostile_requests_get_nothing_they_should_not() {
         "/latest/user-data%23",
         "/2009-04-04/user-data",
         "/latest/../../../etc/passwd",
+        "/latest/USER-DATA",
+        "/latest/Meta-Data/IAM/info",
+        "/latest/dynamic/instance-identity/pkcs7",
+        "/latest/dynamic/instance-identity/signature",
+        "/latest/dynamic/instance-identity/rsa2048",
+        "/latest/meta-data/tags/instance/Name",
+        "/latest/meta-data/instance-id;x=1",
         long.as_str(),
     ];
     for path in paths {
@@ -433,7 +473,10 @@ async fn hostile_requests_get_nothing_they_should_not() {
             let a = n.get(WEB, path, t).await;
             assert!(a.status >= 400, "{path}: {} {}", a.status, a.body);
             assert!(
-                !a.body.contains(NODE_SECRET) && !a.body.contains("NODE-USER-DATA"),
+                !a.body.contains(NODE_SECRET)
+                    && !a.body.contains("NODE-USER-DATA")
+                    && !a.body.contains(NODE_SIGNED)
+                    && !a.body.contains(NODE_TAG),
                 "{path}: {}",
                 a.body
             );
@@ -658,4 +701,24 @@ async fn requests_fail_over_to_another_server() {
         assert_eq!((a.status, a.body.as_str()), (200, "web"));
     }
     assert_eq!(http::get(agent.admin, "/readyz").await.unwrap().0, 200);
+}
+
+#[tokio::test]
+async fn only_pod_sources_are_answered() {
+    // 127.0.0.0/30 holds WEB and FORBIDDEN, not NOBODY.
+    let n = node(&["--pod-sources", "127.0.0.0/30"]).await;
+    assert_eq!(n.get(WEB, CREDS, None).await.status, 200);
+    let outsider = imds_client::request(ip(NOBODY), n.imds, Method::GET, CREDS, &[]).await;
+    assert!(
+        outsider.is_err(),
+        "a connection from outside --pod-sources is closed unanswered: {outsider:?}"
+    );
+    assert_eq!(
+        metric(
+            n.agent.admin,
+            "podiam_agent_refused_connections_total{reason=\"not_a_pod_source\"}"
+        )
+        .await,
+        1.0
+    );
 }

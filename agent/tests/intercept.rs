@@ -38,6 +38,7 @@ struct Lab {
     node: String,
     pod: String,
     node_ip: String,
+    node_ip6: String,
     node_veth: String,
     dir: tempfile::TempDir,
     pki: Pki,
@@ -171,6 +172,7 @@ impl Lab {
             node,
             pod,
             node_ip,
+            node_ip6: node_ip6.clone(),
             node_veth: vn.clone(),
             dir,
             pki,
@@ -199,52 +201,48 @@ impl Lab {
     }
 
     fn pod_gets(&self, host: &str) -> String {
+        self.gets_in(
+            &self.pod,
+            &format!("http://{host}/latest/meta-data/iam/security-credentials/"),
+        )
+    }
+
+    /// What a process in namespace `ns` gets for `url`: the body, an HTTP status, or the error.
+    fn gets_in(&self, ns: &str, url: &str) -> String {
         let script = format!(
             "import urllib.request, urllib.error\n\
-            try:\n    print(urllib.request.urlopen('http://{host}/latest/meta-data/iam/security-credentials/', timeout=3).read().decode())\n\
-            except urllib.error.HTTPError as e:\n    print('HTTP', e.code)\n\
+            try:\n    print(urllib.request.urlopen('{url}', timeout=3).read().decode())\n\
+            except urllib.error.HTTPError as e:\n    print('HTTP', e.code, e.read().decode())\n\
             except Exception as e:\n    print('ERROR', e)\n"
         );
-        output(&["ip", "netns", "exec", &self.pod, "python3", "-c", &script])
+        output(&["ip", "netns", "exec", ns, "python3", "-c", &script])
+    }
+
+    /// The agent's readiness, as its admin server in the node namespace answers it.
+    fn readyz(&self, agent: &Process) -> String {
+        self.gets_in(&self.node, &format!("http://{}/readyz", agent.admin))
+    }
+
+    /// A metric of the agent in the node namespace (0 when absent).
+    fn metric(&self, agent: &Process, name: &str) -> f64 {
+        let text = self.gets_in(&self.node, &format!("http://{}/metrics", agent.admin));
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    fn filter(&self, chain: &str) -> String {
+        self.filter_of("iptables-nft", chain)
+    }
+
+    fn filter_of(&self, iptables: &str, chain: &str) -> String {
+        output(&[
+            "ip", "netns", "exec", &self.node, iptables, "-t", "filter", "-S", chain,
+        ])
     }
 
     fn agent(&self, extra: &[&str]) -> Process {
-        let mut cmd = Command::new("ip");
-        cmd.env_clear()
-            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-            .args(["netns", "exec", &self.node, BIN])
-            .args([
-                "--iptables",
-                "--host-interface",
-                "pdmc+",
-                "--rules-interval",
-                "200ms",
-            ])
-            .args([
-                "--listen",
-                &format!("{}:8181", self.node_ip),
-                "--admin-addr",
-                "127.0.0.1:0",
-            ])
-            .args([
-                "--log-format",
-                "json",
-                "--server-address",
-                "127.0.0.1:9",
-                "--metadata-addr",
-                "127.0.0.1:9",
-            ])
-            .args(extra)
-            .arg("--token-key-file")
-            .arg(self.dir.path().join("imds.key"))
-            .arg("--token-file")
-            .arg(self.dir.path().join("none"))
-            .arg("--ca")
-            .arg(&self.pki.ca)
-            .arg("--cert")
-            .arg(&self.pki.client.cert)
-            .arg("--key")
-            .arg(&self.pki.client.key);
+        let cmd = self.agent_command(extra);
         let agent = Process::spawn_announcing(cmd, &["metadata endpoint"]).unwrap();
         assert!(
             agent.wait_log("interception rules installed", Duration::from_secs(10))
@@ -253,6 +251,37 @@ impl Lab {
             agent.logs()
         );
         agent
+    }
+
+    /// The agent's command in the node namespace; a flag in `extra` replaces its default.
+    fn agent_command(&self, extra: &[&str]) -> Command {
+        let dir = self.dir.path();
+        let path = |p: &std::path::Path| p.to_string_lossy().into_owned();
+        let defaults: Vec<(&str, String)> = vec![
+            ("--host-interface", "pdmc+".into()),
+            ("--rules-interval", "200ms".into()),
+            ("--listen", format!("{}:8181", self.node_ip)),
+            ("--admin-addr", "127.0.0.1:0".into()),
+            ("--log-format", "json".into()),
+            ("--server-address", "127.0.0.1:9".into()),
+            ("--metadata-addr", "127.0.0.1:9".into()),
+            ("--token-key-file", path(&dir.join("imds.key"))),
+            ("--token-file", path(&dir.join("none"))),
+            ("--ca", path(&self.pki.ca)),
+            ("--cert", path(&self.pki.client.cert)),
+            ("--key", path(&self.pki.client.key)),
+        ];
+        let mut cmd = Command::new("ip");
+        cmd.env_clear()
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .args(["netns", "exec", &self.node, BIN, "--iptables"]);
+        for (flag, value) in &defaults {
+            if !extra.contains(flag) {
+                cmd.args([*flag, value.as_str()]);
+            }
+        }
+        cmd.args(extra);
+        cmd
     }
 
     fn nat(&self, chain: &str) -> String {
@@ -472,6 +501,193 @@ fn ipv6_metadata_address_is_redirected_with_ipv6() {
 }
 
 #[test]
+fn ipv6_endpoint_is_refused_without_ipv6() {
+    if !root_or_skip("ipv6_endpoint_is_refused_without_ipv6") {
+        return;
+    }
+    let lab = Lab::new();
+    assert!(lab.pod_sees_v6().contains(NODE_ROLE));
+    let agent = lab.agent(&[]);
+    // No IPv6 redirect, and no way around it either: the instance may have the IPv6
+    // endpoint enabled.
+    lab.until("the IPv6 endpoint refused", |l| {
+        let v6 = l.pod_sees_v6();
+        v6.contains("ERROR") && v6.contains("refused")
+    });
+    assert!(lab.pod_sees().contains("HTTP 503"), "{}", lab.pod_sees());
+    assert!(
+        lab.filter_of("ip6tables-nft", "PODIAM-BLOCK")
+            .contains("-d fd00:ec2::254/128"),
+        "{}",
+        lab.filter_of("ip6tables-nft", "PODIAM-BLOCK")
+    );
+    // Counted, as packets the kernel refused.
+    lab.until("the refusal counted", |l| {
+        l.metric(
+            &agent,
+            "podiam_agent_refused_connections_total{reason=\"metadata_not_redirected\"}",
+        ) >= 1.0
+    });
+    drop(agent);
+    let removing = lab.agent(&["--remove-rules-on-exit"]);
+    removing.terminate(Duration::from_secs(10)).unwrap();
+    assert!(!lab.filter_of("ip6tables-nft", "INPUT").contains("PODIAM"));
+    assert!(
+        lab.pod_sees_v6().contains(NODE_ROLE),
+        "removed on exit, as asked"
+    );
+}
+
+#[test]
+fn ipv4_is_redirected_whatever_the_family_of_listen() {
+    if !root_or_skip("ipv4_is_redirected_whatever_the_family_of_listen") {
+        return;
+    }
+    let lab = Lab::new();
+    let listen = format!("[{}]:8181", lab.node_ip6);
+    let agent = lab.agent(&["--listen", &listen]);
+    assert!(
+        agent.wait_log("IPv4 metadata endpoint listening", Duration::from_secs(5)),
+        "{:?}",
+        agent.logs()
+    );
+    lab.until("both redirected", |l| {
+        l.pod_sees().contains("HTTP 503") && l.pod_sees_v6().contains("HTTP 503")
+    });
+    assert!(
+        lab.nat("PODIAM")
+            .contains(&format!("--to-destination {}:8181", lab.node_ip)),
+        "{}",
+        lab.nat("PODIAM")
+    );
+    drop(agent);
+    let removing = lab.agent(&["--listen", &listen, "--remove-rules-on-exit"]);
+    removing.terminate(Duration::from_secs(10)).unwrap();
+}
+
+#[test]
+fn rules_go_in_before_anything_that_can_fail() {
+    if !root_or_skip("rules_go_in_before_anything_that_can_fail") {
+        return;
+    }
+    let lab = Lab::new();
+    // A misconfigured agent: its TLS files are missing. It exits, and leaves pods with
+    // refused connections, never with the node's role.
+    let out = lab
+        .agent_command(&["--ca", "/nonexistent/ca.pem"])
+        .output()
+        .unwrap();
+    let stderr =
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("/nonexistent/ca.pem"), "{stderr}");
+    for answer in [lab.pod_sees(), lab.pod_sees_v6()] {
+        assert!(
+            answer.contains("ERROR") && answer.contains("refused"),
+            "{answer}"
+        );
+        assert!(!answer.contains(NODE_ROLE));
+    }
+    let removing = lab.agent(&["--remove-rules-on-exit"]);
+    removing.terminate(Duration::from_secs(10)).unwrap();
+}
+
+#[test]
+fn only_redirected_pod_traffic_reaches_the_agent() {
+    if !root_or_skip("only_redirected_pod_traffic_reaches_the_agent") {
+        return;
+    }
+    let lab = Lab::new();
+    let agent = lab.agent(&[]);
+    lab.until("the redirect", |l| l.pod_sees().contains("HTTP 503"));
+    let direct = format!(
+        "http://{}:8181/latest/meta-data/iam/security-credentials/",
+        lab.node_ip
+    );
+    // Another host (here: the node itself) dialling $HOST_IP:8181, and a pod dialling it
+    // without the metadata address: both reset by the kernel.
+    for (who, ns) in [("the node", &lab.node), ("a pod", &lab.pod)] {
+        let answer = lab.gets_in(ns, &direct);
+        assert!(
+            answer.contains("ERROR") && (answer.contains("refused") || answer.contains("reset")),
+            "{who}: {answer}"
+        );
+    }
+    lab.until("the refusals counted", |l| {
+        l.metric(
+            &agent,
+            "podiam_agent_refused_connections_total{reason=\"not_redirected\"}",
+        ) >= 2.0
+    });
+    // The redirected path still works.
+    assert!(lab.pod_sees().contains("HTTP 503"), "{}", lab.pod_sees());
+    assert_eq!(lab.filter("INPUT").matches("-j PODIAM-GUARD").count(), 1);
+    drop(agent);
+    let removing = lab.agent(&["--remove-rules-on-exit"]);
+    removing.terminate(Duration::from_secs(10)).unwrap();
+    assert!(
+        !lab.filter("INPUT").contains("PODIAM"),
+        "{}",
+        lab.filter("INPUT")
+    );
+}
+
+#[test]
+fn uncovered_pod_interfaces_keep_the_agent_not_ready() {
+    if !root_or_skip("uncovered_pod_interfaces_keep_the_agent_not_ready") {
+        return;
+    }
+    let lab = Lab::new();
+    // A veth that --host-interface (pdmc+) does not cover: a pod behind it would not be
+    // redirected.
+    let stray = format!("pdmx{}", &lab.node_veth[4..]);
+    let peer = format!("pdmy{}", &lab.node_veth[4..]);
+    sh(&[
+        "ip", "-n", &lab.node, "link", "add", &stray, "type", "veth", "peer", "name", &peer,
+    ]);
+    let agent = lab.agent(&[]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !lab.readyz(&agent).contains("pod-interfaces") {
+        assert!(
+            Instant::now() < deadline,
+            "not ready for the stray veth: {} {:?}",
+            lab.readyz(&agent),
+            agent.logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(lab.metric(&agent, "podiam_agent_uncovered_interfaces"), 2.0);
+    assert!(
+        agent.wait_log(&stray, Duration::from_secs(5)),
+        "the interface is named in the log: {:?}",
+        agent.logs()
+    );
+    // It goes away: ready.
+    sh(&["ip", "-n", &lab.node, "link", "del", &stray]);
+    lab.until("ready", |l| !l.readyz(&agent).contains("pod-interfaces"));
+    assert_eq!(lab.metric(&agent, "podiam_agent_uncovered_interfaces"), 0.0);
+    drop(agent);
+    // Or the operator says it is no pod's.
+    sh(&[
+        "ip", "-n", &lab.node, "link", "add", &stray, "type", "veth", "peer", "name", &peer,
+    ]);
+    let ignoring = lab.agent(&[
+        "--ignore-interface",
+        "pdmx+,pdmy+",
+        "--remove-rules-on-exit",
+    ]);
+    lab.until("rules verified", |l| {
+        !l.readyz(&ignoring).contains("interception")
+    });
+    assert!(
+        !lab.readyz(&ignoring).contains("pod-interfaces"),
+        "{}",
+        lab.readyz(&ignoring)
+    );
+    ignoring.terminate(Duration::from_secs(10)).unwrap();
+}
+
+#[test]
 fn bad_interception_flags_fail_clearly() {
     let run = |args: &[&str]| {
         let out = Command::new(BIN)
@@ -503,4 +719,13 @@ fn bad_interception_flags_fail_clearly() {
     assert_eq!(code, Some(2));
     assert!(err.contains("--ipv6"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
+    // Without --iptables something must say which callers are pods.
+    let out = Command::new(BIN)
+        .env_clear()
+        .args(["--listen", "127.0.0.1:0", "--server-address", "127.0.0.1:9"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(err.contains("--pod-sources"), "{err}");
 }

@@ -23,7 +23,7 @@ use crate::{
     api::{AgentApi, ApiMetrics},
     events::KubeEvents,
     explain::ExplainArgs,
-    issue::{CHAINED_MAX, Issuer, SessionScope, SessionSettings},
+    issue::{CHAINED_MAX, Issuer, LookupSettings, SessionScope, SessionSettings},
     pods::{
         ClusterIndex,
         metrics::{IndexCollector, WatchMetrics},
@@ -144,6 +144,11 @@ struct ServeArgs {
     /// How long a request from an IP that no pod has (yet) waits for the pod to appear.
     #[arg(long, env = "PODIAM_IP_LOOKUP_WAIT", default_value = "3s", value_parser = humantime::parse_duration)]
     ip_lookup_wait: Duration,
+
+    /// How many requests from one node's agent may wait for an unknown IP at once (see
+    /// --ip-lookup-wait); more are answered "not found" at once, which SDKs retry.
+    #[arg(long, env = "PODIAM_MAX_WAITING_LOOKUPS", default_value_t = 64)]
+    max_waiting_lookups: usize,
 
     /// At most one Kubernetes Event per pod and reason per this interval.
     #[arg(long, env = "PODIAM_EVENT_INTERVAL", default_value = "5m", value_parser = humantime::parse_duration)]
@@ -295,6 +300,7 @@ impl ServeArgs {
             base_role_arn_autodetect,
             watch_stale_after,
             ip_lookup_wait,
+            max_waiting_lookups,
             event_interval,
             metrics_role_labels,
         } = self;
@@ -352,7 +358,17 @@ impl ServeArgs {
             policy,
             broker,
             sessions,
-            ip_lookup_wait,
+            LookupSettings {
+                wait: ip_lookup_wait,
+                max_waiting: max_waiting_lookups,
+                shed: register(
+                    &registry,
+                    prometheus::IntCounter::new(
+                        "podiam_lookup_waits_shed_total",
+                        "Requests for an IP no pod has, answered at once because --max-waiting-lookups requests from the same node were already waiting",
+                    )?,
+                )?,
+            },
             Arc::new(notifier),
         );
         let auth = binding.authenticator(client.clone())?;
@@ -634,6 +650,15 @@ impl PolicyArgs {
             allow_mirror_pods: *allow_mirror_pods,
         })
     }
+}
+
+/// Registers `metric` in `registry` and hands it back.
+fn register<M: prometheus::core::Collector + Clone + 'static>(
+    registry: &Registry,
+    metric: M,
+) -> prometheus::Result<M> {
+    registry.register(Box::new(metric.clone()))?;
+    Ok(metric)
 }
 
 fn non_empty(value: &Option<String>) -> Option<&str> {

@@ -6,7 +6,9 @@
 //! failures also raise a (rate-limited) Warning Event through the [`Notifier`]. Every
 //! credential set handed to a pod is written once to the audit log.
 
-use std::{fmt, net::IpAddr, sync::Arc, time::Duration};
+use std::{collections::HashMap, fmt, net::IpAddr, sync::Arc, time::Duration};
+
+use parking_lot::Mutex;
 
 use podiam_common::{arn::RoleArn, protocol::Credentials, protocol::ErrorCode};
 
@@ -41,6 +43,19 @@ pub enum SessionScope {
     /// One session per role (and external ID and duration), named `podiam-ROLE`: STS
     /// calls grow with the number of roles, not pods (kiam's behaviour).
     Role,
+}
+
+/// How a request for an IP that no pod has (yet) waits for the pod to appear.
+#[derive(Clone, Debug)]
+pub struct LookupSettings {
+    /// How long it waits.
+    pub wait: Duration,
+    /// How many such requests from one node (or from all, without node binding) may wait
+    /// at once; the ones beyond are answered "no such pod" at once. Addresses no pod has
+    /// would otherwise hold a request each for the whole wait, as many as a node sends.
+    pub max_waiting: usize,
+    /// Requests answered at once because `max_waiting` were already waiting.
+    pub shed: prometheus::IntCounter,
 }
 
 /// Who is asking: the agent's node, learnt from its ServiceAccount token (`None` when node
@@ -134,7 +149,9 @@ struct Inner {
     policy: PolicyConfig,
     broker: Broker,
     sessions: SessionSettings,
-    lookup_wait: Duration,
+    lookup: LookupSettings,
+    /// Requests waiting for an unknown IP, by asking node.
+    waiting: Mutex<HashMap<Option<Arc<str>>, usize>>,
     notifier: Arc<dyn Notifier>,
     /// (pod, access key id) pairs already written to the audit log.
     audited: moka::sync::Cache<(PodKey, String), ()>,
@@ -175,7 +192,7 @@ impl Issuer {
         policy: PolicyConfig,
         broker: Broker,
         sessions: SessionSettings,
-        lookup_wait: Duration,
+        lookup: LookupSettings,
         notifier: Arc<dyn Notifier>,
     ) -> Self {
         Self {
@@ -184,7 +201,8 @@ impl Issuer {
                 policy,
                 broker,
                 sessions,
-                lookup_wait,
+                lookup,
+                waiting: Mutex::new(HashMap::new()),
                 notifier,
                 audited: moka::sync::Cache::builder()
                     .max_capacity(500_000)
@@ -280,7 +298,18 @@ impl Issuer {
     }
 
     async fn pod(&self, ip: IpAddr, caller: &Caller) -> Result<Arc<PodInfo>, IssueError> {
-        let pod = match self.inner.index.lookup_ip(ip, self.inner.lookup_wait).await {
+        let index = &self.inner.index;
+        let found = match index.lookup_ip(ip, Duration::ZERO).await {
+            IpLookup::NotFound => match self.waiting_slot(caller) {
+                Some(_slot) => index.lookup_ip(ip, self.inner.lookup.wait).await,
+                None => {
+                    self.inner.lookup.shed.inc();
+                    IpLookup::NotFound
+                }
+            },
+            found => found,
+        };
+        let pod = match found {
             IpLookup::Found(pod) => pod,
             IpLookup::NotFound => {
                 if let Some(node) = &caller.node {
@@ -310,6 +339,21 @@ impl Issuer {
             return Err(err);
         }
         Ok(pod)
+    }
+
+    /// A place among the requests waiting for an unknown IP from `caller`'s node, if one
+    /// is free; released when dropped.
+    fn waiting_slot(&self, caller: &Caller) -> Option<WaitingSlot> {
+        let mut waiting = self.inner.waiting.lock();
+        let count = waiting.entry(caller.node.clone()).or_default();
+        if *count >= self.inner.lookup.max_waiting {
+            return None;
+        }
+        *count += 1;
+        Some(WaitingSlot {
+            issuer: self.clone(),
+            node: caller.node.clone(),
+        })
     }
 
     fn grant(&self, pod: &Arc<PodInfo>) -> Result<Grant, IssueError> {
@@ -381,6 +425,24 @@ impl Issuer {
             expiration = %humantime::format_rfc3339_seconds(credentials.expiration),
             "credentials issued"
         );
+    }
+}
+
+/// One request's place among those waiting for an unknown IP.
+struct WaitingSlot {
+    issuer: Issuer,
+    node: Option<Arc<str>>,
+}
+
+impl Drop for WaitingSlot {
+    fn drop(&mut self) {
+        let mut waiting = self.issuer.inner.waiting.lock();
+        if let Some(count) = waiting.get_mut(&self.node) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                waiting.remove(&self.node);
+            }
+        }
     }
 }
 

@@ -534,3 +534,51 @@ async fn no_answers_from_a_frozen_index() {
         0.0
     );
 }
+
+#[tokio::test]
+async fn requests_for_unknown_ips_wait_only_a_bounded_number_at_once() {
+    let kube = web_pods(&[("web-0", "10.0.0.1")], &[AGENT_A]).await;
+    let env = ServerStack::start(
+        std::path::Path::new(BIN),
+        kube,
+        &["--max-waiting-lookups", "2"],
+    )
+    .await
+    .unwrap();
+    let mut calls = Vec::new();
+    for i in 0..6 {
+        let mut c = client(&env).await;
+        calls.push(tokio::spawn(async move {
+            let started = Instant::now();
+            let ip = format!("10.9.9.{i}");
+            let (code, v) = credentials(&mut c, AGENT_A, &ip, None).await;
+            (
+                code,
+                v["code"].as_str().map(str::to_string),
+                started.elapsed(),
+            )
+        }));
+    }
+    // The harness's --ip-lookup-wait is 300 ms.
+    let mut waited = 0;
+    for call in calls {
+        let (code, reason, took) = call.await.unwrap();
+        assert_eq!((code, reason.as_deref()), (404, Some("pod_not_found")));
+        if took >= Duration::from_millis(250) {
+            waited += 1;
+        }
+    }
+    assert_eq!(
+        waited, 2,
+        "two waited for their pod, the rest were answered at once"
+    );
+    assert_eq!(env.metric("podiam_lookup_waits_shed_total").await, 4.0);
+    // The places are given back: a known pod is served, an unknown IP waits again.
+    let mut c = client(&env).await;
+    let (code, v) = credentials(&mut c, AGENT_A, "10.0.0.1", None).await;
+    assert_eq!(code, 200, "{v}");
+    let started = Instant::now();
+    let (code, _) = credentials(&mut c, AGENT_A, "10.9.9.9", None).await;
+    assert_eq!(code, 404);
+    assert!(started.elapsed() >= Duration::from_millis(250));
+}

@@ -20,7 +20,12 @@ use tokio_util::sync::CancellationToken;
 pub const NODE_SECRET: &str = "NODE-SECRET-ACCESS-KEY-must-never-reach-a-pod";
 /// The node's user data.
 pub const USER_DATA: &str = "#!/bin/sh\nexport DB_PASSWORD=NODE-USER-DATA-SECRET\n";
-/// The node's role name.
+/// The node's signed identity documents and tags: they authenticate the node (to Vault,
+/// for one) and must never reach a pod.
+pub const NODE_SIGNED: &str = "NODE-SIGNED-IDENTITY-must-never-reach-a-pod";
+/// Served under `meta-data/tags/instance/`.
+pub const NODE_TAG: &str = "NODE-TAG-must-never-reach-a-pod";
+/// The node role's name.
 pub const NODE_ROLE: &str = "node-instance-role";
 const TOKEN: &str = "real-imds-token-of-the-agent";
 
@@ -159,7 +164,15 @@ fn answer<B>(
     if headers.get("x-aws-ec2-metadata-token").map(String::as_str) != Some(TOKEN) {
         return reply(StatusCode::UNAUTHORIZED, String::new());
     }
-    let body = match path.trim_end_matches('/') {
+    // Compared without regard to case, as a worst case for the agent's checks.
+    let body = match path.trim_end_matches('/').to_ascii_lowercase().as_str() {
+        "/latest/dynamic/instance-identity/pkcs7"
+        | "/latest/dynamic/instance-identity/signature"
+        | "/latest/dynamic/instance-identity/rsa2048" => NODE_SIGNED.to_string(),
+        "/latest/dynamic/instance-identity/document" => {
+            r#"{"region":"us-east-1","instanceId":"i-0123456789abcdef0"}"#.to_string()
+        }
+        p if p.starts_with("/latest/meta-data/tags/instance") => NODE_TAG.to_string(),
         "/latest/meta-data/instance-id" => "i-0123456789abcdef0".to_string(),
         "/latest/meta-data/placement/region" => "us-east-1".to_string(),
         "/latest/meta-data/placement/availability-zone" => "us-east-1a".to_string(),

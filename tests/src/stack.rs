@@ -183,7 +183,9 @@ pub fn agent_command(
     )
 }
 
-/// [`agent_command`] verifying the servers' certificate by `server_name`.
+/// [`agent_command`] verifying the servers' certificate by `server_name`. Without
+/// `--iptables` the agent also needs `--pod-sources` (which callers are pods): the caller
+/// adds it.
 pub fn agent_command_for(
     bin: &Path,
     pki: &Pki,

@@ -249,6 +249,8 @@ async fn gen_certs_makes_a_pair_the_binaries_accept_for_mutual_tls() {
         &dir.path().join("imds.key"),
         &dir.path().join("token"),
     );
+    let mut agent = agent;
+    agent.args(["--pod-sources", "127.0.0.0/8"]);
     let agent = Process::spawn(agent).unwrap();
     let ready = http::wait_ready(agent.admin, Duration::from_secs(15)).await;
     assert!(

@@ -10,7 +10,9 @@
 //! - Everything else goes through the allow-listed [`crate::proxy`], or 404.
 //!
 //! The caller is the connection's source address. Refusals from the server map to IMDS
-//! answers in [`refused`], and only there.
+//! answers in [`refused`], and only there. A pod is told what to do in general terms and
+//! nothing of others: no policy text, no other pod, no node. The server's reasons go to
+//! the pod's Warning Events, the server's log and `podiam-server explain`.
 
 use std::{
     convert::Infallible,
@@ -66,6 +68,9 @@ pub struct Imds {
 struct Inner {
     /// The node's own address (the listener's): requests from it are never a pod's.
     node_ips: Vec<IpAddr>,
+    /// `--pod-sources`: connections from elsewhere are closed unanswered (empty: all,
+    /// because the kernel's rules admit only redirected pod traffic).
+    pod_sources: Vec<ipnet::IpNet>,
     key: TokenKey,
     require_v2: bool,
     servers: Servers,
@@ -78,6 +83,7 @@ struct Inner {
 pub struct ImdsMetrics {
     requests: IntCounterVec,
     latency: HistogramVec,
+    refused: IntCounterVec,
 }
 
 /// What a request asks for, once its path is normal.
@@ -113,6 +119,7 @@ impl Imds {
     /// (callers from them are no pod and are answered at once).
     pub fn new(
         node_ips: Vec<IpAddr>,
+        pod_sources: Vec<ipnet::IpNet>,
         key: TokenKey,
         require_v2: bool,
         servers: Servers,
@@ -122,6 +129,7 @@ impl Imds {
         Self {
             inner: Arc::new(Inner {
                 node_ips: node_ips.into_iter().map(canonical).collect(),
+                pod_sources,
                 key,
                 require_v2,
                 servers,
@@ -140,6 +148,17 @@ impl Imds {
             else {
                 break;
             };
+            if !self.is_pod_source(peer.ip()) {
+                // Not a pod (another host hitting $HOST_IP:8181, the node itself): no answer.
+                self.inner
+                    .metrics
+                    .refused
+                    .with_label_values(&["not_a_pod_source"])
+                    .inc();
+                tracing::debug!(%peer, "connection from outside --pod-sources closed");
+                drop(tcp);
+                continue;
+            }
             let _ = tcp.set_nodelay(true);
             let imds = self.clone();
             let service = service_fn(move |req| {
@@ -164,6 +183,13 @@ impl Imds {
         {
             tracing::warn!("IMDS: requests still in flight after the grace period");
         }
+    }
+
+    /// Whether `ip` may be a pod's (see `--pod-sources`).
+    fn is_pod_source(&self, ip: IpAddr) -> bool {
+        let sources = &self.inner.pod_sources;
+        let ip = canonical(ip);
+        sources.is_empty() || sources.iter().any(|net| net.contains(&ip))
     }
 
     /// Answers one request from `peer` (bodies are never read).
@@ -380,6 +406,13 @@ impl Imds {
     }
 }
 
+/// What a pod is told when policy denies it credentials.
+const FORBIDDEN_BODY: &str = "forbidden: this pod may not have AWS credentials from podiam; \
+     its Warning Events (kubectl describe pod) say why, and `podiam-server explain` shows the decision";
+/// What a pod is told when its address does not identify it alone.
+const CONFLICT_BODY: &str = "conflict: this pod's IP address does not identify one pod yet; \
+     retry shortly, and ask the cluster operator if it persists";
+
 /// The one place server refusals become metadata-service answers.
 fn refused(ip: IpAddr, error: &UpstreamError) -> Response<Full<Bytes>> {
     let UpstreamError::Refused(body) = error else {
@@ -393,12 +426,14 @@ fn refused(ip: IpAddr, error: &UpstreamError) -> Response<Full<Bytes>> {
         ErrorCode::PodNotFound | ErrorCode::RoleMismatch => {
             text(StatusCode::NOT_FOUND, "not found")
         }
-        ErrorCode::Forbidden | ErrorCode::NodeMismatch => text(
-            StatusCode::FORBIDDEN,
-            &format!("forbidden: {}", body.message),
-        ),
+        // The message names policy text, pods and nodes: for the log, never for the pod.
+        ErrorCode::Forbidden | ErrorCode::NodeMismatch => {
+            tracing::debug!(%ip, code = body.code.as_str(), message = %body.message, "refused");
+            text(StatusCode::FORBIDDEN, FORBIDDEN_BODY)
+        }
         ErrorCode::AmbiguousIp => {
-            text(StatusCode::CONFLICT, &format!("conflict: {}", body.message))
+            tracing::debug!(%ip, code = body.code.as_str(), message = %body.message, "refused");
+            text(StatusCode::CONFLICT, CONFLICT_BODY)
         }
         // SDKs retry 5xx: STS trouble is worth retrying.
         ErrorCode::StsError => text(
@@ -485,8 +520,25 @@ impl ImdsMetrics {
             ]),
             &["route"],
         )?;
+        let refused = IntCounterVec::new(
+            Opts::new(
+                "podiam_agent_refused_connections_total",
+                "Connections to the metadata endpoint refused because they did not come from a pod, by reason: not_a_pod_source (outside --pod-sources), not_redirected (reached the listener without the redirect), metadata_not_redirected (a pod's metadata traffic that escaped the redirect; packets)",
+            ),
+            &["reason"],
+        )?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(latency.clone()))?;
-        Ok(Self { requests, latency })
+        registry.register(Box::new(refused.clone()))?;
+        Ok(Self {
+            requests,
+            latency,
+            refused,
+        })
+    }
+
+    /// The refusal counter, shared with the interception's kernel counters.
+    pub fn refused(&self) -> IntCounterVec {
+        self.refused.clone()
     }
 }

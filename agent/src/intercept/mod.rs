@@ -1,28 +1,39 @@
-//! Interception: the DNAT that sends pods' traffic for 169.254.169.254:80 to the agent.
+//! Interception: the DNAT that sends pods' traffic for 169.254.169.254:80 to the agent,
+//! and the rules that keep it closed whatever happens.
 //!
-//! Rules live in our own nat chain, jumped to from PREROUTING for each pod-interface
-//! pattern (`--host-interface`, kiam/kube2iam syntax), so installing is idempotent and
-//! removal exact. They are installed with the same iptables backend (nft or legacy) as the
-//! node's existing rules, re-asserted every `--rules-interval` (and whenever they
-//! vanished), and left in place on exit: a stopped agent means refused connections, never
-//! the node's credentials (`--remove-rules-on-exit` opts out). After installing, existing
-//! conntrack entries towards the metadata service are deleted, so connections opened
-//! before the redirect stop bypassing it. The listen address is checked with rtnetlink to
-//! be one of the node's own.
+//! Rules live in chains of our own (see [`rules`]): the block of unredirected metadata
+//! traffic, the DNAT, and the guard of the agent's listener, each jumped to from the
+//! built-in chains once per pod-interface pattern (`--host-interface`, kiam/kube2iam
+//! syntax), so installing is idempotent and removal exact. They are installed with the
+//! same iptables backend (nft or legacy) as the node's existing rules, before anything
+//! else at start that could fail, re-asserted every `--rules-interval` (and whenever they
+//! vanished), and left in place on exit: a stopped or misconfigured agent means refused
+//! connections, never the node's credentials (`--remove-rules-on-exit` opts out).
+//!
+//! Fail closed in every configuration: IPv4 is redirected whenever the node has an IPv4
+//! address, whatever the family of `--listen`; the IPv6 metadata address is refused when
+//! it is not redirected (`--ipv6` off). After installing, existing conntrack entries
+//! towards the metadata service are deleted. Veth interfaces that no `--host-interface`
+//! pattern covers are pods whose traffic would not be intercepted: they are logged,
+//! counted, and keep the agent not ready (`--ignore-interface` names the ones to leave
+//! alone). The listen addresses are checked with rtnetlink to be the node's own.
 
 use std::{
-    net::{IpAddr, Ipv6Addr, SocketAddr},
+    collections::{HashMap, HashSet},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     process::Output,
     time::Duration,
 };
 
 use futures::TryStreamExt;
+use parking_lot::Mutex;
 use podiam_common::readiness::Gate;
+use prometheus::{IntCounterVec, IntGauge, Registry};
 use rtnetlink::{
     RouteMessageBuilder,
     packet_route::{
         address::{AddressAttribute, AddressFlags, AddressScope},
-        link::LinkAttribute,
+        link::{InfoKind, LinkAttribute, LinkInfo},
         route::RouteAttribute,
     },
 };
@@ -31,7 +42,7 @@ use tokio_util::sync::CancellationToken;
 
 pub mod rules;
 
-use self::rules::{CHAIN, COMMENT, InterfaceSpec, Rules};
+use self::rules::{BLOCK, Chain, GUARD, InterfaceSpec, Rules};
 
 /// Interception flags.
 #[derive(Clone, Debug, clap::Args)]
@@ -46,6 +57,12 @@ pub struct InterceptArgs {
     #[arg(long, env = "PODIAM_HOST_INTERFACE", default_value = "cali+")]
     pub host_interface: String,
 
+    /// Veth interfaces on the node that are not pods' (e.g. another runtime's), so that
+    /// --host-interface need not cover them: same syntax, comma list. Any other veth
+    /// that --host-interface does not cover keeps the agent not ready.
+    #[arg(long, env = "PODIAM_IGNORE_INTERFACE", default_value = "")]
+    pub ignore_interface: String,
+
     /// iptables backend: `auto` uses the one holding the node's existing rules.
     #[arg(long, env = "PODIAM_IPTABLES_BACKEND", value_enum, default_value_t = Backend::Auto)]
     pub iptables_backend: Backend,
@@ -55,7 +72,7 @@ pub struct InterceptArgs {
     pub rules_interval: Duration,
 
     /// Also redirect [fd00:ec2::254]:80, the IPv6 metadata endpoint of Nitro instances,
-    /// with ip6tables, to --listen-v6.
+    /// with ip6tables, to --listen-v6. Without it that endpoint is refused to pods.
     #[arg(long, env = "PODIAM_IPV6")]
     pub ipv6: bool,
 
@@ -63,6 +80,13 @@ pub struct InterceptArgs {
     /// the global IPv6 address of the node's default IPv6 route's interface, with the port of --listen).
     #[arg(long, env = "PODIAM_LISTEN_V6", requires = "ipv6")]
     pub listen_v6: Option<SocketAddr>,
+
+    /// The IPv4 address of the metadata endpoint when --listen is IPv6: 169.254.169.254 is
+    /// redirected on every node with an IPv4 address (default: the address of the node's
+    /// default IPv4 route's interface, or its first global IPv4 address, with the port of
+    /// --listen).
+    #[arg(long, env = "PODIAM_LISTEN_V4")]
+    pub listen_v4: Option<SocketAddr>,
 
     /// Remove the rules when the agent stops. Off by default: without them pods reach the
     /// node's own metadata service (and credentials) while the agent is down.
@@ -84,7 +108,7 @@ pub enum Backend {
 /// Why interception could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum InterceptError {
-    /// Bad `--host-interface`.
+    /// Bad `--host-interface` or `--ignore-interface`.
     #[error(transparent)]
     Spec(#[from] rules::SpecError),
     /// The listen address cannot be a DNAT target.
@@ -100,6 +124,11 @@ pub enum InterceptError {
         "--ipv6: no usable global IPv6 address on an interface with the default IPv6 route; give one with --listen-v6"
     )]
     NoIpv6,
+    /// `--listen` is IPv6, the node has IPv4, and no IPv4 address to redirect to.
+    #[error(
+        "--listen is IPv6 and the node has IPv4: 169.254.169.254 must be redirected too; give an IPv4 address of the node with --listen-v4"
+    )]
+    NoIpv4,
     /// Netlink failed.
     #[error("reading the node's interfaces over netlink: {0}")]
     Netlink(String),
@@ -117,9 +146,26 @@ pub enum InterceptError {
 #[derive(Debug)]
 pub struct Interceptor {
     families: Vec<Family>,
+    listen_v4: Option<SocketAddr>,
     listen_v6: Option<SocketAddr>,
+    interfaces: Vec<InterfaceSpec>,
+    ignored: Vec<InterfaceSpec>,
     interval: Duration,
     remove_on_exit: bool,
+    metrics: InterceptMetrics,
+    /// Reject counters last read, by (family, chain), to count their growth.
+    counted: Mutex<HashMap<(bool, &'static str), u64>>,
+    /// Uncovered interfaces already reported.
+    reported: Mutex<HashSet<String>>,
+}
+
+/// Interception metrics.
+#[derive(Clone, Debug)]
+pub struct InterceptMetrics {
+    /// Connections refused, by reason (shared with the metadata listener).
+    pub refused: IntCounterVec,
+    /// Veth interfaces no --host-interface pattern covers.
+    pub uncovered: IntGauge,
 }
 
 /// The rules of one address family and the iptables binaries that manage them.
@@ -130,6 +176,20 @@ struct Family {
     restore: String,
 }
 
+// === impl InterceptMetrics ===
+
+impl InterceptMetrics {
+    /// Registers the interception gauge; `refused` is the listener's refusal counter.
+    pub fn register(registry: &Registry, refused: IntCounterVec) -> prometheus::Result<Self> {
+        let uncovered = IntGauge::new(
+            "podiam_agent_uncovered_interfaces",
+            "Veth interfaces that no --host-interface pattern covers (pods whose metadata traffic is not intercepted); the agent is not ready while any exist",
+        )?;
+        registry.register(Box::new(uncovered.clone()))?;
+        Ok(Self { refused, uncovered })
+    }
+}
+
 // === impl Interceptor ===
 
 impl Interceptor {
@@ -138,6 +198,7 @@ impl Interceptor {
     pub async fn prepare(
         args: &InterceptArgs,
         listen: SocketAddr,
+        metrics: InterceptMetrics,
     ) -> Result<Option<Self>, InterceptError> {
         if !args.iptables {
             if args.ipv6 {
@@ -145,22 +206,43 @@ impl Interceptor {
             }
             return Ok(None);
         }
-        let interfaces = InterfaceSpec::parse_list(&args.host_interface)?;
+        let interfaces = InterfaceSpec::parse_list("--host-interface", &args.host_interface)?;
+        let ignored = InterfaceSpec::parse_entries("--ignore-interface", &args.ignore_interface)?;
         let node = read_node().await?;
         if !node.addresses.contains(&listen.ip()) {
             return Err(InterceptError::NotLocal("--listen", listen));
         }
         for name in interfaces.iter().filter_map(InterfaceSpec::exact) {
-            if !node.links.iter().any(|n| n == name) {
+            if !node.links.iter().any(|l| l.name == name) {
                 tracing::warn!(
                     interface = name,
                     "--host-interface names an interface this node does not have (yet)"
                 );
             }
         }
-        let mut targets = vec![listen];
-        let mut listen_v6 = None;
-        if args.ipv6 && listen.is_ipv4() {
+        // IPv4: redirected whenever the node has IPv4, whatever the family of --listen.
+        let (v4_target, listen_v4) = if listen.is_ipv4() {
+            (Some(listen), None)
+        } else {
+            match args.listen_v4 {
+                Some(addr) if addr.is_ipv4() && node.addresses.contains(&addr.ip()) => {
+                    (Some(addr), Some(addr))
+                }
+                Some(addr) => return Err(InterceptError::NotLocal("--listen-v4", addr)),
+                None => match node.v4 {
+                    Some(ip) => {
+                        let addr = SocketAddr::new(ip, listen.port());
+                        (Some(addr), Some(addr))
+                    }
+                    None if node.has_v4() => return Err(InterceptError::NoIpv4),
+                    None => (None, None),
+                },
+            }
+        };
+        // IPv6: redirected with --ipv6 (or an IPv6 --listen), refused otherwise.
+        let (v6_target, listen_v6) = if listen.is_ipv6() {
+            (Some(listen), None)
+        } else if args.ipv6 {
             let v6 = match args.listen_v6 {
                 Some(addr) if addr.is_ipv6() && node.addresses.contains(&addr.ip()) => addr,
                 Some(addr) => return Err(InterceptError::NotLocal("--listen-v6", addr)),
@@ -168,40 +250,58 @@ impl Interceptor {
                     SocketAddr::new(node.global_v6.ok_or(InterceptError::NoIpv6)?, listen.port())
                 }
             };
-            targets.push(v6);
-            listen_v6 = Some(v6);
-        }
+            (Some(v6), Some(v6))
+        } else {
+            (None, None)
+        };
         let mut families = Vec::new();
-        for target in targets {
-            let family = if target.is_ipv4() {
-                "iptables"
-            } else {
-                "ip6tables"
-            };
+        for (v4, target) in [(true, v4_target), (false, v6_target)] {
+            let program = if v4 { "iptables" } else { "ip6tables" };
             let backend = match args.iptables_backend {
                 Backend::Nft => "nft",
                 Backend::Legacy => "legacy",
-                Backend::Auto => detect(family).await,
+                Backend::Auto => detect(program).await,
             };
             let family = Family {
                 rules: Rules {
+                    v4,
                     target,
                     interfaces: interfaces.clone(),
                 },
-                iptables: format!("{family}-{backend}"),
-                restore: format!("{family}-{backend}-restore"),
+                iptables: format!("{program}-{backend}"),
+                restore: format!("{program}-{backend}-restore"),
             };
-            // Fails clearly without NET_ADMIN (or without the binaries).
-            family.iptables(&["-t", "nat", "-S", "PREROUTING"]).await?;
-            tracing::info!(backend = %family.iptables, interfaces = %args.host_interface, %target, "interception configured");
+            // Fails clearly without NET_ADMIN (or without the binaries). A kernel without
+            // IPv6 has no IPv6 metadata endpoint to leak through.
+            if let Err(error) = family.iptables(&["-t", "filter", "-S", "INPUT"]).await {
+                if v4 || target.is_some() || node.has_v6() {
+                    return Err(error);
+                }
+                tracing::warn!(%error, "ip6tables does not work and the node has no IPv6 address: no IPv6 rules");
+                continue;
+            }
+            let redirect = target.map_or_else(|| "none (refused)".to_string(), |t| t.to_string());
+            tracing::info!(backend = %family.iptables, interfaces = %args.host_interface, metadata = family.rules.metadata(), redirect, "interception configured");
             families.push(family);
         }
         Ok(Some(Self {
             families,
+            listen_v4,
             listen_v6,
+            interfaces,
+            ignored,
             interval: args.rules_interval.max(Duration::from_millis(100)),
             remove_on_exit: args.remove_rules_on_exit,
+            metrics,
+            counted: Mutex::new(HashMap::new()),
+            reported: Mutex::new(HashSet::new()),
         }))
+    }
+
+    /// The IPv4 address the metadata endpoint must also listen on (an IPv6 `--listen` on
+    /// a node with IPv4).
+    pub fn listen_v4(&self) -> Option<SocketAddr> {
+        self.listen_v4
     }
 
     /// The IPv6 address the metadata endpoint must also listen on (`--ipv6` with an IPv4
@@ -219,20 +319,30 @@ impl Interceptor {
         Ok(changed)
     }
 
-    /// Keeps the rules until `shutdown`; `ready` is open while they are verified.
-    pub async fn run(self, ready: Gate, shutdown: CancellationToken) {
+    /// Keeps the rules until `shutdown`: `rules` is open while they are verified,
+    /// `interfaces` while every veth on the node is covered by --host-interface.
+    pub async fn run(self, rules: Gate, interfaces: Gate, shutdown: CancellationToken) {
         loop {
             match self.install().await {
                 Ok(true) => {
                     tracing::info!("interception rules installed");
-                    ready.open();
+                    rules.open();
                 }
-                Ok(false) => ready.open(),
+                Ok(false) => rules.open(),
                 Err(error) => {
-                    ready.close();
+                    rules.close();
                     tracing::error!(%error, "interception rules could not be installed; retrying");
                 }
             }
+            match self.uncovered().await {
+                Ok(0) => interfaces.open(),
+                Ok(_) => interfaces.close(),
+                Err(error) => {
+                    interfaces.close();
+                    tracing::error!(%error, "could not list the node's interfaces");
+                }
+            }
+            self.count_refusals().await;
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = tokio::time::sleep(self.interval) => {}
@@ -249,48 +359,71 @@ impl Interceptor {
             );
         }
     }
+
+    /// Counts the veth interfaces that no pattern covers (by their own name or their
+    /// bridge's), reporting each new one once.
+    async fn uncovered(&self) -> Result<usize, InterceptError> {
+        let links = read_links().await?;
+        let names: HashMap<u32, &str> = links.iter().map(|l| (l.index, l.name.as_str())).collect();
+        let covered = |name: &str| self.interfaces.iter().any(|spec| spec.matches(name));
+        let ignored = |name: &str| self.ignored.iter().any(|spec| spec.matches(name));
+        let mut now = HashSet::new();
+        for link in links.iter().filter(|l| l.veth) {
+            let bridge = link.controller.and_then(|i| names.get(&i).copied());
+            if covered(&link.name) || bridge.is_some_and(covered) || ignored(&link.name) {
+                continue;
+            }
+            now.insert(link.name.clone());
+        }
+        let mut reported = self.reported.lock();
+        for name in now.difference(&reported) {
+            tracing::error!(
+                interface = %name,
+                host_interface = ?self.interfaces.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                "a veth interface that --host-interface does not cover: a pod behind it would reach the node's metadata service unredirected (its traffic is refused, not served); fix --host-interface, or list it in --ignore-interface. Not ready until then"
+            );
+        }
+        *reported = now;
+        let count = reported.len();
+        self.metrics
+            .uncovered
+            .set(i64::try_from(count).unwrap_or(i64::MAX));
+        Ok(count)
+    }
+
+    /// Adds the growth of our REJECT rules' packet counters to the refusal metric.
+    async fn count_refusals(&self) {
+        for family in &self.families {
+            for (chain, reason) in [
+                (GUARD, "not_redirected"),
+                (BLOCK, "metadata_not_redirected"),
+            ] {
+                let Some(now) = family.rejected(chain).await else {
+                    continue;
+                };
+                let mut counted = self.counted.lock();
+                let last = counted.insert((family.rules.v4, chain), now).unwrap_or(0);
+                // A replaced chain starts from zero again.
+                let grown = if now >= last { now - last } else { now };
+                if grown > 0 {
+                    self.metrics
+                        .refused
+                        .with_label_values(&[reason])
+                        .inc_by(grown);
+                }
+            }
+        }
+    }
 }
 
 // === impl Family ===
 
 impl Family {
+    /// Installs each chain of this family (the block first); whether anything changed.
     async fn install(&self) -> Result<bool, InterceptError> {
         let mut changed = false;
-        let listing = self.iptables(&["-t", "nat", "-S", CHAIN]).await;
-        let current: Vec<String> = match &listing {
-            Ok(out) => String::from_utf8_lossy(&out.stdout)
-                .lines()
-                .map(str::to_string)
-                .collect(),
-            Err(_) => Vec::new(),
-        };
-        if current != self.rules.chain_listing() {
-            self.restore(&self.rules.chain_restore()).await?;
-            changed = true;
-        }
-        let prerouting = self.iptables(&["-t", "nat", "-S", "PREROUTING"]).await?;
-        let ours: Vec<String> = String::from_utf8_lossy(&prerouting.stdout)
-            .lines()
-            .filter(|l| l.contains(COMMENT))
-            .filter_map(|l| l.strip_prefix("-A PREROUTING ").map(str::to_string))
-            .collect();
-        let wanted = self.rules.jumps();
-        for (i, jump) in wanted.iter().enumerate() {
-            if !ours.contains(jump) {
-                let position = (i + 1).to_string();
-                let mut args = vec!["-t", "nat", "-I", "PREROUTING", position.as_str()];
-                let parts = split_args(jump);
-                args.extend(parts.iter().map(String::as_str));
-                self.iptables(&args).await?;
-                changed = true;
-            }
-        }
-        for stale in ours.iter().filter(|j| !wanted.contains(j)) {
-            let mut args = vec!["-t", "nat", "-D", "PREROUTING"];
-            let parts = split_args(stale);
-            args.extend(parts.iter().map(String::as_str));
-            self.iptables(&args).await?;
-            changed = true;
+        for chain in self.rules.chains() {
+            changed |= self.install_chain(&chain).await?;
         }
         if changed {
             self.flush_conntrack().await;
@@ -298,16 +431,78 @@ impl Family {
         Ok(changed)
     }
 
-    /// Removes our jumps and chain.
-    async fn remove(&self) {
-        for jump in self.rules.jumps() {
-            let mut args = vec!["-t", "nat", "-D", "PREROUTING"];
-            let parts = split_args(&jump);
-            args.extend(parts.iter().map(String::as_str));
-            let _ = self.iptables(&args).await;
+    async fn install_chain(&self, chain: &Chain) -> Result<bool, InterceptError> {
+        let mut changed = false;
+        let listing = self.iptables(&["-t", chain.table, "-S", chain.name]).await;
+        let current: Vec<String> = match &listing {
+            Ok(out) => String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .map(str::to_string)
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        if current != chain.listing() {
+            self.restore(&chain.restore()).await?;
+            changed = true;
         }
-        let _ = self.iptables(&["-t", "nat", "-F", CHAIN]).await;
-        let _ = self.iptables(&["-t", "nat", "-X", CHAIN]).await;
+        for builtin in chain.builtins() {
+            let out = self.iptables(&["-t", chain.table, "-S", builtin]).await?;
+            let prefix = format!("-A {builtin} ");
+            let ours: Vec<String> = String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter(|l| l.contains(chain.comment))
+                .filter_map(|l| l.strip_prefix(prefix.as_str()).map(str::to_string))
+                .collect();
+            let wanted = chain.jumps_in(builtin);
+            // Ours go first: ahead of any ACCEPT of the CNI or kube-proxy.
+            for (i, jump) in wanted.iter().enumerate() {
+                if !ours.iter().any(|o| o == jump) {
+                    let position = (i + 1).to_string();
+                    let mut args = vec!["-t", chain.table, "-I", builtin, position.as_str()];
+                    let parts = split_args(jump);
+                    args.extend(parts.iter().map(String::as_str));
+                    self.iptables(&args).await?;
+                    changed = true;
+                }
+            }
+            for stale in ours.iter().filter(|j| !wanted.contains(&j.as_str())) {
+                let mut args = vec!["-t", chain.table, "-D", builtin];
+                let parts = split_args(stale);
+                args.extend(parts.iter().map(String::as_str));
+                self.iptables(&args).await?;
+                changed = true;
+            }
+        }
+        Ok(changed)
+    }
+
+    /// Removes our jumps and chains (the redirect last, the block last of all).
+    async fn remove(&self) {
+        for chain in self.rules.chains().iter().rev() {
+            for (builtin, jump) in &chain.jumps {
+                let mut args = vec!["-t", chain.table, "-D", builtin];
+                let parts = split_args(jump);
+                args.extend(parts.iter().map(String::as_str));
+                let _ = self.iptables(&args).await;
+            }
+            let _ = self.iptables(&["-t", chain.table, "-F", chain.name]).await;
+            let _ = self.iptables(&["-t", chain.table, "-X", chain.name]).await;
+        }
+    }
+
+    /// Packets our REJECT rules in `chain` (filter table) have refused, if it exists.
+    async fn rejected(&self, chain: &str) -> Option<u64> {
+        let out = self
+            .iptables(&["-t", "filter", "-L", chain, "-v", "-x", "-n"])
+            .await
+            .ok()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        Some(
+            text.lines()
+                .filter(|l| l.split_whitespace().nth(2) == Some("REJECT"))
+                .filter_map(|l| l.split_whitespace().next()?.parse::<u64>().ok())
+                .sum(),
+        )
     }
 
     async fn iptables(&self, args: &[&str]) -> Result<Output, InterceptError> {
@@ -356,11 +551,7 @@ impl Family {
 
     /// Deletes conntrack entries towards the metadata service (none is not an error).
     async fn flush_conntrack(&self) {
-        let family = if self.rules.target.is_ipv4() {
-            "ipv4"
-        } else {
-            "ipv6"
-        };
+        let family = if self.rules.v4 { "ipv4" } else { "ipv6" };
         let out = Command::new("conntrack")
             .args([
                 "-D",
@@ -452,25 +643,50 @@ struct Node {
     /// deprecated, temporary or failed duplicate detection) of an interface holding the
     /// default IPv6 route.
     global_v6: Option<IpAddr>,
-    links: Vec<String>,
+    /// The IPv4 redirect's target when --listen is IPv6: the first global IPv4 address of
+    /// an interface holding the default IPv4 route, else the first global IPv4 address.
+    v4: Option<IpAddr>,
+    links: Vec<Link>,
 }
 
-/// The node's addresses, interface names and default IPv6 route, over rtnetlink.
-async fn read_node() -> Result<Node, InterceptError> {
+/// One network interface.
+struct Link {
+    index: u32,
+    name: String,
+    veth: bool,
+    /// Its bridge (or other controller), by index.
+    controller: Option<u32>,
+}
+
+// === impl Node ===
+
+impl Node {
+    /// Whether the node has an IPv4 address of its own (not loopback or link-local).
+    fn has_v4(&self) -> bool {
+        self.addresses.iter().any(|ip| match ip {
+            IpAddr::V4(v4) => !v4.is_loopback() && !v4.is_link_local(),
+            IpAddr::V6(_) => false,
+        })
+    }
+
+    /// Whether the node has any IPv6 address but loopback.
+    fn has_v6(&self) -> bool {
+        self.addresses
+            .iter()
+            .any(|ip| ip.is_ipv6() && !ip.is_loopback())
+    }
+}
+
+/// The interfaces holding a default route of one family.
+async fn uplinks<T>(handle: &rtnetlink::Handle) -> Result<Vec<u32>, InterceptError>
+where
+    RouteMessageBuilder<T>: Default,
+{
     let netlink = |e: rtnetlink::Error| InterceptError::Netlink(e.to_string());
-    let (connection, handle, _) =
-        rtnetlink::new_connection().map_err(|e| InterceptError::Netlink(e.to_string()))?;
-    let task = tokio::spawn(connection);
-    let mut node = Node {
-        addresses: Vec::new(),
-        global_v6: None,
-        links: Vec::new(),
-    };
-    // Interfaces with a default IPv6 route.
     let mut uplinks = Vec::new();
     let mut routes = handle
         .route()
-        .get(RouteMessageBuilder::<Ipv6Addr>::new().build())
+        .get(RouteMessageBuilder::<T>::default().build())
         .execute();
     while let Some(msg) = routes.try_next().await.map_err(netlink)? {
         if msg.header.destination_prefix_length == 0 {
@@ -480,6 +696,24 @@ async fn read_node() -> Result<Node, InterceptError> {
             }));
         }
     }
+    Ok(uplinks)
+}
+
+/// The node's addresses, interfaces and default routes, over rtnetlink.
+async fn read_node() -> Result<Node, InterceptError> {
+    let netlink = |e: rtnetlink::Error| InterceptError::Netlink(e.to_string());
+    let (connection, handle, _) =
+        rtnetlink::new_connection().map_err(|e| InterceptError::Netlink(e.to_string()))?;
+    let task = tokio::spawn(connection);
+    let uplinks_v6 = uplinks::<Ipv6Addr>(&handle).await?;
+    let uplinks_v4 = uplinks::<Ipv4Addr>(&handle).await?;
+    let mut node = Node {
+        addresses: Vec::new(),
+        global_v6: None,
+        v4: None,
+        links: Vec::new(),
+    };
+    let mut first_v4 = None;
     let mut addresses = handle.address().get().execute();
     while let Some(msg) = addresses.try_next().await.map_err(netlink)? {
         let unusable = msg.attributes.iter().any(|a| {
@@ -493,30 +727,72 @@ async fn read_node() -> Result<Node, InterceptError> {
         for a in &msg.attributes {
             if let AddressAttribute::Address(ip) | AddressAttribute::Local(ip) = a {
                 node.addresses.push(*ip);
-                // Not the metadata address itself (on the node's lo, where EC2 answers).
-                if ip.is_ipv6()
-                    && msg.header.scope == AddressScope::Universe
-                    && !unusable
-                    && !ip.is_loopback()
-                    && ip.to_string() != rules::METADATA_V6
-                    && uplinks.contains(&msg.header.index)
-                    && node.global_v6.is_none()
-                {
-                    node.global_v6 = Some(*ip);
+                let global = msg.header.scope == AddressScope::Universe && !ip.is_loopback();
+                match ip {
+                    // Not the metadata address itself (on the node's lo, where EC2 answers).
+                    IpAddr::V6(_)
+                        if global
+                            && !unusable
+                            && ip.to_string() != rules::METADATA_V6
+                            && uplinks_v6.contains(&msg.header.index)
+                            && node.global_v6.is_none() =>
+                    {
+                        node.global_v6 = Some(*ip);
+                    }
+                    IpAddr::V4(v4) if global && !v4.is_link_local() => {
+                        first_v4.get_or_insert(*ip);
+                        if uplinks_v4.contains(&msg.header.index) && node.v4.is_none() {
+                            node.v4 = Some(*ip);
+                        }
+                    }
+                    _ => {}
                 }
             }
         }
     }
-    let mut links = handle.link().get().execute();
-    while let Some(msg) = links.try_next().await.map_err(netlink)? {
-        for a in &msg.attributes {
-            if let LinkAttribute::IfName(name) = a {
-                node.links.push(name.clone());
-            }
-        }
-    }
+    node.v4 = node.v4.or(first_v4);
+    // A node's address list may repeat an address (Address and Local attributes).
+    node.addresses.dedup();
     task.abort();
+    node.links = read_links().await?;
     Ok(node)
+}
+
+/// The node's interfaces: names, whether each is a veth, and its bridge.
+async fn read_links() -> Result<Vec<Link>, InterceptError> {
+    let netlink = |e: rtnetlink::Error| InterceptError::Netlink(e.to_string());
+    let (connection, handle, _) =
+        rtnetlink::new_connection().map_err(|e| InterceptError::Netlink(e.to_string()))?;
+    let task = tokio::spawn(connection);
+    let mut links = Vec::new();
+    let mut stream = handle.link().get().execute();
+    let result = async {
+        while let Some(msg) = stream.try_next().await.map_err(netlink)? {
+            let mut link = Link {
+                index: msg.header.index,
+                name: String::new(),
+                veth: false,
+                controller: None,
+            };
+            for a in &msg.attributes {
+                match a {
+                    LinkAttribute::IfName(name) => link.name = name.clone(),
+                    LinkAttribute::Controller(index) => link.controller = Some(*index),
+                    LinkAttribute::LinkInfo(infos) => {
+                        link.veth = infos
+                            .iter()
+                            .any(|i| matches!(i, LinkInfo::Kind(InfoKind::Veth)));
+                    }
+                    _ => {}
+                }
+            }
+            links.push(link);
+        }
+        Ok(())
+    }
+    .await;
+    task.abort();
+    result.map(|()| links)
 }
 
 #[cfg(test)]

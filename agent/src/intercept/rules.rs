@@ -1,17 +1,37 @@
-//! The redirect as iptables rules, as pure data: which interfaces, which chain, what text
-//! `iptables-restore` is given. Installing it is [`super::Interceptor`]'s job.
+//! The interception as iptables rules, as pure data: which chains, which rules, which
+//! jumps into the built-in chains, and what text `iptables-restore` is given. Installing
+//! them is [`super::Interceptor`]'s job.
 //!
-//! Our own chain `PODIAM` in the nat table holds the DNAT; PREROUTING jumps to it once per
-//! interface pattern, each jump tagged with a comment so that only our rules are ever
-//! touched. The chain is replaced atomically (one `iptables-restore --noflush` commit),
-//! so at no moment is the redirect missing while it is updated.
+//! Per address family, three chains of our own, each replaced atomically (one
+//! `iptables-restore --noflush` commit, so no rule is ever missing while it changes):
+//!
+//! - nat `PODIAM`: the DNAT of the metadata address to the agent, jumped to from
+//!   PREROUTING for each pod-interface pattern. Only when the family is redirected.
+//! - filter `PODIAM-BLOCK`: refuses (TCP reset) pods' traffic to the metadata address that
+//!   was not redirected, jumped to from INPUT and FORWARD for each pod-interface pattern.
+//!   Redirected traffic no longer has that destination, so only what escaped the DNAT
+//!   (no DNAT for this family, a rule flushed by someone else) meets it. Installed first,
+//!   for every family, so a pod never reaches the node's metadata service.
+//! - filter `PODIAM-GUARD`: the agent's listener takes only connections that the DNAT
+//!   brought from the metadata address; anything else (another host hitting
+//!   `$HOST_IP:8181`, a pod dialling it directly) is reset. Jumped to from INPUT.
+//!
+//! Each jump carries a comment naming its chain, so only our rules are ever touched.
 
 use std::{fmt, net::SocketAddr};
 
-/// Our chain in the nat table.
+/// Our DNAT chain in the nat table.
 pub const CHAIN: &str = "PODIAM";
+/// Our chain refusing pods' unredirected metadata traffic (filter table).
+pub const BLOCK: &str = "PODIAM-BLOCK";
+/// Our chain guarding the agent's listener (filter table).
+pub const GUARD: &str = "PODIAM-GUARD";
 /// The comment on our PREROUTING jumps.
 pub const COMMENT: &str = "podiam: redirect the metadata service to the agent";
+/// The comment on our jumps to [`BLOCK`].
+pub const BLOCK_COMMENT: &str = "podiam: refuse metadata traffic from pods that was not redirected";
+/// The comment on our jump to [`GUARD`].
+pub const GUARD_COMMENT: &str = "podiam: only redirected pod traffic reaches the agent";
 /// The metadata service address and port.
 pub const METADATA_V4: &str = "169.254.169.254";
 /// The IPv6 metadata address (Nitro instances).
@@ -28,31 +48,64 @@ pub struct InterfaceSpec {
 
 /// The interface syntax is wrong.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("invalid --host-interface {value:?}: {reason}")]
+#[error("invalid {flag} {value:?}: {reason}")]
 pub struct SpecError {
+    flag: &'static str,
     value: String,
     reason: &'static str,
 }
 
-/// The rules for one address family.
+/// The rules of one address family.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Rules {
-    /// Where matching connections go (the agent's listener).
-    pub target: SocketAddr,
+    /// IPv4 or IPv6.
+    pub v4: bool,
+    /// Where redirected connections go (the agent's listener); `None`: this family is not
+    /// redirected, only blocked.
+    pub target: Option<SocketAddr>,
     /// Which interfaces are pods'.
     pub interfaces: Vec<InterfaceSpec>,
+}
+
+/// One chain of ours: its table, its rules, and the jumps into built-in chains.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Chain {
+    /// `nat` or `filter`.
+    pub table: &'static str,
+    /// Its name.
+    pub name: &'static str,
+    /// Its rules as `iptables -S` prints them, without the `-A NAME ` prefix.
+    pub rules: Vec<String>,
+    /// (built-in chain, rule) pairs jumping here; each rule carries `comment`.
+    pub jumps: Vec<(&'static str, String)>,
+    /// The comment that marks our jumps here.
+    pub comment: &'static str,
 }
 
 // === impl InterfaceSpec ===
 
 impl InterfaceSpec {
-    /// Parses a comma-separated list (kiam and kube2iam syntax).
-    pub fn parse_list(value: &str) -> Result<Vec<Self>, SpecError> {
+    /// Parses a comma-separated list (kiam and kube2iam syntax) given to `flag`.
+    pub fn parse_list(flag: &'static str, value: &str) -> Result<Vec<Self>, SpecError> {
+        let specs = Self::parse_entries(flag, value)?;
+        if specs.is_empty() {
+            return Err(SpecError {
+                flag,
+                value: value.to_string(),
+                reason: "no interface given",
+            });
+        }
+        Ok(specs)
+    }
+
+    /// Like [`InterfaceSpec::parse_list`], but an empty list is fine.
+    pub fn parse_entries(flag: &'static str, value: &str) -> Result<Vec<Self>, SpecError> {
         let err = |reason| SpecError {
+            flag,
             value: value.to_string(),
             reason,
         };
-        let specs = value
+        value
             .split(',')
             .map(str::trim)
             .filter(|s| !s.is_empty())
@@ -82,16 +135,21 @@ impl InterfaceSpec {
                     name: name.to_string(),
                 })
             })
-            .collect::<Result<Vec<_>, _>>()?;
-        if specs.is_empty() {
-            return Err(err("no interface given"));
-        }
-        Ok(specs)
+            .collect()
     }
 
     /// Whether this names one interface (no `+`, not negated), which must then exist.
     pub fn exact(&self) -> Option<&str> {
         (!self.negate && !self.name.ends_with('+')).then_some(self.name.as_str())
+    }
+
+    /// Whether iptables' `-i` with this pattern matches `interface`.
+    pub fn matches(&self, interface: &str) -> bool {
+        let hit = match self.name.strip_suffix('+') {
+            Some(prefix) => interface.starts_with(prefix),
+            None => interface == self.name,
+        };
+        hit != self.negate
     }
 
     fn match_args(&self) -> String {
@@ -117,52 +175,141 @@ impl fmt::Display for InterfaceSpec {
 impl Rules {
     /// The metadata address of this family.
     pub fn metadata(&self) -> &'static str {
-        if self.target.is_ipv4() {
-            METADATA_V4
-        } else {
-            METADATA_V6
+        if self.v4 { METADATA_V4 } else { METADATA_V6 }
+    }
+
+    fn host_prefix(&self) -> u8 {
+        if self.v4 { 32 } else { 128 }
+    }
+
+    /// Our chains, in the order they are installed: the block first, so that pods never
+    /// reach the node's metadata service, even while the redirect is not in place yet.
+    pub fn chains(&self) -> Vec<Chain> {
+        let mut chains = vec![self.block()];
+        if let Some(target) = self.target {
+            chains.push(self.dnat(target));
+            chains.push(self.guard(target));
         }
+        chains
     }
 
-    /// What `iptables-restore --noflush` is given: our chain, replaced whole.
-    pub fn chain_restore(&self) -> String {
-        let dest = match self.target {
-            SocketAddr::V4(a) => a.to_string(),
-            SocketAddr::V6(a) => format!("[{}]:{}", a.ip(), a.port()),
-        };
-        let prefix = if self.target.is_ipv4() { 32 } else { 128 };
-        format!(
-            "*nat\n:{CHAIN} - [0:0]\n-A {CHAIN} -d {}/{prefix} -p tcp -m tcp --dport 80 -j DNAT --to-destination {dest}\nCOMMIT\n",
-            self.metadata()
-        )
-    }
-
-    /// The chain as `iptables -S PODIAM` prints it once installed.
-    pub fn chain_listing(&self) -> Vec<String> {
-        let prefix = if self.target.is_ipv4() { 32 } else { 128 };
-        let dest = match self.target {
-            SocketAddr::V4(a) => a.to_string(),
-            SocketAddr::V6(a) => format!("[{}]:{}", a.ip(), a.port()),
-        };
-        vec![
-            format!("-N {CHAIN}"),
-            format!(
-                "-A {CHAIN} -d {}/{prefix} -p tcp -m tcp --dport 80 -j DNAT --to-destination {dest}",
-                self.metadata()
-            ),
-        ]
-    }
-
-    /// The PREROUTING jump rules (arguments after `-A PREROUTING`).
-    pub fn jumps(&self) -> Vec<String> {
+    fn per_interface(
+        &self,
+        builtin: &'static str,
+        chain: &str,
+        comment: &str,
+    ) -> Vec<(&'static str, String)> {
         self.interfaces
             .iter()
             .map(|i| {
-                format!(
-                    "{} -m comment --comment \"{COMMENT}\" -j {CHAIN}",
-                    i.match_args()
+                (
+                    builtin,
+                    format!(
+                        "{} -m comment --comment \"{comment}\" -j {chain}",
+                        i.match_args()
+                    ),
                 )
             })
+            .collect()
+    }
+
+    fn block(&self) -> Chain {
+        let mut jumps = self.per_interface("INPUT", BLOCK, BLOCK_COMMENT);
+        jumps.extend(self.per_interface("FORWARD", BLOCK, BLOCK_COMMENT));
+        Chain {
+            table: "filter",
+            name: BLOCK,
+            rules: vec![format!(
+                "-d {}/{} -p tcp -m tcp --dport 80 -j REJECT --reject-with tcp-reset",
+                self.metadata(),
+                self.host_prefix()
+            )],
+            jumps,
+            comment: BLOCK_COMMENT,
+        }
+    }
+
+    fn dnat(&self, target: SocketAddr) -> Chain {
+        Chain {
+            table: "nat",
+            name: CHAIN,
+            rules: vec![format!(
+                "-d {}/{} -p tcp -m tcp --dport 80 -j DNAT --to-destination {}",
+                self.metadata(),
+                self.host_prefix(),
+                bracketed(target)
+            )],
+            jumps: self.per_interface("PREROUTING", CHAIN, COMMENT),
+            comment: COMMENT,
+        }
+    }
+
+    fn guard(&self, target: SocketAddr) -> Chain {
+        let listener = format!(
+            "-d {}/{} -p tcp -m tcp --dport {}",
+            target.ip(),
+            self.host_prefix(),
+            target.port()
+        );
+        Chain {
+            table: "filter",
+            name: GUARD,
+            rules: vec![
+                format!(
+                    "{listener} -m conntrack --ctstate DNAT --ctorigdst {} --ctorigdstport 80 -j RETURN",
+                    self.metadata()
+                ),
+                format!("{listener} -j REJECT --reject-with tcp-reset"),
+            ],
+            jumps: vec![(
+                "INPUT",
+                format!("-m comment --comment \"{GUARD_COMMENT}\" -j {GUARD}"),
+            )],
+            comment: GUARD_COMMENT,
+        }
+    }
+}
+
+fn bracketed(target: SocketAddr) -> String {
+    match target {
+        SocketAddr::V4(a) => a.to_string(),
+        SocketAddr::V6(a) => format!("[{}]:{}", a.ip(), a.port()),
+    }
+}
+
+// === impl Chain ===
+
+impl Chain {
+    /// What `iptables-restore --noflush` is given: the chain, replaced whole.
+    pub fn restore(&self) -> String {
+        let mut text = format!("*{}\n:{} - [0:0]\n", self.table, self.name);
+        for rule in &self.rules {
+            text.push_str(&format!("-A {} {rule}\n", self.name));
+        }
+        text.push_str("COMMIT\n");
+        text
+    }
+
+    /// The chain as `iptables -S NAME` prints it once installed.
+    pub fn listing(&self) -> Vec<String> {
+        std::iter::once(format!("-N {}", self.name))
+            .chain(self.rules.iter().map(|r| format!("-A {} {r}", self.name)))
+            .collect()
+    }
+
+    /// The built-in chains it is jumped to from.
+    pub fn builtins(&self) -> Vec<&'static str> {
+        let mut builtins: Vec<&'static str> = self.jumps.iter().map(|(b, _)| *b).collect();
+        builtins.dedup();
+        builtins
+    }
+
+    /// The jump rules wanted in `builtin` (arguments after `-A BUILTIN`).
+    pub fn jumps_in(&self, builtin: &str) -> Vec<&str> {
+        self.jumps
+            .iter()
+            .filter(|(b, _)| *b == builtin)
+            .map(|(_, rule)| rule.as_str())
             .collect()
     }
 }
@@ -171,18 +318,19 @@ impl Rules {
 mod tests {
     use super::*;
 
+    fn parse(value: &str) -> Result<Vec<InterfaceSpec>, SpecError> {
+        InterfaceSpec::parse_list("--host-interface", value)
+    }
+
     #[test]
     fn interface_syntax() {
-        let specs = InterfaceSpec::parse_list("cali+, eni+,!eth0").unwrap();
+        let specs = parse("cali+, eni+,!eth0").unwrap();
         assert_eq!(
             specs.iter().map(ToString::to_string).collect::<Vec<_>>(),
             ["cali+", "eni+", "!eth0"]
         );
         assert_eq!(specs[2].exact(), None);
-        assert_eq!(
-            InterfaceSpec::parse_list("docker0").unwrap()[0].exact(),
-            Some("docker0")
-        );
+        assert_eq!(parse("docker0").unwrap()[0].exact(), Some("docker0"));
         for bad in [
             "",
             ",",
@@ -194,34 +342,73 @@ mod tests {
             "e;th0",
             "eth0$",
         ] {
-            assert!(InterfaceSpec::parse_list(bad).is_err(), "{bad:?}");
+            assert!(parse(bad).is_err(), "{bad:?}");
         }
+        assert!(
+            InterfaceSpec::parse_entries("--ignore-interface", "")
+                .unwrap()
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn interface_patterns_match_as_iptables_does() {
+        let specs = parse("cali+,eth1,!eth0").unwrap();
+        assert!(specs[0].matches("cali1234") && specs[0].matches("cali"));
+        assert!(!specs[0].matches("eni1"));
+        assert!(specs[1].matches("eth1") && !specs[1].matches("eth10"));
+        assert!(specs[2].matches("veth9") && !specs[2].matches("eth0"));
+        let negated_prefix = parse("!eth+").unwrap();
+        assert!(!negated_prefix[0].matches("eth3") && negated_prefix[0].matches("cali1"));
     }
 
     #[test]
     fn rule_text() {
         let rules = Rules {
-            target: "10.1.2.3:8181".parse().unwrap(),
-            interfaces: InterfaceSpec::parse_list("cali+,!eth0").unwrap(),
+            v4: true,
+            target: Some("10.1.2.3:8181".parse().unwrap()),
+            interfaces: parse("cali+,!eth0").unwrap(),
         };
+        let chains = rules.chains();
+        let names: Vec<&str> = chains.iter().map(|c| c.name).collect();
+        assert_eq!(names, [BLOCK, CHAIN, GUARD], "the block goes in first");
         assert_eq!(
-            rules.chain_restore(),
+            chains[1].restore(),
             "*nat\n:PODIAM - [0:0]\n-A PODIAM -d 169.254.169.254/32 -p tcp -m tcp --dport 80 -j DNAT --to-destination 10.1.2.3:8181\nCOMMIT\n"
         );
         assert_eq!(
-            rules.jumps(),
+            chains[1].jumps_in("PREROUTING"),
             [
                 format!("-i cali+ -m comment --comment \"{COMMENT}\" -j PODIAM"),
                 format!("! -i eth0 -m comment --comment \"{COMMENT}\" -j PODIAM"),
             ]
         );
-        let v6 = Rules {
-            target: "[fd00::1]:8181".parse().unwrap(),
-            interfaces: InterfaceSpec::parse_list("eni+").unwrap(),
-        };
-        assert!(
-            v6.chain_restore().contains("-d fd00:ec2::254/128")
-                && v6.chain_restore().contains("[fd00::1]:8181")
+        assert_eq!(chains[0].builtins(), ["INPUT", "FORWARD"]);
+        assert_eq!(
+            chains[0].listing(),
+            [
+                "-N PODIAM-BLOCK",
+                "-A PODIAM-BLOCK -d 169.254.169.254/32 -p tcp -m tcp --dport 80 -j REJECT --reject-with tcp-reset"
+            ]
         );
+        assert_eq!(
+            chains[2].listing()[1],
+            "-A PODIAM-GUARD -d 10.1.2.3/32 -p tcp -m tcp --dport 8181 -m conntrack --ctstate DNAT --ctorigdst 169.254.169.254 --ctorigdstport 80 -j RETURN"
+        );
+        let v6 = Rules {
+            v4: false,
+            target: Some("[fd00::1]:8181".parse().unwrap()),
+            interfaces: parse("eni+").unwrap(),
+        };
+        let dnat = v6.chains()[1].restore();
+        assert!(
+            dnat.contains("-d fd00:ec2::254/128") && dnat.contains("[fd00::1]:8181"),
+            "{dnat}"
+        );
+        // Not redirected: blocked only.
+        let blocked = Rules { target: None, ..v6 };
+        let chains = blocked.chains();
+        assert_eq!(chains.len(), 1);
+        assert!(chains[0].rules[0].starts_with("-d fd00:ec2::254/128"));
     }
 }

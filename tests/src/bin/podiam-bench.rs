@@ -384,6 +384,8 @@ async fn agent(
         &token_file,
     );
     cmd.args(["--log-level", "warn,podiam_agent=info"]);
+    // Loopback callers stand for pods.
+    cmd.args(["--pod-sources", "127.0.0.0/8"]);
     let agent =
         tokio::task::spawn_blocking(move || Process::spawn_announcing(cmd, &["metadata endpoint"]))
             .await??;
