@@ -220,36 +220,68 @@ fn an_agent_on_one_node_gets_nothing_for_a_pod_on_another() {
     let etl = state.pod("analytics/etl").unwrap().clone();
     let node_a = state.node("node-a").unwrap().clone();
     assert_ne!(etl.node, node_a.name);
-    // A process on node-a borrows the address of a pod of node-b and asks node-a's agent.
-    let ns = &node_a.netns;
     let ip = |args: &[&str]| {
         let out = Command::new("ip").args(args).output().unwrap();
         assert!(out.status.success(), "{args:?}: {}", text(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
     };
+    // A process on node-a that dials the agent directly is no pod: the kernel resets it.
+    let direct = format!(
+        "import urllib.request\n\
+        try:\n    urllib.request.urlopen('http://{}:8181/latest/meta-data/iam/security-credentials/', timeout=3)\n    print('answered')\n\
+        except Exception as e:\n    print('error', e)\n",
+        node_a.ip
+    );
+    let out = Command::new("ip")
+        .args(["netns", "exec", &node_a.netns, "python3", "-c", &direct])
+        .output()
+        .unwrap();
+    assert!(text(&out).contains("error"), "{}", text(&out));
+    // A pod on node-a borrows the address of a pod of node-b and asks through the redirect.
+    let notebook = state.pod("analytics/notebook").unwrap().clone();
+    assert_eq!(notebook.node, node_a.name);
+    let pod_ns = notebook.netns.clone().unwrap();
     ip(&[
         "-n",
-        ns,
+        &pod_ns,
         "addr",
         "add",
         &format!("{}/32", etl.ip),
         "dev",
         "lo",
     ]);
+    // Node-a routes the borrowed address back to that pod's veth (as a CNI would for a
+    // pod that really had it), so replies reach it.
+    let route = ip(&["-n", &node_a.netns, "route", "get", &notebook.ip]);
+    let veth = route
+        .split_whitespace()
+        .skip_while(|w| *w != "dev")
+        .nth(1)
+        .unwrap()
+        .to_string();
+    ip(&[
+        "-n",
+        &node_a.netns,
+        "route",
+        "add",
+        &format!("{}/32", etl.ip),
+        "dev",
+        &veth,
+    ]);
     let script = format!(
         "import http.client\n\
         def req(method, path, headers):\n    \
-            c = http.client.HTTPConnection('{agent}', 8181, timeout=5, source_address=('{src}', 0))\n    \
+            c = http.client.HTTPConnection('169.254.169.254', 80, timeout=5, source_address=('{src}', 0))\n    \
             c.request(method, path, headers=headers)\n    \
             r = c.getresponse()\n    \
             return r.status, r.read().decode()\n\
         s, t = req('PUT', '/latest/api/token', {{'X-aws-ec2-metadata-token-ttl-seconds': '60'}})\n\
         print('token', s)\n\
         print('creds', req('GET', '/latest/meta-data/iam/security-credentials/analytics-etl-nightly', {{'X-aws-ec2-metadata-token': t}}))\n",
-        agent = node_a.ip,
         src = etl.ip
     );
     let out = Command::new("ip")
-        .args(["netns", "exec", ns, "python3", "-c", &script])
+        .args(["netns", "exec", &pod_ns, "python3", "-c", &script])
         .output()
         .unwrap();
     let answer = text(&out);
@@ -328,4 +360,95 @@ fn a_new_pod_on_a_reused_ip_gets_only_its_own_role() {
     // The old pod is gone from the sandbox with its namespace.
     let status = sb.ok(&["status"]);
     assert!(!status.contains("payments/api "), "{status}");
+}
+
+fn hostile() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/hostile.yaml")
+}
+
+#[test]
+fn hostile_pods_get_nothing_that_is_not_their_own() {
+    if !root_or_skip("hostile_pods_get_nothing_that_is_not_their_own") {
+        return;
+    }
+    let sb = Sandbox::up(&example());
+    sb.ok(&["apply", hostile().to_str().unwrap()]);
+    // An escaped `permitted` regex permits nothing, least of all another account's role.
+    for pod in ["escape/breakout", "payments/static-mirror"] {
+        let cli = sb.cli_identity(pod);
+        assert!(!cli.contains("assumed-role"), "{pod}: {cli}");
+        let raw = sb.raw(pod);
+        assert!(raw.contains("roles 403"), "{pod}: {raw}");
+        // The pod is told what to do, and nothing of the policy.
+        assert!(
+            !raw.contains("permitted") && !raw.contains("999999999999"),
+            "{raw}"
+        );
+        assert!(!(cli + &raw).contains(NODE_ROLE));
+    }
+    // A session name from another namespace is prefixed with the pod's own.
+    let cli = sb.cli_identity("payments/impostor");
+    assert!(
+        cli.contains("assumed-role/payments-batch/payments.kube-system.cluster-autoscaler"),
+        "{cli}"
+    );
+}
+
+#[test]
+fn a_pod_deleted_while_the_api_server_is_away_leaves_nothing_to_its_ip() {
+    if !root_or_skip("a_pod_deleted_while_the_api_server_is_away_leaves_nothing_to_its_ip") {
+        return;
+    }
+    let sb = Sandbox::up(&example());
+    let old = sb.state().pod("payments/api").unwrap().clone();
+    assert!(sb.cli_identity("payments/api").contains("payments-api"));
+    sb.ok(&["api", "stop"]);
+    sb.ok(&["delete", "payments/api"]);
+    // The server notices that its view is stale (5 s in the sandbox): not ready.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let status = sb.ok(&["status"]);
+        let server = status
+            .lines()
+            .find(|l| l.contains("podiam-server"))
+            .unwrap_or_default();
+        if server.contains("not ready") {
+            assert!(server.contains("pods"), "{server}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{status}");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    // Another namespace's pod takes the IP: it gets nothing, least of all the old role.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("next.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: next\n  namespace: analytics\n  \
+             annotations:\n    iam.amazonaws.com/role: analytics-reader\n\
+             spec:\n  nodeName: {}\nstatus:\n  podIP: {}\n",
+            old.node, old.ip
+        ),
+    )
+    .unwrap();
+    sb.ok(&["apply", file.to_str().unwrap()]);
+    let raw = sb.raw("analytics/next");
+    assert!(raw.contains("roles 503"), "{raw}");
+    assert!(
+        !raw.contains("payments-api") && !raw.contains(NODE_ROLE),
+        "{raw}"
+    );
+    // The API server is back: a fresh list, and the new pod's own role.
+    sb.ok(&["api", "start"]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let cli = sb.cli_identity("analytics/next");
+        if cli.contains("assumed-role/analytics-reader/") {
+            break;
+        }
+        assert!(!cli.contains("payments-api"), "{cli}");
+        assert!(std::time::Instant::now() < deadline, "{cli}");
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
 }

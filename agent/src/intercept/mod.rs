@@ -361,16 +361,23 @@ impl Interceptor {
     }
 
     /// Counts the veth interfaces that no pattern covers (by their own name or their
-    /// bridge's), reporting each new one once.
+    /// bridge's), reporting each new one once. A veth attached to something other than a
+    /// bridge (an Open vSwitch datapath: Antrea, OVN) reaches the host through that
+    /// switch's gateway port, which iptables sees instead: not judged here.
     async fn uncovered(&self) -> Result<usize, InterceptError> {
         let links = read_links().await?;
-        let names: HashMap<u32, &str> = links.iter().map(|l| (l.index, l.name.as_str())).collect();
+        let by_index: HashMap<u32, &Link> = links.iter().map(|l| (l.index, l)).collect();
         let covered = |name: &str| self.interfaces.iter().any(|spec| spec.matches(name));
         let ignored = |name: &str| self.ignored.iter().any(|spec| spec.matches(name));
         let mut now = HashSet::new();
         for link in links.iter().filter(|l| l.veth) {
-            let bridge = link.controller.and_then(|i| names.get(&i).copied());
-            if covered(&link.name) || bridge.is_some_and(covered) || ignored(&link.name) {
+            let controller = link.controller.and_then(|i| by_index.get(&i));
+            let covered = match controller {
+                Some(c) if c.bridge => covered(&link.name) || covered(&c.name),
+                Some(_) => true,
+                None => covered(&link.name),
+            };
+            if covered || ignored(&link.name) {
                 continue;
             }
             now.insert(link.name.clone());
@@ -654,6 +661,7 @@ struct Link {
     index: u32,
     name: String,
     veth: bool,
+    bridge: bool,
     /// Its bridge (or other controller), by index.
     controller: Option<u32>,
 }
@@ -772,6 +780,7 @@ async fn read_links() -> Result<Vec<Link>, InterceptError> {
                 index: msg.header.index,
                 name: String::new(),
                 veth: false,
+                bridge: false,
                 controller: None,
             };
             for a in &msg.attributes {
@@ -779,9 +788,13 @@ async fn read_links() -> Result<Vec<Link>, InterceptError> {
                     LinkAttribute::IfName(name) => link.name = name.clone(),
                     LinkAttribute::Controller(index) => link.controller = Some(*index),
                     LinkAttribute::LinkInfo(infos) => {
-                        link.veth = infos
-                            .iter()
-                            .any(|i| matches!(i, LinkInfo::Kind(InfoKind::Veth)));
+                        for info in infos {
+                            match info {
+                                LinkInfo::Kind(InfoKind::Veth) => link.veth = true,
+                                LinkInfo::Kind(InfoKind::Bridge) => link.bridge = true,
+                                _ => {}
+                            }
+                        }
                     }
                     _ => {}
                 }

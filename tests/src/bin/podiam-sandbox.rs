@@ -71,9 +71,16 @@ enum Cmd {
     /// connections).
     Agent {
         /// What to do.
-        action: AgentAction,
+        action: Action,
         /// The node.
         node: String,
+    },
+    /// Stop or start the stand-in API server's answers: stopped, it refuses every list
+    /// and watch (as when unreachable), and podiam-server stops answering from its stale
+    /// index after --watch-stale-after.
+    Api {
+        /// What to do.
+        action: Action,
     },
     /// Add or replace Namespaces and Pods in the running sandbox.
     Apply {
@@ -94,7 +101,7 @@ enum Cmd {
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
-enum AgentAction {
+enum Action {
     Stop,
     Start,
 }
@@ -109,8 +116,14 @@ fn main() -> ExitCode {
         Cmd::Agent { action, node } => control(
             &cli.name,
             &match action {
-                AgentAction::Stop => Request::AgentStop { node },
-                AgentAction::Start => Request::AgentStart { node },
+                Action::Stop => Request::AgentStop { node },
+                Action::Start => Request::AgentStart { node },
+            },
+        ),
+        Cmd::Api { action } => control(
+            &cli.name,
+            &Request::Api {
+                up: matches!(action, Action::Start),
             },
         ),
         Cmd::Apply { file } => control(

@@ -127,6 +127,12 @@ pub enum Request {
         /// `NAMESPACE/NAME`.
         pod: String,
     },
+    /// Make the stand-in API server refuse every read and cut its watches (`up: false`,
+    /// as when it is unreachable), or answer again.
+    Api {
+        /// Whether it answers.
+        up: bool,
+    },
     /// Tear everything down and exit.
     Down,
 }

@@ -158,6 +158,8 @@ impl Supervisor {
             .args(["--listen", &format!("{CTL_IP}:{SERVER_PORT}")])
             .args(["--admin-addr", "127.0.0.1:0", "--log-format", "json"])
             .args(["--base-role-arn", &format!("arn:aws:iam::{ACCOUNT}:role/")])
+            // Shorter than the default 60 s, so that `api stop` shows its effect soon.
+            .args(["--watch-stale-after", "5s"])
             .args(["--region", "us-east-1", "--sts-endpoint", &self.state.sts])
             .arg("--kubeconfig")
             .arg(&kubeconfig)
@@ -291,6 +293,8 @@ impl Supervisor {
                 "cali+",
                 "--require-imdsv2",
             ])
+            // The node's own link to the control namespace is a veth too, and no pod's.
+            .args(["--ignore-interface", "eth0"])
             .args(["--server-address", &format!("{CTL_IP}:{SERVER_PORT}")])
             .args([
                 "--server-name",
@@ -547,6 +551,16 @@ impl Supervisor {
                 }
                 self.unwire(namespace, name)?;
                 Ok(format!("pod {pod} deleted"))
+            }
+            Request::Api { up: false } => {
+                self.kube
+                    .refuse_reads(Some(::http::StatusCode::SERVICE_UNAVAILABLE));
+                self.kube.drop_watches();
+                Ok("the API server refuses every read and its watches are cut (podiam-server stops answering after --watch-stale-after, 5s here)".into())
+            }
+            Request::Api { up: true } => {
+                self.kube.refuse_reads(None);
+                Ok("the API server answers again".into())
             }
             Request::Down => Ok("down".into()),
         }
