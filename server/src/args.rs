@@ -23,7 +23,7 @@ use crate::{
     api::{AgentApi, ApiMetrics},
     events::KubeEvents,
     explain::ExplainArgs,
-    issue::{CHAINED_MAX, Issuer, LookupSettings, SessionScope, SessionSettings},
+    issue::{CHAINED_MAX, Issuer, IssuerMetrics, LookupSettings, SessionScope, SessionSettings},
     pods::{
         ClusterIndex,
         metrics::{IndexCollector, WatchMetrics},
@@ -361,14 +361,8 @@ impl ServeArgs {
             LookupSettings {
                 wait: ip_lookup_wait,
                 max_waiting: max_waiting_lookups,
-                shed: register(
-                    &registry,
-                    prometheus::IntCounter::new(
-                        "podiam_lookup_waits_shed_total",
-                        "Requests for an IP no pod has, answered at once because --max-waiting-lookups requests from the same node were already waiting",
-                    )?,
-                )?,
             },
+            IssuerMetrics::register(&registry)?,
             Arc::new(notifier),
         );
         let auth = binding.authenticator(client.clone())?;
@@ -650,15 +644,6 @@ impl PolicyArgs {
             allow_mirror_pods: *allow_mirror_pods,
         })
     }
-}
-
-/// Registers `metric` in `registry` and hands it back.
-fn register<M: prometheus::core::Collector + Clone + 'static>(
-    registry: &Registry,
-    metric: M,
-) -> prometheus::Result<M> {
-    registry.register(Box::new(metric.clone()))?;
-    Ok(metric)
 }
 
 fn non_empty(value: &Option<String>) -> Option<&str> {

@@ -54,8 +54,16 @@ pub struct LookupSettings {
     /// at once; the ones beyond are answered "no such pod" at once. Addresses no pod has
     /// would otherwise hold a request each for the whole wait, as many as a node sends.
     pub max_waiting: usize,
+}
+
+/// What issuing counts.
+#[derive(Clone, Debug)]
+pub struct IssuerMetrics {
+    /// Requests denied by policy, by denial reason (`mirror_pod`, `role_not_permitted`,
+    /// `namespace_policy_invalid`, ...).
+    denied: prometheus::IntCounterVec,
     /// Requests answered at once because `max_waiting` were already waiting.
-    pub shed: prometheus::IntCounter,
+    shed: prometheus::IntCounter,
 }
 
 /// Who is asking: the agent's node, learnt from its ServiceAccount token (`None` when node
@@ -150,6 +158,7 @@ struct Inner {
     broker: Broker,
     sessions: SessionSettings,
     lookup: LookupSettings,
+    metrics: IssuerMetrics,
     /// Requests waiting for an unknown IP, by asking node.
     waiting: Mutex<HashMap<Option<Arc<str>>, usize>>,
     notifier: Arc<dyn Notifier>,
@@ -193,6 +202,7 @@ impl Issuer {
         broker: Broker,
         sessions: SessionSettings,
         lookup: LookupSettings,
+        metrics: IssuerMetrics,
         notifier: Arc<dyn Notifier>,
     ) -> Self {
         Self {
@@ -202,6 +212,7 @@ impl Issuer {
                 broker,
                 sessions,
                 lookup,
+                metrics,
                 waiting: Mutex::new(HashMap::new()),
                 notifier,
                 audited: moka::sync::Cache::builder()
@@ -303,7 +314,7 @@ impl Issuer {
             IpLookup::NotFound => match self.waiting_slot(caller) {
                 Some(_slot) => index.lookup_ip(ip, self.inner.lookup.wait).await,
                 None => {
-                    self.inner.lookup.shed.inc();
+                    self.inner.metrics.shed.inc();
                     IpLookup::NotFound
                 }
             },
@@ -361,6 +372,11 @@ impl Issuer {
         match Decision::for_pod(pod, namespace.as_deref(), &self.inner.policy) {
             Decision::Allowed(grant) => Ok(grant),
             Decision::Denied(denial) => {
+                self.inner
+                    .metrics
+                    .denied
+                    .with_label_values(&[denial.code()])
+                    .inc();
                 let err = IssueError::Forbidden {
                     pod: pod.key.clone(),
                     denial,
@@ -425,6 +441,28 @@ impl Issuer {
             expiration = %humantime::format_rfc3339_seconds(credentials.expiration),
             "credentials issued"
         );
+    }
+}
+
+// === impl IssuerMetrics ===
+
+impl IssuerMetrics {
+    /// Registers the metrics in `registry`.
+    pub fn register(registry: &prometheus::Registry) -> prometheus::Result<Self> {
+        let denied = prometheus::IntCounterVec::new(
+            prometheus::Opts::new(
+                "podiam_denials_total",
+                "Credential requests denied by policy, by reason (the codes of podiam-server explain)",
+            ),
+            &["reason"],
+        )?;
+        let shed = prometheus::IntCounter::new(
+            "podiam_lookup_waits_shed_total",
+            "Requests for an IP no pod has, answered at once because --max-waiting-lookups requests from the same node were already waiting",
+        )?;
+        registry.register(Box::new(denied.clone()))?;
+        registry.register(Box::new(shed.clone()))?;
+        Ok(Self { denied, shed })
     }
 }
 

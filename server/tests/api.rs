@@ -152,6 +152,11 @@ async fn refusals_are_typed_and_raise_events() {
         v["message"].as_str().unwrap().contains("not permitted"),
         "{v}"
     );
+    assert_eq!(
+        env.metric("podiam_denials_total{reason=\"role_not_permitted\"}")
+            .await,
+        1.0
+    );
     let event = env
         .kube
         .wait_event(|e| e["regarding"]["name"] == "admin" && e["reason"] == "CredentialsDenied")
