@@ -47,6 +47,13 @@ async fn cluster() -> Cluster {
             .host_network()
             .build(),
     );
+    kube.apply(
+        pod("team-a", "etcd-node-x")
+            .ip("10.0.0.5")
+            .role("web")
+            .annotation("kubernetes.io/config.mirror", "5f3a2c1e")
+            .build(),
+    );
     kube.apply(pod("team-a", "twin-1").ip("10.0.0.9").role("web").build());
     kube.apply(
         pod("team-b", "twin-2")
@@ -193,6 +200,26 @@ async fn explain_allowed_denied_undecided() {
     assert_eq!(out.status.code(), Some(2));
     assert_eq!(json(&out)["decision"], "undecided");
     assert_eq!(json(&out)["reason"], "pod_not_found");
+
+    // A mirror pod asking for a permitted role: denied, and opted in, allowed.
+    let mirror = ["-n", "team-a", "--pod", "etcd-node-x", "-o", "json"];
+    let out = explain(&c.kubeconfig, &mirror).await;
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let v = json(&out);
+    assert_eq!(
+        (v["reason"].as_str(), v["pod"]["mirror"].as_bool()),
+        (Some("mirror_pod"), Some(true))
+    );
+    let mut opted_in = mirror.to_vec();
+    opted_in.push("--allow-mirror-pods");
+    let out = explain(&c.kubeconfig, &opted_in).await;
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let out = explain(&c.kubeconfig, &["-n", "team-a", "--pod", "etcd-node-x"]).await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("mirror:") && text.contains("mirror_pod"),
+        "{text}"
+    );
 
     // Neither target given: a usage error from clap.
     let out = explain(&c.kubeconfig, &[]).await;
