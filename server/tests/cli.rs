@@ -287,7 +287,7 @@ async fn readyz_waits_for_both_lists_and_sigterm_stops_cleanly() {
         .unwrap();
     let (code, metrics) = http::get(admin, "/metrics").await.unwrap();
     assert_eq!(code, 200);
-    assert!(metrics.contains("podiam_pod_index_pods 6"), "{metrics}");
+    assert!(metrics.contains("podiam_pod_index_pods 7"), "{metrics}");
     assert!(
         metrics.contains("podiam_pod_index_ip_collisions 1"),
         "{metrics}"
