@@ -329,6 +329,38 @@ fn redirect_is_real_reasserted_and_fails_closed() {
 
     let agent = lab.agent(&[]);
     lab.until("the redirect", |l| !l.pod_sees().contains(NODE_ROLE));
+    // The rules settle: five re-assertions later, nothing was installed again (a listing
+    // that never matched would restore, and flush conntrack, every interval).
+    std::thread::sleep(Duration::from_secs(1));
+    let logs = agent.logs().join("\n");
+    assert_eq!(
+        logs.matches("interception rules installed").count(),
+        1,
+        "{logs}"
+    );
+    // A CNI's ACCEPT put ahead of ours: ours go back to the top.
+    for chain in ["INPUT", "FORWARD"] {
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &lab.node,
+            "iptables-nft",
+            "-I",
+            chain,
+            "1",
+            "-j",
+            "ACCEPT",
+        ]);
+    }
+    lab.until("our jumps first again", |l| {
+        ["INPUT", "FORWARD"].iter().all(|c| {
+            l.filter(c)
+                .lines()
+                .find(|r| r.starts_with("-A "))
+                .is_some_and(|r| r.contains("PODIAM"))
+        })
+    });
     // The agent answers (no server reachable here: 503, which SDKs retry).
     assert!(lab.pod_sees().contains("HTTP 503"), "{}", lab.pod_sees());
     assert!(
@@ -685,13 +717,63 @@ fn uncovered_pod_interfaces_keep_the_agent_not_ready() {
         lab.readyz(&ignoring)
     );
     ignoring.terminate(Duration::from_secs(10)).unwrap();
+    // On a bridge, routed traffic enters as the bridge: the veth's own name does not
+    // cover it, the bridge's does.
+    let bridge = format!("pdmb{}", &lab.node_veth[4..]);
+    sh(&[
+        "ip", "-n", &lab.node, "link", "add", &bridge, "type", "bridge",
+    ]);
+    sh(&[
+        "ip", "-n", &lab.node, "link", "set", &stray, "master", &bridge,
+    ]);
+    let by_name = lab.agent(&[
+        "--host-interface",
+        "pdmc+,pdmx+",
+        "--ignore-interface",
+        "pdmy+",
+    ]);
+    lab.until("not ready: the bridge is not covered", |l| {
+        l.readyz(&by_name).contains("pod-interfaces")
+    });
+    drop(by_name);
+    let by_bridge = lab.agent(&[
+        "--host-interface",
+        "pdmc+,pdmb+",
+        "--ignore-interface",
+        "pdmy+",
+        "--remove-rules-on-exit",
+    ]);
+    lab.until("rules verified", |l| {
+        !l.readyz(&by_bridge).contains("interception")
+    });
+    assert!(
+        !lab.readyz(&by_bridge).contains("pod-interfaces"),
+        "{}",
+        lab.readyz(&by_bridge)
+    );
+    by_bridge.terminate(Duration::from_secs(10)).unwrap();
 }
 
 #[test]
 fn bad_interception_flags_fail_clearly() {
+    if !root_or_skip("bad_interception_flags_fail_clearly") {
+        return;
+    }
+    // In a namespace of its own: the block goes in before the listen address is checked.
+    let ns = format!("pdm-flags-{}", std::process::id());
+    sh(&["ip", "netns", "add", &ns]);
+    struct Cleanup(String);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+        }
+    }
+    let _cleanup = Cleanup(ns.clone());
     let run = |args: &[&str]| {
-        let out = Command::new(BIN)
+        let out = Command::new("ip")
             .env_clear()
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .args(["netns", "exec", &ns, BIN])
             .args([
                 "--listen",
                 "192.0.2.1:8181",
@@ -715,6 +797,17 @@ fn bad_interception_flags_fail_clearly() {
     let (code, err) = run(&["--host-interface", "cali+"]);
     assert_eq!(code, Some(2));
     assert!(err.contains("is not an address of this node"), "{err}");
+    // Even so, pods' metadata traffic is refused from then on.
+    let block = output(&[
+        "ip",
+        "netns",
+        "exec",
+        &ns,
+        "iptables-nft",
+        "-S",
+        "PODIAM-BLOCK",
+    ]);
+    assert!(block.contains("REJECT"), "{block}");
     let (code, err) = run(&["--host-interface", "cali+", "--listen-v6", "[::1]:8181"]);
     assert_eq!(code, Some(2));
     assert!(err.contains("--ipv6"), "{err}");

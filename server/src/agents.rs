@@ -148,21 +148,33 @@ impl TokenReviewer {
         self
     }
 
+    /// TokenReviews under way.
+    pub fn reviews_in_flight(&self) -> usize {
+        self.inflight.lock().len()
+    }
+
     /// The review of `token` in flight, started if there is none.
     fn single_flight(&self, token: &str, key: [u8; 32]) -> Review {
         let mut inflight = self.inflight.lock();
         if let Some(review) = inflight.get(&key) {
             return review.clone();
         }
-        let task = tokio::spawn(self.clone().review(token.to_string(), key));
         let this = self.clone();
-        let review = async move {
-            let result = task
-                .await
-                .unwrap_or_else(|e| Err(AuthError::Unavailable(format!("review task: {e}"))));
-            // Removed only once the caches hold the verdict, so no caller falls in between.
+        let token = token.to_string();
+        let task = tokio::spawn(async move {
+            let verdict = this.clone().review(token, key).await;
+            // Removed here, once the caches hold the verdict, and whether or not anyone
+            // still waits: a finished review must never answer a later request.
             this.inflight.lock().remove(&key);
-            result
+            verdict
+        });
+        let (inflight_map, k) = (self.inflight.clone(), key);
+        let review = async move {
+            task.await.unwrap_or_else(|e| {
+                // The task died before clearing its key: clear it, or the token stays stuck.
+                inflight_map.lock().remove(&k);
+                Err(AuthError::Unavailable(format!("review task: {e}")))
+            })
         }
         .boxed()
         .shared();

@@ -541,6 +541,91 @@ async fn no_answers_from_a_frozen_index() {
 }
 
 #[tokio::test]
+async fn no_answers_while_a_relist_keeps_failing() {
+    let kube = web_pods(&[("web-0", "10.0.0.1")], &[AGENT_A]).await;
+    let env = ServerStack::start(
+        std::path::Path::new(BIN),
+        kube,
+        &["--watch-stale-after", "1s"],
+    )
+    .await
+    .unwrap();
+    let mut c = client(&env).await;
+    assert_eq!(credentials(&mut c, AGENT_A, "10.0.0.1", None).await.0, 200);
+    // The watches resume from a resourceVersion the API server has compacted away (as
+    // after its restart): 410 Gone, so the watcher re-lists, and every list fails. Each
+    // attempt starts with the watcher's Init, which proves nothing.
+    let hold = env.kube.hold_watches();
+    env.kube.drop_watches();
+    env.kube.delete_pod("team-a", "web-0");
+    env.kube.compact();
+    env.kube
+        .refuse_lists(Some(::http::StatusCode::SERVICE_UNAVAILABLE));
+    drop(hold);
+    wait_readyz(&env, 503, Duration::from_secs(10)).await;
+    let (code, v) = credentials(&mut c, AGENT_A, "10.0.0.1", None).await;
+    assert_eq!((code, v["code"].as_str()), (503, Some("not_ready")), "{v}");
+    env.kube.refuse_lists(None);
+    wait_readyz(&env, 200, Duration::from_secs(40)).await;
+    let (code, v) = credentials(&mut c, AGENT_A, "10.0.0.1", None).await;
+    assert_eq!(
+        (code, v["code"].as_str()),
+        (404, Some("pod_not_found")),
+        "{v}"
+    );
+}
+
+#[tokio::test]
+async fn one_watch_error_on_a_quiet_cluster_is_not_a_stale_index() {
+    let kube = web_pods(&[("web-0", "10.0.0.1")], &[AGENT_A]).await;
+    let env = ServerStack::start(
+        std::path::Path::new(BIN),
+        kube,
+        &["--watch-stale-after", "1s"],
+    )
+    .await
+    .unwrap();
+    // One failed re-watch, then the watch comes back and nothing changes.
+    env.kube
+        .refuse_reads(Some(::http::StatusCode::SERVICE_UNAVAILABLE));
+    env.kube.drop_watches();
+    let lists = env.kube.lists(podiam_tests::kube_api::Kind::Pod);
+    let started = Instant::now();
+    while env
+        .metric("podiam_watch_errors_total{resource=\"pods\"}")
+        .await
+        < 1.0
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "no watch error seen"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    env.kube.refuse_reads(None);
+    // At the bound the server probes the API server, finds it answering, and re-lists
+    // without ever closing readiness.
+    assert!(
+        env.kube
+            .wait_lists(podiam_tests::kube_api::Kind::Pod, lists + 2)
+            .await
+    );
+    assert_eq!(
+        podiam_tests::http::get(env.server.admin, "/readyz")
+            .await
+            .unwrap()
+            .0,
+        200
+    );
+    assert_eq!(
+        env.metric("podiam_watch_stale{resource=\"pods\"}").await,
+        0.0
+    );
+    let mut c = client(&env).await;
+    assert_eq!(credentials(&mut c, AGENT_A, "10.0.0.1", None).await.0, 200);
+}
+
+#[tokio::test]
 async fn requests_for_unknown_ips_wait_only_a_bounded_number_at_once() {
     let kube = web_pods(&[("web-0", "10.0.0.1")], &[AGENT_A]).await;
     let env = ServerStack::start(

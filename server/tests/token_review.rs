@@ -118,3 +118,33 @@ async fn during_an_outage_a_known_token_is_trusted_only_until_its_exp() {
     secs.store(start + 601, Ordering::SeqCst);
     assert!(auth.authenticate(Some(&token)).await.is_err());
 }
+
+#[tokio::test]
+async fn a_review_nobody_waits_for_any_more_never_answers_a_later_request() {
+    let kube = FakeKube::start().await.unwrap();
+    let start = 1_900_000_000;
+    let (secs, now) = clock(start);
+    let token = jwt(start + 10);
+    kube.add_token(&token, agent_identity("node-a"));
+    let auth = reviewer(&kube, Duration::from_secs(3600)).with_clock(now);
+    // The only caller gives up while its review is under way (agent timeout, disconnect).
+    let hold = kube.hold_token_reviews();
+    let call = tokio::spawn(auth.authenticate(Some(&token)));
+    while kube.token_review_attempts() == 0 {
+        tokio::task::yield_now().await;
+    }
+    call.abort();
+    drop(hold);
+    // The review finishes on its own and leaves nothing in flight.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while kube.token_reviews() == 0 || auth.reviews_in_flight() > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the review never finished"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Past the token's exp, nothing remembered answers for it.
+    secs.store(start + 11, Ordering::SeqCst);
+    assert!(auth.authenticate(Some(&token)).await.is_err());
+}

@@ -94,6 +94,8 @@ struct Shared {
     reviews_without_audiences: std::sync::atomic::AtomicBool,
     /// While set, every read (list, watch, get) is answered with this status.
     refuse_reads: Mutex<Option<StatusCode>>,
+    /// While set, list requests (not watches) are answered with this status.
+    refuse_lists: Mutex<Option<StatusCode>>,
     lists: watch::Sender<HashMap<Kind, u64>>,
     watches: watch::Sender<u64>,
 }
@@ -161,6 +163,7 @@ impl FakeKube {
             review_gate: watch::channel(true).0,
             reviews_without_audiences: std::sync::atomic::AtomicBool::new(false),
             refuse_reads: Mutex::new(None),
+            refuse_lists: Mutex::new(None),
             lists: watch::channel(HashMap::new()).0,
             watches: watch::channel(0).0,
         });
@@ -327,6 +330,12 @@ impl FakeKube {
     /// affected; see [`FakeKube::drop_watches`].
     pub fn refuse_reads(&self, status: Option<StatusCode>) {
         *self.shared.refuse_reads.lock() = status;
+    }
+
+    /// While `Some`, list requests (and only they) are answered with that status: a
+    /// re-list after 410 Gone that keeps failing.
+    pub fn refuse_lists(&self, status: Option<StatusCode>) {
+        *self.shared.refuse_lists.lock() = status;
     }
 
     /// List requests for `kind` received so far (including held ones).
@@ -573,6 +582,10 @@ async fn route(shared: Arc<Shared>, req: Request<hyper::body::Incoming>) -> Resp
                 bookmarks,
             },
         );
+    }
+    let refused = *shared.refuse_lists.lock();
+    if let Some(code) = refused {
+        return status(code, "Refused", "list refused by the test");
     }
     list(&shared, kind, namespace, &query).await
 }

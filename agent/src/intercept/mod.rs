@@ -168,6 +168,16 @@ pub struct InterceptMetrics {
     pub uncovered: IntGauge,
 }
 
+/// What happened to our jumps in one built-in chain.
+enum Jumps {
+    /// They were in place.
+    Kept,
+    /// They were there, but not first (or duplicated): moved.
+    Reordered,
+    /// Some were missing: added.
+    Added,
+}
+
 /// The rules of one address family and the iptables binaries that manage them.
 #[derive(Debug)]
 struct Family {
@@ -193,8 +203,11 @@ impl InterceptMetrics {
 // === impl Interceptor ===
 
 impl Interceptor {
-    /// Validates the flags against the node: interface syntax, the listen addresses, the
-    /// backend, and that iptables can be run (NET_ADMIN). `None` without `--iptables`.
+    /// Validates the flags against the node: interface syntax, the backend, that iptables
+    /// can be run (NET_ADMIN), and the listen addresses. The block of pods' metadata
+    /// traffic goes in as soon as the pod interfaces are known, before the listen
+    /// addresses are checked: whatever is wrong after that, pods get refused connections.
+    /// `None` without `--iptables`.
     pub async fn prepare(
         args: &InterceptArgs,
         listen: SocketAddr,
@@ -208,6 +221,32 @@ impl Interceptor {
         }
         let interfaces = InterfaceSpec::parse_list("--host-interface", &args.host_interface)?;
         let ignored = InterfaceSpec::parse_entries("--ignore-interface", &args.ignore_interface)?;
+        // The block first, for both families, needing nothing but the pod interfaces.
+        let mut tools = Vec::new();
+        for v4 in [true, false] {
+            let program = if v4 { "iptables" } else { "ip6tables" };
+            let backend = match args.iptables_backend {
+                Backend::Nft => "nft",
+                Backend::Legacy => "legacy",
+                Backend::Auto => detect(program).await,
+            };
+            let family = Family {
+                rules: Rules {
+                    v4,
+                    target: None,
+                    interfaces: interfaces.clone(),
+                },
+                iptables: format!("{program}-{backend}"),
+                restore: format!("{program}-{backend}-restore"),
+            };
+            // Fails clearly without NET_ADMIN (or without the binaries).
+            let works = match family.install().await {
+                Ok(_) => Ok(()),
+                Err(error) if v4 => return Err(error),
+                Err(error) => Err(error),
+            };
+            tools.push((family, works));
+        }
         let node = read_node().await?;
         if !node.addresses.contains(&listen.ip()) {
             return Err(InterceptError::NotLocal("--listen", listen));
@@ -255,31 +294,16 @@ impl Interceptor {
             (None, None)
         };
         let mut families = Vec::new();
-        for (v4, target) in [(true, v4_target), (false, v6_target)] {
-            let program = if v4 { "iptables" } else { "ip6tables" };
-            let backend = match args.iptables_backend {
-                Backend::Nft => "nft",
-                Backend::Legacy => "legacy",
-                Backend::Auto => detect(program).await,
-            };
-            let family = Family {
-                rules: Rules {
-                    v4,
-                    target,
-                    interfaces: interfaces.clone(),
-                },
-                iptables: format!("{program}-{backend}"),
-                restore: format!("{program}-{backend}-restore"),
-            };
-            // Fails clearly without NET_ADMIN (or without the binaries). A kernel without
-            // IPv6 has no IPv6 metadata endpoint to leak through.
-            if let Err(error) = family.iptables(&["-t", "filter", "-S", "INPUT"]).await {
-                if v4 || target.is_some() || node.has_v6() {
+        for ((mut family, works), target) in tools.into_iter().zip([v4_target, v6_target]) {
+            // A kernel without IPv6 has no IPv6 metadata endpoint to leak through.
+            if let Err(error) = works {
+                if target.is_some() || node.has_v6() {
                     return Err(error);
                 }
                 tracing::warn!(%error, "ip6tables does not work and the node has no IPv6 address: no IPv6 rules");
                 continue;
             }
+            family.rules.target = target;
             let redirect = target.map_or_else(|| "none (refused)".to_string(), |t| t.to_string());
             tracing::info!(backend = %family.iptables, interfaces = %args.host_interface, metadata = family.rules.metadata(), redirect, "interception configured");
             families.push(family);
@@ -361,8 +385,8 @@ impl Interceptor {
     }
 
     /// Counts the veth interfaces that no pattern covers (by their own name or their
-    /// bridge's), reporting each new one once. A veth attached to something other than a
-    /// bridge (an Open vSwitch datapath: Antrea, OVN) reaches the host through that
+    /// bridge's, which is what iptables sees for routed traffic), reporting each new one
+    /// once. A veth on an Open vSwitch datapath (Antrea, OVN) reaches the host through the
     /// switch's gateway port, which iptables sees instead: not judged here.
     async fn uncovered(&self) -> Result<usize, InterceptError> {
         let links = read_links().await?;
@@ -372,9 +396,11 @@ impl Interceptor {
         let mut now = HashSet::new();
         for link in links.iter().filter(|l| l.veth) {
             let controller = link.controller.and_then(|i| by_index.get(&i));
+            // Routed traffic from a veth on a bridge enters the host as the bridge's.
             let covered = match controller {
-                Some(c) if c.bridge => covered(&link.name) || covered(&c.name),
-                Some(_) => true,
+                Some(c) if c.bridge => covered(&c.name),
+                Some(c) if c.ovs => true,
+                Some(c) => covered(&link.name) || covered(&c.name),
                 None => covered(&link.name),
             };
             if covered || ignored(&link.name) {
@@ -387,7 +413,7 @@ impl Interceptor {
             tracing::error!(
                 interface = %name,
                 host_interface = ?self.interfaces.iter().map(ToString::to_string).collect::<Vec<_>>(),
-                "a veth interface that --host-interface does not cover: a pod behind it would reach the node's metadata service unredirected (its traffic is refused, not served); fix --host-interface, or list it in --ignore-interface. Not ready until then"
+                "a veth interface that --host-interface does not cover: a pod behind it reaches the node's metadata service past podiam (only the instance's metadata options stop it); fix --host-interface, or list it in --ignore-interface. Not ready until then"
             );
         }
         *reported = now;
@@ -426,20 +452,49 @@ impl Interceptor {
 // === impl Family ===
 
 impl Family {
-    /// Installs each chain of this family (the block first); whether anything changed.
+    /// Installs each chain of this family (the block first), then our jumps at the top of
+    /// each built-in chain; whether anything changed. Connection tracking is flushed when
+    /// the redirect itself changed (not for a mere reordering of jumps).
     async fn install(&self) -> Result<bool, InterceptError> {
+        self.install_chains(&self.rules.chains()).await
+    }
+
+    async fn install_chains(&self, chains: &[Chain]) -> Result<bool, InterceptError> {
         let mut changed = false;
-        for chain in self.rules.chains() {
-            changed |= self.install_chain(&chain).await?;
+        let mut redirect = false;
+        for chain in chains {
+            if self.install_chain(chain).await? {
+                changed = true;
+                redirect |= chain.table == "nat";
+            }
         }
-        if changed {
+        // Every (table, built-in chain) our chains are jumped to from, in order.
+        let mut builtins: Vec<(&'static str, &'static str)> = Vec::new();
+        for chain in chains {
+            for builtin in chain.builtins() {
+                if !builtins.contains(&(chain.table, builtin)) {
+                    builtins.push((chain.table, builtin));
+                }
+            }
+        }
+        for (table, builtin) in builtins {
+            match self.install_jumps(chains, table, builtin).await? {
+                Jumps::Kept => {}
+                Jumps::Reordered => changed = true,
+                Jumps::Added => {
+                    changed = true;
+                    redirect |= table == "nat";
+                }
+            }
+        }
+        if redirect {
             self.flush_conntrack().await;
         }
         Ok(changed)
     }
 
+    /// Replaces the chain whole when it differs from what it should be.
     async fn install_chain(&self, chain: &Chain) -> Result<bool, InterceptError> {
-        let mut changed = false;
         let listing = self.iptables(&["-t", chain.table, "-S", chain.name]).await;
         let current: Vec<String> = match &listing {
             Ok(out) => String::from_utf8_lossy(&out.stdout)
@@ -448,39 +503,79 @@ impl Family {
                 .collect(),
             Err(_) => Vec::new(),
         };
-        if current != chain.listing() {
-            self.restore(&chain.restore()).await?;
-            changed = true;
+        if current == chain.listing() {
+            return Ok(false);
         }
-        for builtin in chain.builtins() {
-            let out = self.iptables(&["-t", chain.table, "-S", builtin]).await?;
-            let prefix = format!("-A {builtin} ");
-            let ours: Vec<String> = String::from_utf8_lossy(&out.stdout)
-                .lines()
-                .filter(|l| l.contains(chain.comment))
-                .filter_map(|l| l.strip_prefix(prefix.as_str()).map(str::to_string))
-                .collect();
-            let wanted = chain.jumps_in(builtin);
-            // Ours go first: ahead of any ACCEPT of the CNI or kube-proxy.
-            for (i, jump) in wanted.iter().enumerate() {
-                if !ours.iter().any(|o| o == jump) {
-                    let position = (i + 1).to_string();
-                    let mut args = vec!["-t", chain.table, "-I", builtin, position.as_str()];
-                    let parts = split_args(jump);
-                    args.extend(parts.iter().map(String::as_str));
-                    self.iptables(&args).await?;
-                    changed = true;
-                }
-            }
-            for stale in ours.iter().filter(|j| !wanted.contains(&j.as_str())) {
-                let mut args = vec!["-t", chain.table, "-D", builtin];
-                let parts = split_args(stale);
-                args.extend(parts.iter().map(String::as_str));
-                self.iptables(&args).await?;
-                changed = true;
-            }
+        if !current.is_empty() {
+            tracing::info!(
+                chain = chain.name,
+                ?current,
+                "restoring a chain that changed"
+            );
         }
-        Ok(changed)
+        self.restore(&chain.restore()).await?;
+        Ok(true)
+    }
+
+    /// Makes our jumps the first rules of `builtin`, in order: a CNI's or kube-proxy's
+    /// ACCEPT ahead of them would let pods' traffic past the block and the guard.
+    async fn install_jumps(
+        &self,
+        chains: &[Chain],
+        table: &'static str,
+        builtin: &'static str,
+    ) -> Result<Jumps, InterceptError> {
+        let wanted: Vec<&str> = chains
+            .iter()
+            .filter(|c| c.table == table)
+            .flat_map(|c| c.jumps_in(builtin))
+            .collect();
+        let comments: Vec<&str> = chains
+            .iter()
+            .filter(|c| c.table == table)
+            .map(|c| c.comment)
+            .collect();
+        let out = self.iptables(&["-t", table, "-S", builtin]).await?;
+        let prefix = format!("-A {builtin} ");
+        let rules: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.strip_prefix(prefix.as_str()).map(str::to_string))
+            .collect();
+        let ours: Vec<&String> = rules
+            .iter()
+            .filter(|r| comments.iter().any(|c| r.contains(c)))
+            .collect();
+        let first_are_ours = rules.len() >= wanted.len()
+            && rules.iter().zip(&wanted).all(|(r, w)| r == w)
+            && ours.len() == wanted.len();
+        if first_are_ours {
+            return Ok(Jumps::Kept);
+        }
+        let missing = wanted
+            .iter()
+            .any(|w| !ours.iter().any(|o| o.as_str() == *w));
+        // One atomic commit: the old jumps out (each `-D` removes the first rule with that
+        // text, so duplicates go one by one), ours in at the top. No moment without them,
+        // and no rule of anyone else touched.
+        let mut text = format!("*{table}\n");
+        for old in &ours {
+            text.push_str(&format!("-D {builtin} {old}\n"));
+        }
+        for (i, jump) in wanted.iter().enumerate() {
+            text.push_str(&format!("-I {builtin} {} {jump}\n", i + 1));
+        }
+        text.push_str("COMMIT\n");
+        self.restore(&text).await?;
+        if missing {
+            Ok(Jumps::Added)
+        } else {
+            tracing::info!(
+                table,
+                chain = builtin,
+                "our jumps were not first (or were doubled): moved back to the top"
+            );
+            Ok(Jumps::Reordered)
+        }
     }
 
     /// Removes our jumps and chains (the redirect last, the block last of all).
@@ -662,6 +757,8 @@ struct Link {
     name: String,
     veth: bool,
     bridge: bool,
+    /// An Open vSwitch datapath.
+    ovs: bool,
     /// Its bridge (or other controller), by index.
     controller: Option<u32>,
 }
@@ -781,6 +878,7 @@ async fn read_links() -> Result<Vec<Link>, InterceptError> {
                 name: String::new(),
                 veth: false,
                 bridge: false,
+                ovs: false,
                 controller: None,
             };
             for a in &msg.attributes {
@@ -792,6 +890,9 @@ async fn read_links() -> Result<Vec<Link>, InterceptError> {
                             match info {
                                 LinkInfo::Kind(InfoKind::Veth) => link.veth = true,
                                 LinkInfo::Kind(InfoKind::Bridge) => link.bridge = true,
+                                LinkInfo::Kind(InfoKind::Other(kind)) if kind == "openvswitch" => {
+                                    link.ovs = true;
+                                }
                                 _ => {}
                             }
                         }

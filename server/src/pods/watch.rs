@@ -13,12 +13,20 @@
 //! over with a fresh list; the gate opens again when that list is complete. Otherwise a pod
 //! deleted during the outage would keep its IP in the index, and a new pod on that IP
 //! would be answered with the old pod's role.
+//!
+//! Only a completed list or a watch event proves the index current: the watcher's `Init`
+//! comes before its list request, and a re-list whose pages come and then fail proves
+//! nothing. A watch that re-established quietly after one error sends nothing either, so
+//! at the bound the API server is probed with a one-item list first: if that answers, the
+//! watch starts over with a fresh list while the index keeps serving (as after a 410), and
+//! only if it fails too does the server stop answering.
 
 use std::{collections::HashSet, fmt::Debug, hash::Hash, time::Duration};
 
 use futures::StreamExt;
 use kube::{
     Api, Client,
+    api::ListParams,
     runtime::{WatchStreamExt, watcher},
 };
 use podiam_common::readiness::Gate;
@@ -125,6 +133,16 @@ where
             biased;
             _ = shutdown.cancelled() => return Ok(()),
             _ = sleep_until(stale_at) => {
+                // A fresh watcher starts with a full list.
+                stream = start();
+                relisting = None;
+                if probe(&api).await {
+                    // Reachable and allowed: the watch most likely came back without a word.
+                    // The fresh list brings the index up to date while it keeps serving.
+                    failing_since = None;
+                    tracing::info!(resource, "the watch failed earlier, and the API server answers now: re-listing");
+                    continue;
+                }
                 stale = true;
                 stale_gauge.set(1);
                 ready.close();
@@ -133,10 +151,6 @@ where
                     failing_for = ?stale_after,
                     "the watch has been failing for too long: not answering from a stale index until a re-list succeeds"
                 );
-                // A fresh watcher starts with a full list: the index is trusted again only
-                // once that list is complete.
-                stream = start();
-                relisting = None;
                 continue;
             }
             event = stream.next() => event,
@@ -145,7 +159,10 @@ where
             Some(Err(_)) => {
                 failing_since.get_or_insert_with(Instant::now);
             }
-            Some(Ok(_)) if !stale => failing_since = None,
+            // Proofs that the index is current; `Init` and list pages are not.
+            Some(Ok(
+                watcher::Event::Apply(_) | watcher::Event::Delete(_) | watcher::Event::InitDone,
+            )) if !stale => failing_since = None,
             _ => {}
         }
         match event {
@@ -197,6 +214,19 @@ where
             }
         }
     }
+}
+
+/// Whether the API server answers a one-item list of the resource (within 5 s).
+async fn probe<K>(api: &Api<K>) -> bool
+where
+    K: kube::Resource + Clone + DeserializeOwned + Debug,
+{
+    let params = ListParams::default().limit(1);
+    let list = api.list(&params);
+    matches!(
+        tokio::time::timeout(Duration::from_secs(5), list).await,
+        Ok(Ok(_))
+    )
 }
 
 /// Sleeps until `at`, or forever without one.
