@@ -72,12 +72,14 @@ enum Command {
 /// How to reach the Kubernetes API server.
 #[derive(Clone, Debug, clap::Args)]
 pub struct KubeArgs {
-    /// Path to a kubeconfig file. Without it: $KUBECONFIG or ~/.kube/config if present,
-    /// else the in-cluster service account.
+    /// Path to a kubeconfig file. Without it: the kubeconfig from $KUBECONFIG (else
+    /// ~/.kube/config) if it loads, else the in-cluster service account; with
+    /// --kube-context, that kubeconfig only.
     #[arg(long, env = "PODIAM_KUBECONFIG", global = true)]
     pub kubeconfig: Option<PathBuf>,
 
-    /// The kubeconfig context to use (default: the current context).
+    /// The kubeconfig context to use (default: the current context). Without --kubeconfig,
+    /// the kubeconfig comes from $KUBECONFIG or ~/.kube/config, with no in-cluster fallback.
     #[arg(long, env = "PODIAM_KUBE_CONTEXT", global = true)]
     pub kube_context: Option<String>,
 }
@@ -305,6 +307,14 @@ impl ServeArgs {
             metrics_role_labels,
         } = self;
         let AdminArgs { admin_addr } = admin;
+        if watch_stale_after < Duration::from_secs(1) {
+            bail!(
+                "--watch-stale-after must be at least 1s (a single watch error would make the index stale)"
+            );
+        }
+        if max_waiting_lookups == 0 {
+            bail!("--max-waiting-lookups must be at least 1");
+        }
         let shutdown = shutdown::on_signals().context("installing signal handlers")?;
         let registry = Registry::new();
         let readiness = Readiness::new();
@@ -607,7 +617,7 @@ impl KubeArgs {
                 .context("loading the kubeconfig")?,
             None => kube::Config::infer()
                 .await
-                .context("finding a Kubernetes configuration (in-cluster or kubeconfig)")?,
+                .context("finding a Kubernetes configuration (kubeconfig, then in-cluster)")?,
         };
         Ok(config)
     }

@@ -23,11 +23,14 @@ use podiam_tests::{
 use serde_json::Value;
 
 const SERVER: &str = env!("CARGO_BIN_EXE_podiam-fake-kube");
-const OVERLAYS: [&str; 4] = [
+const OVERLAYS: [&str; 6] = [
     "base",
     "overlays/cert-manager",
     "overlays/prometheus-operator",
     "overlays/instance-profile",
+    // The components combined, as docs/install.md shows them.
+    "examples/production",
+    "examples/production-instance-profile",
 ];
 
 fn root() -> PathBuf {
@@ -101,6 +104,27 @@ fn manifests_render_and_every_argument_parses_with_the_binary() {
             panic!("deploy/{dir}: podiam-agent rejects its args: {e}");
         }
 
+        // Events name the server's own pod (downward API), as the docs say.
+        let pod_name = server_c["env"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|e| e["name"] == "POD_NAME");
+        assert_eq!(
+            pod_name.map(|e| &e["valueFrom"]["fieldRef"]["fieldPath"]),
+            Some(&Value::from("metadata.name")),
+            "deploy/{dir}: POD_NAME"
+        );
+        // kube-prometheus-stack selects by its release label by default.
+        for kind in ["ServiceMonitor", "PrometheusRule"] {
+            for doc in docs.iter().filter(|d| d["kind"] == kind) {
+                assert!(
+                    doc["metadata"]["labels"]["release"].is_string(),
+                    "deploy/{dir}: {kind} without a release label"
+                );
+            }
+        }
+
         // The server is redundant and spread; the agent is on every node, host network.
         assert!(server["spec"]["replicas"].as_u64().unwrap() >= 2, "{dir}");
         let spec = &agent["spec"]["template"]["spec"];
@@ -163,7 +187,7 @@ fn manifests_render_and_every_argument_parses_with_the_binary() {
         assert!(secrets(agent).contains("podiam-agent-tls"), "{dir}");
 
         // With cert-manager, the server certificate names what the agents verify.
-        if dir == "overlays/cert-manager" {
+        if docs.iter().any(|d| d["kind"] == "Certificate") {
             let name = flag(&agent_args, "server-name").unwrap();
             let cert = find(&docs, "Certificate", "podiam-server");
             assert!(

@@ -1,5 +1,5 @@
-//! The EC2-metadata-compatible endpoint pods talk to (see the shared IMDS notes for what
-//! real SDKs demand; every rule here broke some SDK when violated).
+//! The EC2-metadata-compatible endpoint pods talk to (every rule here broke some SDK when
+//! violated; agent/tests/imds.rs runs real SDK clients against it).
 //!
 //! - `PUT /latest/api/token`: a stateless token bound to the caller's IP ([`token`]),
 //!   with the TTL echoed; `X-Forwarded-For` → 403; bad TTL → 400.
