@@ -2,14 +2,14 @@
 # Creates podiam's mutual-TLS pair without cert-manager: a CA, a server certificate for
 # the podiam-server Service and a client certificate for the agents (ECDSA P-256), and
 # stores them as the Secrets podiam-server-tls and podiam-agent-tls (ca.crt, tls.crt,
-# tls.key), as deploy/base expects. The binaries reload rotated files by themselves:
-# rerun with --rotate before --days runs out (the CA is kept unless --new-ca; a new CA is
-# trusted next to the old one, so rerun once more after every pod has reloaded to drop
-# the old one).
+# tls.key), as deploy/base expects. The binaries reload rotated files by themselves: to
+# rotate, rerun it before --days runs out (new certificates from the same CA). --new-ca
+# makes a new CA, trusted next to the old one; rerun once more after every pod has
+# reloaded to drop the old one.
 #
 #   deploy/gen-certs.sh                    # into the cluster of the current kubectl context
 #   deploy/gen-certs.sh --out DIR          # only write the files
-#   options: --namespace NS (podiam)  --days N (90)  --ca-days N (3650)  --rotate  --new-ca
+#   options: --namespace NS (podiam)  --days N (90)  --ca-days N (3650)  --new-ca  --help
 set -euo pipefail
 
 namespace=podiam
@@ -23,7 +23,10 @@ while [ $# -gt 0 ]; do
     --days) days=$2; shift 2 ;;
     --ca-days) ca_days=$2; shift 2 ;;
     --out) out=$2; shift 2 ;;
-    --rotate) shift ;;
+    -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+    --rotate)
+      echo "gen-certs.sh: --rotate is gone: rerunning rotates the certificates (same CA); --new-ca makes a new CA" >&2
+      exit 2 ;;
     --new-ca) keep_ca=0; shift ;;
     *) echo "gen-certs.sh: unknown option $1 (see the header of this script)" >&2; exit 2 ;;
   esac

@@ -50,7 +50,8 @@ pub enum TlsError {
     #[error("{0} is required (mutual TLS between agents and servers)")]
     Missing(&'static str),
     /// A file could not be read.
-    #[error("reading {path}: {source}")]
+    // The cause is the error's source, printed once by whoever prints the chain.
+    #[error("reading {path}")]
     Read {
         /// The file.
         path: PathBuf,
@@ -66,7 +67,7 @@ pub enum TlsError {
         what: String,
     },
     /// rustls refused the combination (e.g. key does not match certificate).
-    #[error("TLS configuration: {0}")]
+    #[error("TLS configuration")]
     Rustls(#[from] rustls::Error),
     /// The client-certificate verifier could not be built (e.g. empty CA bundle).
     #[error("client verifier: {0}")]
@@ -179,6 +180,7 @@ impl TlsArgs {
                     }
                     Err(error) => {
                         metrics.reloads.with_label_values(&["error"]).inc();
+                        let error = crate::chain(&error);
                         tracing::warn!(?side, %error, "TLS files changed but cannot be used; keeping the previous configuration");
                     }
                 }

@@ -413,7 +413,7 @@ impl ServeArgs {
         });
         let prefetch: watch::PodHook = {
             let issuer = issuer.clone();
-            Arc::new(move |pod| issuer.prefetch(pod))
+            Arc::new(move |pod| issuer.on_pod(pod))
         };
         let watch_settings = |ready| watch::WatchSettings {
             ready,
@@ -473,7 +473,7 @@ fn spawn(
     task: impl Future<Output = anyhow::Result<()>> + Send + 'static,
 ) {
     tasks.spawn(
-        async move { (name, task.await) }.instrument(tracing::info_span!("task", name = span)),
+        async move { (name, task.await) }.instrument(tracing::info_span!("task", task = span)),
     );
 }
 

@@ -104,11 +104,22 @@ impl ExplainArgs {
     }
 
     async fn report(&self, kube: &KubeArgs, policy: &PolicyConfig) -> Report {
-        let client = match kube.client().await {
-            Ok(client) => client,
+        let config = match kube.config().await {
+            Ok(config) => config,
             Err(error) => return Report::undecided("api_unreachable", format!("{error:#}")),
         };
-        let pod = match self.find_pod(client.clone()).await {
+        // Named in every "unreachable" answer: which address, from which configuration.
+        let url = config.cluster_url.to_string();
+        let client = match kube::Client::try_from(config) {
+            Ok(client) => client,
+            Err(error) => {
+                return Report::undecided(
+                    "api_unreachable",
+                    format!("building a client for {url}: {error}"),
+                );
+            }
+        };
+        let pod = match self.find_pod(client.clone(), &url).await {
             Ok(pod) => pod,
             Err(report) => return report,
         };
@@ -128,7 +139,10 @@ impl ExplainArgs {
             Err(error) => {
                 return Report::undecided(
                     "api_unreachable",
-                    format!("reading namespace {}: {error}", pod.key.namespace),
+                    format!(
+                        "reading namespace {} from the API server at {url}: {error}",
+                        pod.key.namespace
+                    ),
                 );
             }
         };
@@ -154,9 +168,13 @@ impl ExplainArgs {
         }
     }
 
-    async fn find_pod(&self, client: kube::Client) -> Result<PodInfo, Report> {
-        let unreachable =
-            |error: kube::Error| Report::undecided("api_unreachable", error.to_string());
+    async fn find_pod(&self, client: kube::Client, url: &str) -> Result<PodInfo, Report> {
+        let unreachable = |error: kube::Error| {
+            Report::undecided(
+                "api_unreachable",
+                format!("the API server at {url}: {error}"),
+            )
+        };
         let info = |pod: WatchedPod| {
             pod.into_info()
                 .map_err(|error| Report::undecided("invalid_object", error.to_string()))

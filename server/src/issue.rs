@@ -164,6 +164,8 @@ struct Inner {
     notifier: Arc<dyn Notifier>,
     /// (pod, access key id) pairs already written to the audit log.
     audited: moka::sync::Cache<(PodKey, String), ()>,
+    /// hostNetwork pods with a role, already told that they get the node's role.
+    host_network_warned: moka::sync::Cache<PodKey, ()>,
 }
 
 const AUDIT_MEMORY: Duration = Duration::from_secs(13 * 3600);
@@ -219,6 +221,10 @@ impl Issuer {
                     .max_capacity(500_000)
                     .time_to_live(AUDIT_MEMORY)
                     .build(),
+                host_network_warned: moka::sync::Cache::builder()
+                    .max_capacity(100_000)
+                    .time_to_live(Duration::from_secs(24 * 3600))
+                    .build(),
             }),
         }
     }
@@ -272,6 +278,31 @@ impl Issuer {
                     .pod_warning(&pod, "AssumeRoleFailed", err.to_string());
                 Err(err)
             }
+        }
+    }
+
+    /// A pod appeared or changed: prefetch its session, and tell a hostNetwork pod that
+    /// names a role that it will not get it (once a day at most).
+    pub fn on_pod(&self, pod: &PodInfo) {
+        self.prefetch(pod);
+        if pod.host_network
+            && pod
+                .annotations
+                .role
+                .as_deref()
+                .is_some_and(|r| !r.trim().is_empty())
+            && !self.inner.host_network_warned.contains_key(&pod.key)
+        {
+            self.inner.host_network_warned.insert(pod.key.clone(), ());
+            self.inner.notifier.pod_warning(
+                pod,
+                "HostNetworkPodRole",
+                format!(
+                    "the pod uses the host network: its metadata requests come from the node and reach the node's own metadata service, so it gets the node's role, not {} = {:?}; run it without hostNetwork to use its role",
+                    podiam_common::annotations::ROLE,
+                    pod.annotations.role.as_deref().unwrap_or_default()
+                ),
+            );
         }
     }
 

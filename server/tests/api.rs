@@ -672,3 +672,31 @@ async fn requests_for_unknown_ips_wait_only_a_bounded_number_at_once() {
     assert_eq!(code, 404);
     assert!(started.elapsed() >= Duration::from_millis(250));
 }
+
+#[tokio::test]
+async fn a_host_network_pod_with_a_role_is_told_it_gets_the_nodes_role() {
+    let kube = web_pods(&[], &[AGENT_A]).await;
+    kube.apply(
+        pod("team-a", "host")
+            .ip("192.0.2.10")
+            .role("web")
+            .node("node-a")
+            .host_network()
+            .build(),
+    );
+    let env = ServerStack::start(std::path::Path::new(BIN), kube, &[])
+        .await
+        .unwrap();
+    let event = env
+        .kube
+        .wait_event(|e| e["regarding"]["name"] == "host" && e["reason"] == "HostNetworkPodRole")
+        .await
+        .expect("a Warning Event on the hostNetwork pod");
+    assert!(
+        event["note"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("node's role"),
+        "{event}"
+    );
+}

@@ -231,6 +231,7 @@ async fn explain_allowed_denied_undecided() {
 async fn explain_with_the_api_unreachable_is_undecided() {
     let c = cluster().await;
     let kubeconfig = c.kubeconfig.clone();
+    let url = c.kube.url();
     drop(c.kube); // the port now refuses connections
     let out = explain(
         &kubeconfig,
@@ -239,6 +240,12 @@ async fn explain_with_the_api_unreachable_is_undecided() {
     .await;
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     assert_eq!(json(&out)["reason"], "api_unreachable");
+    // It says where it looked.
+    let message = json(&out)["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(message.contains(url.trim_end_matches('/')), "{message}");
 }
 
 /// The server with its ports on loopback, test certificates, and an STS endpoint that

@@ -17,6 +17,7 @@
 //! - [`sandbox`]: the one-machine cluster of `podiam-sandbox` (state, control, supervisor).
 //! - [`process`]: podiam binaries as child processes (admin address, RSS, CPU).
 //! - [`objects`]: builders for the Pod and Namespace manifests tests feed it.
+//! - [`strict_json`]: JSON log lines read strictly (no key twice).
 
 pub mod api_client;
 pub mod certs;
@@ -32,4 +33,5 @@ pub mod objects;
 pub mod process;
 pub mod sandbox;
 pub mod stack;
+pub mod strict_json;
 pub mod sts_proxy;

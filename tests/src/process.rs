@@ -24,6 +24,8 @@ pub struct Process {
     pub admin: SocketAddr,
     addrs: HashMap<String, SocketAddr>,
     logs: Arc<Mutex<Vec<String>>>,
+    /// Whether its JSON log lines are checked strictly when it is dropped (in tests).
+    strict: bool,
 }
 
 impl Process {
@@ -36,7 +38,10 @@ impl Process {
     /// Like [`Process::spawn`], and also waits for each `"<what> listening"` line of
     /// `others` (e.g. `"agent API"`), whose addresses [`Process::addr`] then returns.
     pub fn spawn_announcing(cmd: Command, others: &[&str]) -> std::io::Result<Self> {
-        Self::spawn_inner(cmd, others, None)
+        Self::spawn_inner(cmd, others, None).map(|mut p| {
+            p.strict = true;
+            p
+        })
     }
 
     /// Like [`Process::spawn_announcing`], and also appends every log line to `log`.
@@ -104,6 +109,7 @@ impl Process {
             admin,
             addrs,
             logs,
+            strict: false,
         })
     }
 
@@ -178,9 +184,17 @@ impl Process {
 }
 
 impl Drop for Process {
+    /// Kills the process; in tests, also fails on any JSON log line with a key twice.
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if self.strict && !std::thread::panicking() {
+            for line in self.logs.lock().iter().filter(|l| l.starts_with('{')) {
+                if let Err(error) = crate::strict_json::check(line) {
+                    panic!("a log line that log shippers would mangle ({error}): {line}");
+                }
+            }
+        }
     }
 }
 

@@ -372,7 +372,33 @@ fn hostile_pods_get_nothing_that_is_not_their_own() {
         return;
     }
     let sb = Sandbox::up(&example());
+    // The hints printed after `up --name X` work as printed.
+    assert!(sb.up.contains(&format!("--name {} explain", sb.name)), "{}", sb.up);
+    // `explain` against the sandbox, with its exit status.
+    let allowed = sb.cli(&["explain", "payments/api"]);
+    assert_eq!(allowed.status.code(), Some(0), "{}", text(&allowed));
+    assert!(text(&allowed).contains("decision:   allowed"), "{}", text(&allowed));
+    let denied = sb.cli(&["explain", "payments/rogue", "--", "-o", "json"]);
+    assert_eq!(denied.status.code(), Some(1), "{}", text(&denied));
+    assert!(text(&denied).contains("role_not_permitted"), "{}", text(&denied));
+    // `status | head -1`: the reader goes away early, and nothing panics.
+    let mut status = Command::new(BIN)
+        .args(["--name", &sb.name, "status"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(status.stdout.take());
+    let out = status.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(!text(&out).contains("panicked"), "{}", text(&out));
+
     sb.ok(&["apply", hostile().to_str().unwrap()]);
+    for pod in ["escape/breakout", "payments/static-mirror"] {
+        let out = sb.cli(&["explain", pod, "--", "-o", "json"]);
+        assert_eq!(out.status.code(), Some(1), "{pod}: {}", text(&out));
+    }
+    assert!(text(&sb.cli(&["explain", "payments/static-mirror"])).contains("mirror_pod"));
     // An escaped `permitted` regex permits nothing, least of all another account's role.
     for pod in ["escape/breakout", "payments/static-mirror"] {
         let cli = sb.cli_identity(pod);

@@ -42,7 +42,7 @@ pub enum TokenError {
 #[derive(Debug, thiserror::Error)]
 pub enum KeyFileError {
     /// Reading or creating the file failed.
-    #[error("token key file {path}: {source}")]
+    #[error("token key file {path}")]
     Io {
         /// The file.
         path: String,

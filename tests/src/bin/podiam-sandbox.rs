@@ -87,6 +87,16 @@ enum Cmd {
         /// Multi-document YAML.
         file: PathBuf,
     },
+    /// Show podiam-server's decision for a pod (`podiam-server explain` against the
+    /// sandbox's API server, with the sandbox server's flags); arguments after `--` go to
+    /// explain (e.g. `-- -o json`).
+    Explain {
+        /// NAMESPACE/NAME.
+        pod: String,
+        /// More explain arguments.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
     /// Delete a pod (and its network namespace).
     Delete {
         /// NAMESPACE/NAME.
@@ -133,14 +143,51 @@ fn main() -> ExitCode {
             },
         ),
         Cmd::Delete { pod } => control(&cli.name, &Request::Delete { pod }),
+        Cmd::Explain { pod, args } => explain(&cli.name, &pod, &args),
         Cmd::Supervise { file } => supervise(&cli.name, &file),
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // `status | head`: the reader went away; nothing to say.
+        Err(error) if is_broken_pipe(&error) => ExitCode::SUCCESS,
+        Err(error) if error.downcast_ref::<ExplainExit>().is_some() => {
+            ExitCode::from(error.downcast_ref::<ExplainExit>().map_or(2, |e| e.0))
+        }
         Err(error) => {
             eprintln!("podiam-sandbox: {error:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// `explain`'s own exit status (0 allowed, 1 denied, 2 undecided), passed on.
+#[derive(Debug, thiserror::Error)]
+#[error("explain exited with {0}")]
+struct ExplainExit(u8);
+
+fn is_broken_pipe(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
+/// Writes a line to stdout; a closed pipe is an error the caller passes up, not a panic.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout().lock(), $($arg)*)
+    }};
+}
+
+/// How to run this command again for the same sandbox, for the hints it prints.
+fn me(name: &str) -> String {
+    let cmd = std::env::var("PODIAM_SANDBOX_CMD").unwrap_or_else(|_| "podiam-sandbox".into());
+    if name == "podiam" {
+        cmd
+    } else {
+        format!("{cmd} --name {name}")
     }
 }
 
@@ -293,9 +340,9 @@ fn start_supervisor(name: &str, file: &Path, dir: &Path, started: Instant) -> an
         );
     }
     println!(
-        "(checked in {:.1} s)\n\nTry: {me} exec {pod} -- aws sts get-caller-identity\n     {me} status | agent stop NODE | down",
+        "(checked in {:.1} s)\n\nTry: {me} exec {pod} -- aws sts get-caller-identity\n     {me} explain {pod}\n     {me} status | agent stop NODE | api stop | down",
         checking.elapsed().as_secs_f64(),
-        me = std::env::var("PODIAM_SANDBOX_CMD").unwrap_or_else(|_| "podiam-sandbox".into()),
+        me = me(name),
         pod = state
             .pods
             .first()
@@ -428,22 +475,22 @@ fn status(name: &str) -> anyhow::Result<()> {
         },
         None => "-".into(),
     };
-    println!(
+    say!(
         "sandbox {name:?}: supervisor {}",
         up(Some(state.supervisor))
-    );
-    println!("  control netns {}: STS (moto) {}", state.ctl, state.sts);
+    )?;
+    say!("  control netns {}: STS (moto) {}", state.ctl, state.sts)?;
     let server_admin = state.server_admin.as_deref().and_then(|a| a.parse().ok());
-    println!(
+    say!(
         "  podiam-server {}, {}",
         up(state.server_pid),
         ready(&state.ctl, server_admin)
-    );
+    )?;
     for node in &state.nodes {
         let admin = node
             .agent_pid
             .and_then(|_| format!("{}:{AGENT_ADMIN_PORT}", node.ip).parse().ok());
-        println!(
+        say!(
             "  node {} (netns {}, {}): podiam-agent {}, {}; node role {}",
             node.name,
             node.netns,
@@ -451,10 +498,10 @@ fn status(name: &str) -> anyhow::Result<()> {
             up(node.agent_pid),
             ready(&state.ctl, admin),
             node.role
-        );
+        )?;
     }
     for pod in &state.pods {
-        println!(
+        say!(
             "  pod {}/{} on {} at {}, role {}, netns {}",
             pod.namespace,
             pod.name,
@@ -462,9 +509,45 @@ fn status(name: &str) -> anyhow::Result<()> {
             pod.ip,
             pod.role.as_deref().unwrap_or("(none)"),
             pod.netns.as_deref().unwrap_or("(not running)")
-        );
+        )?;
     }
     Ok(())
+}
+
+fn explain(name: &str, pod: &str, args: &[String]) -> anyhow::Result<()> {
+    require_root()?;
+    let state = State::load(name)?;
+    let Some((namespace, pod_name)) = pod.split_once('/') else {
+        bail!("{pod:?}: give NAMESPACE/NAME");
+    };
+    let kubeconfig = dir(name).join("kubeconfig");
+    // The stand-in API server listens inside the control namespace.
+    let status = std::process::Command::new("ip")
+        .args(["netns", "exec", &state.ctl])
+        .arg(bins()?.server)
+        .arg("explain")
+        .arg("--kubeconfig")
+        .arg(&kubeconfig)
+        .args([
+            "--base-role-arn",
+            &format!("arn:aws:iam::{}:role/", sandbox::ACCOUNT),
+        ])
+        .args([
+            "--namespace",
+            namespace,
+            "--pod",
+            pod_name,
+            "--log-level",
+            "warn",
+        ])
+        .args(args)
+        .status()
+        .context("running podiam-server explain")?;
+    match status.code() {
+        Some(0) => Ok(()),
+        Some(code) => Err(ExplainExit(u8::try_from(code).unwrap_or(2)).into()),
+        None => bail!("podiam-server explain was killed"),
+    }
 }
 
 fn supervise(name: &str, file: &Path) -> anyhow::Result<()> {
