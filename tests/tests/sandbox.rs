@@ -373,14 +373,26 @@ fn hostile_pods_get_nothing_that_is_not_their_own() {
     }
     let sb = Sandbox::up(&example());
     // The hints printed after `up --name X` work as printed.
-    assert!(sb.up.contains(&format!("--name {} explain", sb.name)), "{}", sb.up);
+    assert!(
+        sb.up.contains(&format!("--name {} explain", sb.name)),
+        "{}",
+        sb.up
+    );
     // `explain` against the sandbox, with its exit status.
     let allowed = sb.cli(&["explain", "payments/api"]);
     assert_eq!(allowed.status.code(), Some(0), "{}", text(&allowed));
-    assert!(text(&allowed).contains("decision:   allowed"), "{}", text(&allowed));
+    assert!(
+        text(&allowed).contains("decision:   allowed"),
+        "{}",
+        text(&allowed)
+    );
     let denied = sb.cli(&["explain", "payments/rogue", "--", "-o", "json"]);
     assert_eq!(denied.status.code(), Some(1), "{}", text(&denied));
-    assert!(text(&denied).contains("role_not_permitted"), "{}", text(&denied));
+    assert!(
+        text(&denied).contains("role_not_permitted"),
+        "{}",
+        text(&denied)
+    );
     // `status | head -1`: the reader goes away early, and nothing panics.
     let mut status = Command::new(BIN)
         .args(["--name", &sb.name, "status"])
