@@ -105,22 +105,6 @@ const LEGACY: &[(&str, &str)] = &[
         "use `podiam-server explain --namespace NS --pod NAME` (or --ip IP)",
     ),
     (
-        "iam-role-key",
-        "podiam reads the annotation iam.amazonaws.com/role",
-    ),
-    (
-        "iam-external-id",
-        "podiam reads the annotation iam.amazonaws.com/external-id",
-    ),
-    (
-        "namespace-key",
-        "podiam reads the annotations iam.amazonaws.com/allowed-roles and iam.amazonaws.com/permitted",
-    ),
-    (
-        "iam-role-session-name-key",
-        "podiam reads the annotation iam.amazonaws.com/session-name",
-    ),
-    (
         "namespace-restriction-format",
         "iam.amazonaws.com/allowed-roles is always a glob list; regular expressions go into iam.amazonaws.com/permitted",
     ),

@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use podiam_common::{
     admin::{Admin, AdminArgs},
+    annotations,
     arn::{BaseRoleArn, RoleArn},
     logging::LogArgs,
     readiness::Readiness,
@@ -109,6 +110,26 @@ pub struct PolicyArgs {
     /// any role some namespace permits.
     #[arg(long, env = "PODIAM_ALLOW_MIRROR_PODS", global = true)]
     pub allow_mirror_pods: bool,
+
+    /// The pod annotation that names the role, for kube2iam users who renamed it
+    /// (kube2iam: --iam-role-key). It replaces the standard key.
+    #[arg(long, env = "PODIAM_IAM_ROLE_KEY", global = true, default_value = annotations::ROLE, value_name = "KEY")]
+    pub iam_role_key: String,
+
+    /// The pod annotation that holds the external ID (kube2iam: --iam-external-id, which
+    /// names a key, not an ID).
+    #[arg(long, env = "PODIAM_IAM_EXTERNAL_ID", global = true, default_value = annotations::EXTERNAL_ID, value_name = "KEY")]
+    pub iam_external_id: String,
+
+    /// The pod annotation that holds the session name (kube2iam:
+    /// --iam-role-session-name-key).
+    #[arg(long, env = "PODIAM_IAM_ROLE_SESSION_NAME_KEY", global = true, default_value = annotations::SESSION_NAME, value_name = "KEY")]
+    pub iam_role_session_name_key: String,
+
+    /// The namespace annotation with the allowed-roles glob list (kube2iam:
+    /// --namespace-key). kiam's iam.amazonaws.com/permitted is read as well.
+    #[arg(long, env = "PODIAM_NAMESPACE_KEY", global = true, default_value = annotations::ALLOWED_ROLES, value_name = "KEY")]
+    pub namespace_key: String,
 }
 
 /// What only the serving server needs.
@@ -266,6 +287,26 @@ impl Cli {
         if let Err(error) = log.init() {
             eprintln!("podiam-server: {error}");
             return ExitCode::from(2);
+        }
+        // Read everywhere a key is read or named, so set before anything else runs.
+        match policy.keys() {
+            Ok(keys) => {
+                if keys != annotations::STANDARD {
+                    tracing::info!(
+                        role = keys.role,
+                        external_id = keys.external_id,
+                        session_name = keys.session_name,
+                        allowed_roles = keys.allowed_roles,
+                        "renamed annotation keys"
+                    );
+                }
+                // The first and only time in this process.
+                let _ = annotations::set_keys(keys);
+            }
+            Err(error) => {
+                tracing::error!("{error:#}");
+                return ExitCode::from(2);
+            }
         }
         match command {
             Some(Command::Explain(args)) => {
@@ -626,6 +667,16 @@ impl KubeArgs {
 // === impl PolicyArgs ===
 
 impl PolicyArgs {
+    /// The annotation keys the flags name (kube2iam's renamed keys, or the standard ones).
+    pub fn keys(&self) -> anyhow::Result<annotations::Keys> {
+        Ok(annotations::Keys::renamed(
+            &self.iam_role_key,
+            &self.iam_external_id,
+            &self.iam_role_session_name_key,
+            &self.namespace_key,
+        )?)
+    }
+
     /// Validates the flags; `detected` is the base ARN found by autodetection, used when
     /// --base-role-arn is not given.
     pub fn config(&self, detected: Option<String>) -> anyhow::Result<PolicyConfig> {
@@ -633,6 +684,10 @@ impl PolicyArgs {
             base_role_arn,
             default_role,
             allow_mirror_pods,
+            iam_role_key: _,
+            iam_external_id: _,
+            iam_role_session_name_key: _,
+            namespace_key: _,
         } = self;
         let base_role_arn = match non_empty(base_role_arn).map(str::to_string).or(detected) {
             Some(v) => Some(
@@ -723,6 +778,10 @@ mod tests {
             base_role_arn: Some(base.into()),
             default_role: Some(default.into()),
             allow_mirror_pods: false,
+            iam_role_key: annotations::ROLE.into(),
+            iam_external_id: annotations::EXTERNAL_ID.into(),
+            iam_role_session_name_key: annotations::SESSION_NAME.into(),
+            namespace_key: annotations::ALLOWED_ROLES.into(),
         };
         let cfg = args("arn:aws:iam::123456789012:role/", "web")
             .config(None)

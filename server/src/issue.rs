@@ -299,7 +299,7 @@ impl Issuer {
                 "HostNetworkPodRole",
                 format!(
                     "the pod uses the host network: its metadata requests come from the node and reach the node's own metadata service, so it gets the node's role, not {} = {:?}; run it without hostNetwork to use its role",
-                    podiam_common::annotations::ROLE,
+                    podiam_common::annotations::keys().role,
                     pod.annotations.role.as_deref().unwrap_or_default()
                 ),
             );

@@ -700,3 +700,95 @@ async fn a_host_network_pod_with_a_role_is_told_it_gets_the_nodes_role() {
         "{event}"
     );
 }
+
+#[tokio::test]
+async fn kube2iam_renamed_annotation_keys() {
+    let kube = FakeKube::start().await.unwrap();
+    kube.apply(namespace(
+        "team-k",
+        &[("example.com/allowed", r#"["web-*"]"#)],
+    ));
+    kube.apply(
+        pod("team-k", "custom")
+            .ip("10.0.0.21")
+            .annotation("example.com/role", "web-k")
+            .node("node-a")
+            .build(),
+    );
+    // The standard key is not read once it is renamed, as in kube2iam.
+    kube.apply(
+        pod("team-k", "standard")
+            .ip("10.0.0.22")
+            .role("web-k")
+            .node("node-a")
+            .build(),
+    );
+    kube.add_token(AGENT_A, agent_identity("node-a"));
+    let keys = [
+        "--iam-role-key",
+        "example.com/role",
+        "--namespace-key",
+        "example.com/allowed",
+    ];
+    let env = ServerStack::start(std::path::Path::new(BIN), kube, &keys)
+        .await
+        .unwrap();
+    let mut c = client(&env).await;
+    let (code, v) = credentials(&mut c, AGENT_A, "10.0.0.21", None).await;
+    assert_eq!(
+        (code, v["role_arn"].as_str()),
+        (200, Some(arn("web-k").as_str())),
+        "{v}"
+    );
+    let (code, v) = credentials(&mut c, AGENT_A, "10.0.0.22", None).await;
+    assert_eq!(code, 403, "{v}");
+    assert!(
+        v["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("example.com/role"),
+        "{v}"
+    );
+
+    // explain reads the same keys.
+    let kubeconfig = env.dir.path().join("explain-kubeconfig");
+    env.kube.write_kubeconfig(&kubeconfig).unwrap();
+    let mut cmd = std::process::Command::new(BIN);
+    cmd.env_clear()
+        .arg("explain")
+        .arg("--kubeconfig")
+        .arg(&kubeconfig)
+        .args(["--base-role-arn", "arn:aws:iam::123456789012:role/"])
+        .args(keys)
+        .args(["-n", "team-k", "--pod", "custom", "-o", "json"]);
+    // Off the runtime's thread: the stand-in API server answers on it.
+    let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap();
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    assert_eq!(
+        (out.status.code(), v["role_arn"].as_str()),
+        (Some(0), Some(arn("web-k").as_str())),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A malformed key is refused at start.
+    let out = std::process::Command::new(BIN)
+        .env_clear()
+        .args([
+            "explain",
+            "--iam-role-key",
+            "Not A Key",
+            "-n",
+            "x",
+            "--pod",
+            "y",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--iam-role-key")
+            || String::from_utf8_lossy(&out.stdout).contains("--iam-role-key")
+    );
+}

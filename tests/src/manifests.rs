@@ -88,6 +88,9 @@ fn dns_subdomain(name: &str) -> bool {
 pub struct Loader {
     /// Node name → (index in order of first appearance, pods assigned an IP so far).
     nodes: BTreeMap<String, (usize, u8)>,
+    /// The pod annotation that names the role, when the server reads another than
+    /// `iam.amazonaws.com/role` (`--iam-role-key`).
+    role_key: Option<String>,
 }
 
 /// A file's documents, ready to apply, and what they hold.
@@ -109,6 +112,14 @@ pub fn load(kube: &FakeKube, path: &Path) -> Result<Loaded, ManifestError> {
 }
 
 impl Loader {
+    /// A loader that reads pods' roles from `key` (kube2iam's renamed key).
+    pub fn with_role_key(key: Option<String>) -> Self {
+        Self {
+            role_key: key,
+            ..Self::default()
+        }
+    }
+
     /// The nodes seen so far, in order of first appearance.
     pub fn nodes(&self) -> Vec<String> {
         let mut nodes: Vec<_> = self.nodes.iter().collect();
@@ -211,9 +222,10 @@ impl Loader {
                         name: doc["metadata"]["name"].as_str().unwrap_or_default().into(),
                         node,
                         ip: doc["status"]["podIP"].as_str().unwrap_or_default().into(),
-                        role: doc["metadata"]["annotations"]["iam.amazonaws.com/role"]
-                            .as_str()
-                            .map(str::to_string),
+                        role: doc["metadata"]["annotations"]
+                            [self.role_key.as_deref().unwrap_or("iam.amazonaws.com/role")]
+                        .as_str()
+                        .map(str::to_string),
                         host_network: doc["spec"]["hostNetwork"].as_bool() == Some(true),
                         running: doc["status"]["phase"].as_str() == Some("Running"),
                     });

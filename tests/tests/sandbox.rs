@@ -35,6 +35,10 @@ struct Sandbox {
 
 impl Sandbox {
     fn up(file: &Path) -> Self {
+        Self::up_with(file, &[])
+    }
+
+    fn up_with(file: &Path, extra: &[&str]) -> Self {
         let name = format!(
             "t{}-{}",
             std::process::id() % 100_000,
@@ -43,6 +47,7 @@ impl Sandbox {
         let out = Command::new(BIN)
             .args(["--name", &name, "up"])
             .arg(file)
+            .args(extra)
             .output()
             .unwrap();
         let sandbox = Self {
@@ -489,4 +494,31 @@ fn a_pod_deleted_while_the_api_server_is_away_leaves_nothing_to_its_ip() {
         assert!(std::time::Instant::now() < deadline, "{cli}");
         std::thread::sleep(std::time::Duration::from_millis(500));
     }
+}
+
+#[test]
+fn kube2iam_renamed_keys_in_the_sandbox() {
+    if !root_or_skip("kube2iam_renamed_keys_in_the_sandbox") {
+        return;
+    }
+    let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/kube2iam-keys.yaml");
+    let sb = Sandbox::up_with(
+        &file,
+        &[
+            "--server-arg=--iam-role-key=example.com/role",
+            "--server-arg=--namespace-key=example.com/allowed-roles",
+        ],
+    );
+    let cli = sb.cli_identity("legacy/worker");
+    assert!(cli.contains("assumed-role/legacy-worker/"), "{cli}");
+    // The standard key is not read once it is renamed, as in kube2iam.
+    let other = sb.cli_identity("legacy/standard-key");
+    assert!(!other.contains("assumed-role"), "{other}");
+    let explained = sb.cli(&["explain", "legacy/worker"]);
+    assert_eq!(explained.status.code(), Some(0), "{}", text(&explained));
+    assert!(
+        text(&explained).contains("example.com/role"),
+        "{}",
+        text(&explained)
+    );
 }

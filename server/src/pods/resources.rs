@@ -190,11 +190,12 @@ impl WatchedPod {
                 .any(|o| o.kind == "Node");
         let mut ann = self.metadata.annotations.unwrap_or_default();
         let mut take = |name: &str| ann.remove(name).map(Into::into);
+        let keys = annotations::keys();
         let annotations = PodAnnotations {
-            role: take(annotations::ROLE),
-            external_id: take(annotations::EXTERNAL_ID),
-            session_name: take(annotations::SESSION_NAME),
-            session_duration: take(annotations::SESSION_DURATION),
+            role: take(keys.role),
+            external_id: take(keys.external_id),
+            session_name: take(keys.session_name),
+            session_duration: take(keys.session_duration),
         };
         Ok(PodInfo {
             key,
@@ -228,7 +229,8 @@ impl WatchedNamespace {
             return (None, None);
         };
         let get = |k: &str| map.get(k).map(String::as_str);
-        (get(annotations::PERMITTED), get(annotations::ALLOWED_ROLES))
+        let keys = annotations::keys();
+        (get(keys.permitted), get(keys.allowed_roles))
     }
 }
 
@@ -282,7 +284,7 @@ fn podiam_annotations<'de, D: Deserializer<'de>>(
         fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
             let mut kept = BTreeMap::new();
             while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
-                if key.starts_with(ANNOTATION_PREFIX) || key == annotations::MIRROR {
+                if key.starts_with(ANNOTATION_PREFIX) || annotations::keys().reads(&key) {
                     kept.insert(key.into_owned(), map.next_value::<String>()?);
                 } else {
                     map.next_value::<de::IgnoredAny>()?;

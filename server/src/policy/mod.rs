@@ -94,7 +94,7 @@ pub enum Denial {
     /// The pod names no role and there is no default.
     #[error(
         "the pod has no {} annotation and no default role is configured",
-        annotations::ROLE
+        annotations::keys().role
     )]
     NoRole,
     /// The role annotation (or default) does not resolve to a valid ARN.
@@ -232,7 +232,7 @@ impl Denial {
 impl fmt::Display for RoleSource {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            RoleSource::Annotation => write!(f, "annotation {}", annotations::ROLE),
+            RoleSource::Annotation => write!(f, "annotation {}", annotations::keys().role),
             RoleSource::Default => f.write_str("--default-role"),
         }
     }

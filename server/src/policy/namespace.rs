@@ -194,8 +194,8 @@ impl NamespacePolicy {
 impl Compiled {
     fn validity(&self) -> Result<(), Violation> {
         for (annotation, rule) in [
-            (annotations::PERMITTED, &self.permitted),
-            (annotations::ALLOWED_ROLES, &self.allowed_roles),
+            (annotations::keys().permitted, &self.permitted),
+            (annotations::keys().allowed_roles, &self.allowed_roles),
         ] {
             if let Some(Rule::Invalid { reason }) = rule {
                 return Err(Violation::Invalid {
@@ -209,8 +209,8 @@ impl Compiled {
 
     fn check(&self, role: &RoleArn) -> Result<(), Violation> {
         let rules = [
-            (annotations::PERMITTED, &self.permitted),
-            (annotations::ALLOWED_ROLES, &self.allowed_roles),
+            (annotations::keys().permitted, &self.permitted),
+            (annotations::keys().allowed_roles, &self.allowed_roles),
         ];
         if rules.iter().all(|(_, r)| r.is_none()) {
             return Err(Violation::NoPolicy);
@@ -234,7 +234,7 @@ impl Compiled {
                 return Ok(());
             }
             written.push(format!("{annotation}={source}"));
-            if annotation == annotations::PERMITTED && hint.is_none() {
+            if annotation == annotations::keys().permitted && hint.is_none() {
                 hint = name_only_hint(&patterns[0], role);
             }
         }
@@ -251,8 +251,8 @@ impl fmt::Display for Violation {
             Violation::NoPolicy => write!(
                 f,
                 "the namespace has no {} or {} annotation, so it permits no role",
-                annotations::PERMITTED,
-                annotations::ALLOWED_ROLES
+                annotations::keys().permitted,
+                annotations::keys().allowed_roles
             ),
             Violation::Invalid { annotation, reason } => {
                 write!(

@@ -9,7 +9,7 @@ use super::{Denial, MAX_SESSION, MIN_SESSION};
 
 /// A string STS accepts: a length range and `[A-Za-z0-9]` plus some punctuation.
 struct Rule {
-    annotation: &'static str,
+    annotation: fn() -> &'static str,
     len: std::ops::RangeInclusive<usize>,
     punctuation: &'static [u8],
     says: &'static str,
@@ -17,7 +17,7 @@ struct Rule {
 
 /// `iam.amazonaws.com/external-id`: STS allows `[\w+=,.@:/-]{2,1224}`.
 const EXTERNAL_ID: Rule = Rule {
-    annotation: annotations::EXTERNAL_ID,
+    annotation: || annotations::keys().external_id,
     len: 2..=1224,
     punctuation: b"_+=,.@:/-",
     says: "2 to 1224 characters of letters, digits and _ + = , . @ : / -",
@@ -25,7 +25,7 @@ const EXTERNAL_ID: Rule = Rule {
 
 /// `iam.amazonaws.com/session-name`: STS allows `[\w+=,.@-]{2,64}`.
 const SESSION_NAME: Rule = Rule {
-    annotation: annotations::SESSION_NAME,
+    annotation: || annotations::keys().session_name,
     len: 2..=64,
     punctuation: b"_+=,.@-",
     says: "2 to 64 characters of letters, digits and _ + = , . @ -",
@@ -61,7 +61,7 @@ fn checked(value: Option<&str>, rule: &Rule) -> Result<Option<String>, Denial> {
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || rule.punctuation.contains(&b));
     if !ok {
-        return Err(invalid(rule.annotation, value, rule.says));
+        return Err(invalid((rule.annotation)(), value, rule.says));
     }
     Ok(Some(value.to_string()))
 }
@@ -76,7 +76,7 @@ pub(super) fn duration(value: Option<&str>) -> Result<Option<Duration>, Denial> 
         Ok(secs) => Duration::from_secs(secs),
         Err(_) => humantime::parse_duration(value).map_err(|error| {
             invalid(
-                annotations::SESSION_DURATION,
+                annotations::keys().session_duration,
                 value,
                 &format!("not a duration ({error}); write e.g. 3600, 3600s, 90m or 1h"),
             )
@@ -84,7 +84,7 @@ pub(super) fn duration(value: Option<&str>) -> Result<Option<Duration>, Denial> 
     };
     if !(MIN_SESSION..=MAX_SESSION).contains(&parsed) {
         return Err(invalid(
-            annotations::SESSION_DURATION,
+            annotations::keys().session_duration,
             value,
             "30m to 12h: STS allows at most 12h, and SDKs refresh credentials with less than 15m left, so shorter sessions could never be handed out",
         ));

@@ -52,6 +52,10 @@ enum Cmd {
     Up {
         /// Multi-document YAML of Namespaces and Pods.
         file: PathBuf,
+        /// One more podiam-server argument (repeat it), e.g.
+        /// `--server-arg=--iam-role-key=example.com/role`; explain gets them too.
+        #[arg(long = "server-arg", allow_hyphen_values = true)]
+        server_args: Vec<String>,
     },
     /// Remove everything the sandbox created: processes, namespaces (with their veths and
     /// rules), its state directory.
@@ -119,7 +123,7 @@ enum Action {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = check_name(&cli.name).and_then(|()| match cli.command {
-        Cmd::Up { file } => up(&cli.name, &file),
+        Cmd::Up { file, server_args } => up(&cli.name, &file, server_args),
         Cmd::Down => down(&cli.name),
         Cmd::Status => status(&cli.name),
         Cmd::Exec { pod, command } => exec(&cli.name, &pod, &command),
@@ -232,7 +236,7 @@ fn bins() -> anyhow::Result<Bins> {
     Ok(bins)
 }
 
-fn up(name: &str, file: &Path) -> anyhow::Result<()> {
+fn up(name: &str, file: &Path, server_args: Vec<String>) -> anyhow::Result<()> {
     require_root()?;
     let started = Instant::now();
     bins()?;
@@ -255,6 +259,7 @@ fn up(name: &str, file: &Path) -> anyhow::Result<()> {
     let mut state = State {
         name: name.into(),
         ctl: ctl.clone(),
+        server_args,
         ..State::default()
     };
     state.save()?;
@@ -540,6 +545,7 @@ fn explain(name: &str, pod: &str, args: &[String]) -> anyhow::Result<()> {
             "--log-level",
             "warn",
         ])
+        .args(&state.server_args)
         .args(args)
         .status()
         .context("running podiam-server explain")?;

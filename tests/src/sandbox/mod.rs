@@ -47,6 +47,18 @@ pub fn dir(name: &str) -> PathBuf {
     PathBuf::from("/run/podiam-sandbox").join(name)
 }
 
+/// The value of `flag` among `args` (`--flag VALUE` or `--flag=VALUE`).
+pub fn flag_value(args: &[String], flag: &str) -> Option<String> {
+    let eq = format!("{flag}=");
+    args.iter().enumerate().find_map(|(i, a)| {
+        if a == flag {
+            args.get(i + 1).cloned()
+        } else {
+            a.strip_prefix(&eq).map(str::to_string)
+        }
+    })
+}
+
 /// What runs where, written by the supervisor after every change.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct State {
@@ -58,6 +70,9 @@ pub struct State {
     pub netns: Vec<String>,
     /// The control namespace.
     pub ctl: String,
+    /// More arguments for podiam-server (and explain), from `up --server-arg`.
+    #[serde(default)]
+    pub server_args: Vec<String>,
     /// The STS endpoint pods use (moto).
     pub sts: String,
     /// The server's PID, once started.

@@ -86,12 +86,13 @@ impl Supervisor {
         let kube = FakeKube::start()
             .await
             .context("starting the stand-in API server")?;
+        let role_key = super::flag_value(&state.server_args, "--iam-role-key");
         let mut supervisor = Self {
             state,
             dir,
             bins,
             kube,
-            loader: Loader::default(),
+            loader: Loader::with_role_key(role_key),
             pki,
             server: None,
             agents: HashMap::new(),
@@ -160,6 +161,7 @@ impl Supervisor {
             .args(["--base-role-arn", &format!("arn:aws:iam::{ACCOUNT}:role/")])
             // Shorter than the default 60 s, so that `api stop` shows its effect soon.
             .args(["--watch-stale-after", "5s"])
+            .args(&self.state.server_args)
             .args(["--region", "us-east-1", "--sts-endpoint", &self.state.sts])
             .arg("--kubeconfig")
             .arg(&kubeconfig)
