@@ -522,3 +522,210 @@ fn kube2iam_renamed_keys_in_the_sandbox() {
         text(&explained)
     );
 }
+
+/// Each registered metric name (`"podiam_..."` string literals in the binaries' code) with
+/// the text that follows it (where its label names are).
+fn registered_metrics() -> Vec<(String, String)> {
+    fn walk(dir: &Path, out: &mut Vec<(String, String)>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                walk(&path, out);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                let text = std::fs::read_to_string(&path).unwrap();
+                for (i, _) in text.match_indices("\"podiam_") {
+                    let rest = &text[i + 1..];
+                    let name: String = rest
+                        .chars()
+                        .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                        .collect();
+                    if rest[name.len()..].starts_with('"') {
+                        let end = (i + 700).min(text.len());
+                        let mut end = end;
+                        while !text.is_char_boundary(end) {
+                            end -= 1;
+                        }
+                        out.push((name, text[i..end].to_string()));
+                    }
+                }
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for dir in ["server/src", "agent/src", "common/src"] {
+        walk(
+            &Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(dir),
+            &mut out,
+        );
+    }
+    out
+}
+
+/// The metric names and label names a PromQL expression uses (label names from `by (...)`,
+/// `without (...)` and `{...}` matchers).
+fn names_in(expr: &str) -> (Vec<String>, Vec<String>) {
+    let word = |s: &str| -> Vec<String> {
+        s.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .filter(|w| !w.is_empty())
+            .map(str::to_string)
+            .collect()
+    };
+    let metrics = word(expr)
+        .into_iter()
+        .filter(|w| w.starts_with("podiam_") || w.starts_with("process_"))
+        .collect();
+    let mut labels = Vec::new();
+    for open in ["by (", "by(", "without (", "without(", "{"] {
+        for (i, _) in expr.match_indices(open) {
+            let rest = &expr[i + open.len()..];
+            let close = if open == "{" { '}' } else { ')' };
+            let inside = &rest[..rest.find(close).unwrap_or(rest.len())];
+            for part in inside.split(',') {
+                let name = part
+                    .split(['=', '!', '~'])
+                    .next()
+                    .unwrap_or_default()
+                    .trim();
+                if !name.is_empty() {
+                    labels.push(name.to_string());
+                }
+            }
+        }
+    }
+    (metrics, labels)
+}
+
+fn prom_get(sb: &Sandbox, path: &str) -> serde_json::Value {
+    let state = sb.state();
+    let addr = state.prometheus.as_deref().unwrap().parse().unwrap();
+    let (code, body) = podiam_tests::netns::get(&state.ctl, addr, path).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+    assert_eq!(code, 200, "{path}: {body}");
+    v
+}
+
+fn encode(q: &str) -> String {
+    q.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn the_dashboard_and_alerts_answer_from_a_real_prometheus() {
+    if !root_or_skip("the_dashboard_and_alerts_answer_from_a_real_prometheus") {
+        return;
+    }
+    let sb = Sandbox::up(&example());
+    // `up` made traffic (every pod asked for credentials); more, and a refusal.
+    assert!(sb.cli_identity("payments/api").contains("payments-api"));
+    let _ = sb.raw("payments/rogue");
+    // Prometheus has scraped since: the agents' request counters are in.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let v = prom_get(
+            &sb,
+            &format!(
+                "/api/v1/query?query={}",
+                encode("sum(podiam_api_requests_total)")
+            ),
+        );
+        if v["data"]["result"][0]["value"][1]
+            .as_str()
+            .is_some_and(|n| n != "0")
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no scrape with traffic: {v}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+    // Every target scraped and up (a target's first scrape may still be due).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let status = sb.ok(&["status"]);
+        if status.contains("prometheus http://") && status.contains("all 3 targets up") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{status}");
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+    // The shipped alert rules are loaded.
+    let rules = prom_get(&sb, "/api/v1/rules");
+    let loaded = rules["data"]["groups"].as_array().map_or(0, Vec::len);
+    assert!(loaded > 0, "{rules}");
+
+    let registered = registered_metrics();
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/base/dashboard.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let mut queries = 0;
+    for panel in dashboard["panels"].as_array().unwrap() {
+        let title = panel["title"].as_str().unwrap_or_default();
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            let Some(expr) = target["expr"].as_str() else {
+                continue;
+            };
+            // Grafana's variables, as Grafana would fill them in.
+            let expr = expr
+                .replace("$__rate_interval", "1m")
+                .replace("$__interval", "1m")
+                .replace("$__range", "1h");
+            queries += 1;
+            let v = prom_get(&sb, &format!("/api/v1/query?query={}", encode(&expr)));
+            assert_eq!(v["status"], "success", "{title}: {expr}: {v}");
+            let (metrics, labels) = names_in(&expr);
+            for metric in &metrics {
+                if metric.starts_with("process_") {
+                    continue;
+                }
+                let base = ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .find_map(|s| metric.strip_suffix(s))
+                    .unwrap_or(metric);
+                assert!(
+                    registered
+                        .iter()
+                        .any(|(name, _)| name == metric || name == base),
+                    "{title}: {metric} is not a metric the binaries export"
+                );
+            }
+            for label in &labels {
+                if ["job", "instance", "le", "node", "__name__"].contains(&label.as_str()) {
+                    continue;
+                }
+                // On a series Prometheus holds, or named beside the metric's registration.
+                let series = metrics.iter().any(|m| {
+                    let v = prom_get(&sb, &format!("/api/v1/series?match[]={}", encode(m)));
+                    v["data"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .any(|s| s.get(label).is_some())
+                });
+                let in_code = registered.iter().any(|(name, around)| {
+                    metrics
+                        .iter()
+                        .any(|m| m == name || m.starts_with(&format!("{name}_")))
+                        && around.contains(&format!("\"{label}\""))
+                });
+                assert!(
+                    series || in_code,
+                    "{title}: label {label} is not one the binaries export for {metrics:?}"
+                );
+            }
+        }
+    }
+    assert!(queries >= 10, "{queries} queries");
+}

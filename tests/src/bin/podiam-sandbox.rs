@@ -319,6 +319,12 @@ fn start_supervisor(name: &str, file: &Path, dir: &Path, started: Instant) -> an
         state.pods.len(),
         dir.join("logs").display()
     );
+    if let Some(addr) = &state.prometheus {
+        println!(
+            "Prometheus: http://{addr} inside netns {} (the shipped alert rules loaded), e.g.\n  ip netns exec {} curl -s 'http://{addr}/api/v1/query?query=up'",
+            state.ctl, state.ctl
+        );
+    }
     let checking = Instant::now();
     println!("\nWhat `aws sts get-caller-identity` returns inside each pod:");
     let answers: Vec<_> = state
@@ -491,6 +497,20 @@ fn status(name: &str) -> anyhow::Result<()> {
         up(state.server_pid),
         ready(&state.ctl, server_admin)
     )?;
+    match state.prometheus.as_deref().and_then(|a| a.parse().ok()) {
+        Some(addr) => {
+            let targets = match sandbox::prometheus::targets_up(&state.ctl, addr) {
+                Ok((up, total)) if up == total => format!("all {total} targets up"),
+                Ok((up, total)) => format!("{up} of {total} targets up (NOT all)"),
+                Err(error) => format!("not answering ({error:#})"),
+            };
+            say!(
+                "  prometheus http://{addr} (in netns {}): {targets}",
+                state.ctl
+            )?;
+        }
+        None => say!("  prometheus not running")?,
+    }
     for node in &state.nodes {
         let admin = node
             .agent_pid

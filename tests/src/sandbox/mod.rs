@@ -29,6 +29,7 @@ use std::{
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
+pub mod prometheus;
 pub mod supervisor;
 
 /// The control namespace's service address (moto and the server listen on it).
@@ -79,6 +80,9 @@ pub struct State {
     pub server_pid: Option<u32>,
     /// The server's admin address (inside the control namespace).
     pub server_admin: Option<String>,
+    /// Prometheus's address (inside the control namespace), scraping server and agents.
+    #[serde(default)]
+    pub prometheus: Option<String>,
     /// The nodes.
     pub nodes: Vec<NodeState>,
     /// The pods.

@@ -57,6 +57,7 @@ pub struct Supervisor {
     agents: HashMap<String, Process>,
     node_imds: Vec<FakeImds>,
     moto: Option<Moto>,
+    prometheus: Option<super::prometheus::Prometheus>,
 }
 
 /// Prints a progress line for `up`.
@@ -98,6 +99,7 @@ impl Supervisor {
             agents: HashMap::new(),
             node_imds: Vec::new(),
             moto: None,
+            prometheus: None,
         };
         let built = supervisor.build(manifests).await;
         Ok((supervisor, built))
@@ -144,6 +146,38 @@ impl Supervisor {
         for pod in &parsed.loaded.pods {
             self.wire(pod)?;
         }
+        self.state.save()?;
+        step("Prometheus, scraping the server and the agents, with the shipped alert rules");
+        self.start_prometheus().await?;
+        Ok(())
+    }
+
+    async fn start_prometheus(&mut self) -> anyhow::Result<()> {
+        let server = self
+            .state
+            .server_admin
+            .as_deref()
+            .and_then(|a| a.parse().ok())
+            .context("the server's admin address is not known")?;
+        let agents: Vec<(String, std::net::SocketAddr)> = self
+            .state
+            .nodes
+            .iter()
+            .filter_map(|n| {
+                let addr = format!("{}:{AGENT_ADMIN_PORT}", n.ip).parse().ok()?;
+                Some((n.name.clone(), addr))
+            })
+            .collect();
+        let prometheus = super::prometheus::Prometheus::start(
+            &self.dir.join("prometheus"),
+            CTL_IP,
+            server,
+            &agents,
+        )
+        .await
+        .context("starting Prometheus (see prometheus/prometheus.log)")?;
+        self.state.prometheus = Some(prometheus.addr.to_string());
+        self.prometheus = Some(prometheus);
         self.state.save()?;
         Ok(())
     }
@@ -661,6 +695,7 @@ impl Supervisor {
         })
         .await;
         self.moto.take();
+        self.prometheus.take();
         self.node_imds.clear();
         let mut removed = Vec::new();
         for ns in self.state.netns.iter().rev() {
