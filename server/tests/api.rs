@@ -481,6 +481,17 @@ async fn wait_readyz(env: &ServerStack, want: u16, within: Duration) {
     }
 }
 
+/// A server over `kube` that calls its index stale after 1 s of failing watches.
+async fn with_stale_after_1s(kube: FakeKube) -> ServerStack {
+    ServerStack::start(
+        std::path::Path::new(BIN),
+        kube,
+        &["--watch-stale-after", "1s"],
+    )
+    .await
+    .unwrap()
+}
+
 #[tokio::test]
 async fn no_answers_from_a_frozen_index() {
     let kube = web_pods(&[("web-0", "10.0.0.1")], &[AGENT_A]).await;
@@ -488,13 +499,7 @@ async fn no_answers_from_a_frozen_index() {
         "team-b",
         &[("iam.amazonaws.com/permitted", &arn("other"))],
     ));
-    let env = ServerStack::start(
-        std::path::Path::new(BIN),
-        kube,
-        &["--watch-stale-after", "1s"],
-    )
-    .await
-    .unwrap();
+    let env = with_stale_after_1s(kube).await;
     let mut c = client(&env).await;
     let (code, v) = credentials(&mut c, AGENT_A, "10.0.0.1", None).await;
     assert_eq!(
@@ -543,13 +548,7 @@ async fn no_answers_from_a_frozen_index() {
 #[tokio::test]
 async fn no_answers_while_a_relist_keeps_failing() {
     let kube = web_pods(&[("web-0", "10.0.0.1")], &[AGENT_A]).await;
-    let env = ServerStack::start(
-        std::path::Path::new(BIN),
-        kube,
-        &["--watch-stale-after", "1s"],
-    )
-    .await
-    .unwrap();
+    let env = with_stale_after_1s(kube).await;
     let mut c = client(&env).await;
     assert_eq!(credentials(&mut c, AGENT_A, "10.0.0.1", None).await.0, 200);
     // The watches resume from a resourceVersion the API server has compacted away (as
@@ -578,13 +577,7 @@ async fn no_answers_while_a_relist_keeps_failing() {
 #[tokio::test]
 async fn one_watch_error_on_a_quiet_cluster_is_not_a_stale_index() {
     let kube = web_pods(&[("web-0", "10.0.0.1")], &[AGENT_A]).await;
-    let env = ServerStack::start(
-        std::path::Path::new(BIN),
-        kube,
-        &["--watch-stale-after", "1s"],
-    )
-    .await
-    .unwrap();
+    let env = with_stale_after_1s(kube).await;
     // One failed re-watch, then the watch comes back and nothing changes.
     env.kube
         .refuse_reads(Some(::http::StatusCode::SERVICE_UNAVAILABLE));

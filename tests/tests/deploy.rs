@@ -330,37 +330,14 @@ fn the_docs_cover_every_flag_and_metric() {
         );
     }
     // Every metric the code registers.
-    let mut metrics = BTreeSet::new();
-    for dir in ["server/src", "agent/src", "common/src"] {
-        collect_metrics(&root().join(dir), &mut metrics);
-    }
+    let metrics: BTreeSet<String> = podiam_tests::code::registered_metrics()
+        .into_iter()
+        .map(|(name, _)| name)
+        .collect();
     assert!(metrics.len() > 20, "{metrics:?}");
     let missing: Vec<_> = metrics
         .iter()
         .filter(|m| !doc.contains(&format!("`{m}`")))
         .collect();
     assert!(missing.is_empty(), "docs/operations.md lacks {missing:?}");
-}
-
-fn collect_metrics(dir: &Path, out: &mut BTreeSet<String>) {
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let path = entry.unwrap().path();
-        if path.is_dir() {
-            collect_metrics(&path, out);
-        } else if path.extension().is_some_and(|e| e == "rs") {
-            let text = std::fs::read_to_string(&path).unwrap();
-            let parts: Vec<&str> = text.split("\"podiam_").collect();
-            for (before, part) in parts.iter().zip(&parts[1..]) {
-                let name: String = part
-                    .chars()
-                    .take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_')
-                    .collect();
-                // Not metrics: serde function names.
-                let serde = before.trim_end().ends_with("deserialize_with =");
-                if part[name.len()..].starts_with('"') && !serde {
-                    out.insert(format!("podiam_{name}"));
-                }
-            }
-        }
-    }
 }

@@ -523,44 +523,6 @@ fn kube2iam_renamed_keys_in_the_sandbox() {
     );
 }
 
-/// Each registered metric name (`"podiam_..."` string literals in the binaries' code) with
-/// the text that follows it (where its label names are).
-fn registered_metrics() -> Vec<(String, String)> {
-    fn walk(dir: &Path, out: &mut Vec<(String, String)>) {
-        for entry in std::fs::read_dir(dir).unwrap() {
-            let path = entry.unwrap().path();
-            if path.is_dir() {
-                walk(&path, out);
-            } else if path.extension().is_some_and(|e| e == "rs") {
-                let text = std::fs::read_to_string(&path).unwrap();
-                for (i, _) in text.match_indices("\"podiam_") {
-                    let rest = &text[i + 1..];
-                    let name: String = rest
-                        .chars()
-                        .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
-                        .collect();
-                    if rest[name.len()..].starts_with('"') {
-                        let end = (i + 700).min(text.len());
-                        let mut end = end;
-                        while !text.is_char_boundary(end) {
-                            end -= 1;
-                        }
-                        out.push((name, text[i..end].to_string()));
-                    }
-                }
-            }
-        }
-    }
-    let mut out = Vec::new();
-    for dir in ["server/src", "agent/src", "common/src"] {
-        walk(
-            &Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(dir),
-            &mut out,
-        );
-    }
-    out
-}
-
 /// The metric names and label names a PromQL expression uses (label names from `by (...)`,
 /// `without (...)` and `{...}` matchers).
 fn names_in(expr: &str) -> (Vec<String>, Vec<String>) {
@@ -662,7 +624,7 @@ fn the_dashboard_and_alerts_answer_from_a_real_prometheus() {
     let loaded = rules["data"]["groups"].as_array().map_or(0, Vec::len);
     assert!(loaded > 0, "{rules}");
 
-    let registered = registered_metrics();
+    let registered = podiam_tests::code::registered_metrics();
     let dashboard: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(
             Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/base/dashboard.json"),
