@@ -593,8 +593,6 @@ fn ipv4_is_redirected_whatever_the_family_of_listen() {
         lab.nat("PODIAM")
     );
     drop(agent);
-    let removing = lab.agent(&["--listen", &listen, "--remove-rules-on-exit"]);
-    removing.terminate(Duration::from_secs(10)).unwrap();
 }
 
 #[test]
@@ -620,8 +618,6 @@ fn rules_go_in_before_anything_that_can_fail() {
         );
         assert!(!answer.contains(NODE_ROLE));
     }
-    let removing = lab.agent(&["--remove-rules-on-exit"]);
-    removing.terminate(Duration::from_secs(10)).unwrap();
 }
 
 #[test]
@@ -655,13 +651,6 @@ fn only_redirected_pod_traffic_reaches_the_agent() {
     assert!(lab.pod_sees().contains("HTTP 503"), "{}", lab.pod_sees());
     assert_eq!(lab.filter("INPUT").matches("-j PODIAM-GUARD").count(), 1);
     drop(agent);
-    let removing = lab.agent(&["--remove-rules-on-exit"]);
-    removing.terminate(Duration::from_secs(10)).unwrap();
-    assert!(
-        !lab.filter("INPUT").contains("PODIAM"),
-        "{}",
-        lab.filter("INPUT")
-    );
 }
 
 #[test]

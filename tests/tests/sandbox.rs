@@ -112,6 +112,23 @@ impl Sandbox {
         text(&self.exec(pod, &["python3", "-c", RAW]))
     }
 
+    /// Applies a pod `NAMESPACE/NAME` with `role` on `node` at `ip`.
+    fn apply_pod(&self, pod: &str, role: &str, node: &str, ip: &str) {
+        let (namespace, name) = pod.split_once('/').unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("pod.yaml");
+        std::fs::write(
+            &file,
+            format!(
+                "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {namespace}\n  \
+                 annotations:\n    iam.amazonaws.com/role: {role}\n\
+                 spec:\n  nodeName: {node}\nstatus:\n  podIP: {ip}\n"
+            ),
+        )
+        .unwrap();
+        self.ok(&["apply", file.to_str().unwrap()]);
+    }
+
     fn state(&self) -> State {
         State::load(&self.name).unwrap()
     }
@@ -341,19 +358,7 @@ fn a_new_pod_on_a_reused_ip_gets_only_its_own_role() {
     assert!(sb.cli_identity("payments/api").contains("payments-api"));
 
     sb.ok(&["delete", "payments/api"]);
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("reports.yaml");
-    std::fs::write(
-        &file,
-        format!(
-            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: reports\n  namespace: payments\n  \
-             annotations:\n    iam.amazonaws.com/role: payments-reports\n\
-             spec:\n  nodeName: {}\nstatus:\n  podIP: {}\n",
-            old.node, old.ip
-        ),
-    )
-    .unwrap();
-    sb.ok(&["apply", file.to_str().unwrap()]);
+    sb.apply_pod("payments/reports", "payments-reports", &old.node, &old.ip);
     let new = sb.state().pod("payments/reports").unwrap().clone();
     assert_eq!(new.ip, old.ip, "the new pod has the old pod's IP");
 
@@ -463,19 +468,7 @@ fn a_pod_deleted_while_the_api_server_is_away_leaves_nothing_to_its_ip() {
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
     // Another namespace's pod takes the IP: it gets nothing, least of all the old role.
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("next.yaml");
-    std::fs::write(
-        &file,
-        format!(
-            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: next\n  namespace: analytics\n  \
-             annotations:\n    iam.amazonaws.com/role: analytics-reader\n\
-             spec:\n  nodeName: {}\nstatus:\n  podIP: {}\n",
-            old.node, old.ip
-        ),
-    )
-    .unwrap();
-    sb.ok(&["apply", file.to_str().unwrap()]);
+    sb.apply_pod("analytics/next", "analytics-reader", &old.node, &old.ip);
     let raw = sb.raw("analytics/next");
     assert!(raw.contains("roles 503"), "{raw}");
     assert!(
