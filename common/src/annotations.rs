@@ -68,7 +68,9 @@ pub fn set_keys(keys: Keys) -> Result<(), Keys> {
 
 /// An annotation key that Kubernetes would not accept.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("{flag} {key:?} is not an annotation key (PREFIX/NAME, e.g. example.com/role)")]
+#[error(
+    "{flag} {key:?} is not an annotation key of its own (PREFIX/NAME, e.g. example.com/role, and no key named twice)"
+)]
 pub struct KeyError {
     flag: &'static str,
     key: String,
@@ -100,13 +102,32 @@ impl Keys {
             // Four short strings, once per process: they live as long as it does.
             Ok(Box::leak(key.to_string().into_boxed_str()))
         };
-        Ok(Self {
+        let keys = Self {
             role: key("--iam-role-key", role)?,
             external_id: key("--iam-external-id", external_id)?,
             session_name: key("--iam-role-session-name-key", session_name)?,
             allowed_roles: key("--namespace-key", allowed_roles)?,
             ..STANDARD
-        })
+        };
+        // One key, one meaning: a key named twice would be read as two things.
+        let all = [
+            keys.role,
+            keys.external_id,
+            keys.session_name,
+            keys.session_duration,
+            keys.permitted,
+            keys.allowed_roles,
+            MIRROR,
+        ];
+        for (i, k) in all.iter().enumerate() {
+            if all[..i].contains(k) {
+                return Err(KeyError {
+                    flag: "annotation keys",
+                    key: (*k).to_string(),
+                });
+            }
+        }
+        Ok(keys)
     }
 
     /// Whether `key` is one of these keys (or the kubelet's mirror mark), so the parser
@@ -188,5 +209,16 @@ mod tests {
             );
         }
         assert!(Keys::renamed("role", EXTERNAL_ID, SESSION_NAME, ALLOWED_ROLES).is_ok());
+        // One key for two things, or a key that is already another's, is refused.
+        assert!(
+            Keys::renamed(
+                "example.com/k",
+                "example.com/k",
+                SESSION_NAME,
+                ALLOWED_ROLES
+            )
+            .is_err()
+        );
+        assert!(Keys::renamed(ROLE, EXTERNAL_ID, SESSION_NAME, PERMITTED).is_err());
     }
 }

@@ -575,6 +575,25 @@ async fn no_answers_while_a_relist_keeps_failing() {
 }
 
 #[tokio::test]
+async fn a_probe_that_answers_buys_one_bound_not_more() {
+    let kube = web_pods(&[("web-0", "10.0.0.1")], &[AGENT_A]).await;
+    let env = with_stale_after_1s(kube).await;
+    // The API server answers small requests and sheds every full list (429 under load):
+    // the probe passes, the re-list never completes, and nothing proves the index current.
+    let hold = env.kube.hold_watches();
+    env.kube.drop_watches();
+    // A change the server cannot see, then compaction: its watch resumes into 410 Gone.
+    env.kube.delete_pod("team-a", "web-0");
+    env.kube.compact();
+    env.kube
+        .refuse_full_lists(Some(::http::StatusCode::TOO_MANY_REQUESTS));
+    drop(hold);
+    wait_readyz(&env, 503, Duration::from_secs(15)).await;
+    env.kube.refuse_full_lists(None);
+    wait_readyz(&env, 200, Duration::from_secs(40)).await;
+}
+
+#[tokio::test]
 async fn one_watch_error_on_a_quiet_cluster_is_not_a_stale_index() {
     let kube = web_pods(&[("web-0", "10.0.0.1")], &[AGENT_A]).await;
     let env = with_stale_after_1s(kube).await;

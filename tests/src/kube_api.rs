@@ -94,8 +94,9 @@ struct Shared {
     reviews_without_audiences: std::sync::atomic::AtomicBool,
     /// While set, every read (list, watch, get) is answered with this status.
     refuse_reads: Mutex<Option<StatusCode>>,
-    /// While set, list requests (not watches) are answered with this status.
-    refuse_lists: Mutex<Option<StatusCode>>,
+    /// While set, list requests (not watches) are answered with this status; with
+    /// `true`, only lists of more than one item (`limit` other than 1).
+    refuse_lists: Mutex<Option<(StatusCode, bool)>>,
     lists: watch::Sender<HashMap<Kind, u64>>,
     watches: watch::Sender<u64>,
 }
@@ -335,7 +336,13 @@ impl FakeKube {
     /// While `Some`, list requests (and only they) are answered with that status: a
     /// re-list after 410 Gone that keeps failing.
     pub fn refuse_lists(&self, status: Option<StatusCode>) {
-        *self.shared.refuse_lists.lock() = status;
+        *self.shared.refuse_lists.lock() = status.map(|s| (s, false));
+    }
+
+    /// While `Some`, full lists are answered with that status, and a one-item list (a
+    /// probe) still works: an API server that sheds expensive requests under load.
+    pub fn refuse_full_lists(&self, status: Option<StatusCode>) {
+        *self.shared.refuse_lists.lock() = status.map(|s| (s, true));
     }
 
     /// List requests for `kind` received so far (including held ones).
@@ -584,7 +591,9 @@ async fn route(shared: Arc<Shared>, req: Request<hyper::body::Incoming>) -> Resp
         );
     }
     let refused = *shared.refuse_lists.lock();
-    if let Some(code) = refused {
+    if let Some((code, only_full)) = refused
+        && !(only_full && query.get("limit").is_some_and(|l| l == "1"))
+    {
         return status(code, "Refused", "list refused by the test");
     }
     list(&shared, kind, namespace, &query).await

@@ -125,6 +125,8 @@ where
     // When the watch started failing, with no success since; whether the index is stale.
     let mut failing_since: Option<Instant> = None;
     let mut stale = false;
+    // Whether the probe already bought the failing watch one more bound.
+    let mut probed = false;
     loop {
         let stale_at = failing_since
             .filter(|_| !stale)
@@ -136,10 +138,17 @@ where
                 // A fresh watcher starts with a full list.
                 stream = start();
                 relisting = None;
-                if probe(&api).await {
+                let answers = !probed
+                    && tokio::select! {
+                        _ = shutdown.cancelled() => return Ok(()),
+                        answers = probe(&api) => answers,
+                    };
+                if answers {
                     // Reachable and allowed: the watch most likely came back without a word.
-                    // The fresh list brings the index up to date while it keeps serving.
-                    failing_since = None;
+                    // The fresh list gets one more bound to complete while the index keeps
+                    // serving; a probe proves nothing about the index, so there is no second.
+                    probed = true;
+                    failing_since = Some(Instant::now());
                     tracing::info!(resource, "the watch failed earlier, and the API server answers now: re-listing");
                     continue;
                 }
@@ -162,7 +171,10 @@ where
             // Proofs that the index is current; `Init` and list pages are not.
             Some(Ok(
                 watcher::Event::Apply(_) | watcher::Event::Delete(_) | watcher::Event::InitDone,
-            )) if !stale => failing_since = None,
+            )) if !stale => {
+                failing_since = None;
+                probed = false;
+            }
             _ => {}
         }
         match event {
@@ -196,6 +208,7 @@ where
                 if stale {
                     stale = false;
                     failing_since = None;
+                    probed = false;
                     stale_gauge.set(0);
                     tracing::info!(
                         resource,
