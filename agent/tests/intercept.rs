@@ -223,6 +223,14 @@ impl Lab {
         self.gets_in(&self.node, &format!("http://{}/readyz", agent.admin))
     }
 
+    /// Once the agent's rules are verified, whether it finds every pod interface covered.
+    fn interfaces_covered(&self, agent: &Process) -> bool {
+        self.until("rules verified", |l| {
+            !l.readyz(agent).contains("interception")
+        });
+        !self.readyz(agent).contains("pod-interfaces")
+    }
+
     /// A metric of the agent in the node namespace (0 when absent).
     fn metric(&self, agent: &Process, name: &str) -> f64 {
         let text = self.gets_in(&self.node, &format!("http://{}/metrics", agent.admin));
@@ -697,11 +705,8 @@ fn uncovered_pod_interfaces_keep_the_agent_not_ready() {
         "pdmx+,pdmy+",
         "--remove-rules-on-exit",
     ]);
-    lab.until("rules verified", |l| {
-        !l.readyz(&ignoring).contains("interception")
-    });
     assert!(
-        !lab.readyz(&ignoring).contains("pod-interfaces"),
+        lab.interfaces_covered(&ignoring),
         "{}",
         lab.readyz(&ignoring)
     );
@@ -732,11 +737,8 @@ fn uncovered_pod_interfaces_keep_the_agent_not_ready() {
         "pdmy+",
         "--remove-rules-on-exit",
     ]);
-    lab.until("rules verified", |l| {
-        !l.readyz(&by_bridge).contains("interception")
-    });
     assert!(
-        !lab.readyz(&by_bridge).contains("pod-interfaces"),
+        lab.interfaces_covered(&by_bridge),
         "{}",
         lab.readyz(&by_bridge)
     );

@@ -35,6 +35,32 @@ fn clock(start: u64) -> (Arc<AtomicU64>, Arc<dyn Fn() -> SystemTime + Send + Syn
     (secs, now)
 }
 
+/// An agent token expiring `exp_in` seconds after the test clock's start, known to a
+/// stand-in API server, and a reviewer on that clock caching reviews for `cache`.
+struct Expiring {
+    kube: FakeKube,
+    token: String,
+    start: u64,
+    secs: Arc<AtomicU64>,
+    auth: TokenReviewer,
+}
+
+async fn expiring(exp_in: u64, cache: Duration) -> Expiring {
+    let kube = FakeKube::start().await.unwrap();
+    let start = 1_900_000_000;
+    let (secs, now) = clock(start);
+    let token = jwt(start + exp_in);
+    kube.add_token(&token, agent_identity("node-a"));
+    let auth = reviewer(&kube, cache).with_clock(now);
+    Expiring {
+        kube,
+        token,
+        start,
+        secs,
+        auth,
+    }
+}
+
 #[tokio::test]
 async fn one_review_in_flight_per_token() {
     let kube = FakeKube::start().await.unwrap();
@@ -77,13 +103,14 @@ async fn a_review_that_does_not_confirm_the_audience_is_refused() {
 
 #[tokio::test]
 async fn an_accepted_token_is_never_trusted_past_its_exp() {
-    let kube = FakeKube::start().await.unwrap();
-    let start = 1_900_000_000;
-    let (secs, now) = clock(start);
     // Expires in 10 s; the review cache would keep it for an hour.
-    let token = jwt(start + 10);
-    kube.add_token(&token, agent_identity("node-a"));
-    let auth = reviewer(&kube, Duration::from_secs(3600)).with_clock(now);
+    let Expiring {
+        kube,
+        token,
+        start,
+        secs,
+        auth,
+    } = expiring(10, Duration::from_secs(3600)).await;
     auth.authenticate(Some(&token)).await.unwrap();
     auth.authenticate(Some(&token)).await.unwrap();
     assert_eq!(kube.token_review_attempts(), 1, "cached before exp");
@@ -101,13 +128,14 @@ async fn an_accepted_token_is_never_trusted_past_its_exp() {
 
 #[tokio::test]
 async fn during_an_outage_a_known_token_is_trusted_only_until_its_exp() {
-    let kube = FakeKube::start().await.unwrap();
-    let start = 1_900_000_000;
-    let (secs, now) = clock(start);
-    let token = jwt(start + 600);
-    kube.add_token(&token, agent_identity("node-a"));
     // A short review cache, so the next request reviews again.
-    let auth = reviewer(&kube, Duration::from_millis(1)).with_clock(now);
+    let Expiring {
+        kube,
+        token,
+        start,
+        secs,
+        auth,
+    } = expiring(600, Duration::from_millis(1)).await;
     auth.authenticate(Some(&token)).await.unwrap();
     kube.set_token_reviews_down(true);
     tokio::time::sleep(Duration::from_millis(5)).await;
@@ -121,12 +149,13 @@ async fn during_an_outage_a_known_token_is_trusted_only_until_its_exp() {
 
 #[tokio::test]
 async fn a_review_nobody_waits_for_any_more_never_answers_a_later_request() {
-    let kube = FakeKube::start().await.unwrap();
-    let start = 1_900_000_000;
-    let (secs, now) = clock(start);
-    let token = jwt(start + 10);
-    kube.add_token(&token, agent_identity("node-a"));
-    let auth = reviewer(&kube, Duration::from_secs(3600)).with_clock(now);
+    let Expiring {
+        kube,
+        token,
+        start,
+        secs,
+        auth,
+    } = expiring(10, Duration::from_secs(3600)).await;
     // The only caller gives up while its review is under way (agent timeout, disconnect).
     let hold = kube.hold_token_reviews();
     let call = tokio::spawn(auth.authenticate(Some(&token)));
