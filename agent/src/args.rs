@@ -17,10 +17,13 @@ use tokio::{net::TcpListener, task::JoinSet};
 use tracing::Instrument;
 
 use crate::{
-    imds::{Imds, ImdsMetrics, token::TokenKey},
+    feed::{self, FeedSettings},
+    imds::{Imds, ImdsConfig, ImdsMetrics, token::TokenKey},
     intercept::{InterceptArgs, InterceptMetrics, Interceptor},
+    interfaces::Interfaces,
     proxy::{DEFAULT_ALLOW, MetadataProxy},
-    upstream::{Servers, UpstreamMetrics, UpstreamSettings},
+    servers::{ServerSettings, Servers, ServersMetrics},
+    table::{NodeTable, TableMetrics},
 };
 
 /// podiam agent: serves the EC2 metadata API to the pods of its node, handing each pod
@@ -128,6 +131,38 @@ struct ServerArgs {
     /// Deadline of one request to one server (then the next server is tried).
     #[arg(long, env = "PODIAM_SERVER_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     server_timeout: Duration,
+
+    /// Subscribe to a server's feed of this node's pods and answer warm requests from it
+    /// with no network call (and through a server outage, while the credentials held have
+    /// 15 minutes left). `off`: every request asks a server.
+    #[arg(long, env = "PODIAM_NODE_FEED", value_enum, default_value_t = Switch::On)]
+    node_feed: Switch,
+
+    /// This node's name (the downward API's spec.nodeName). The servers learn it from the
+    /// agent's token when they bind agents to nodes; without node binding the feed needs it.
+    #[arg(long, env = "PODIAM_NODE_NAME", default_value = "")]
+    node_name: String,
+
+    /// Bind each pod of the feed to the host interface its IP lives behind (netlink: the
+    /// /32 route's veth, or the neighbour entry's MAC), and refuse a request whose IP has
+    /// moved to another interface (a new pod on a reused IP) until the feed catches up.
+    /// `off` only where the kernel cannot say (pods on loopback in tests).
+    #[arg(long, env = "PODIAM_INTERFACE_BINDING", value_enum, default_value_t = Switch::On)]
+    interface_binding: Switch,
+
+    /// How long a request from an IP the node table does not know (yet), or one that moved
+    /// to another interface, waits for the feed before it asks a server or is refused.
+    #[arg(long, env = "PODIAM_TABLE_WAIT", default_value = "1s", value_parser = humantime::parse_duration)]
+    table_wait: Duration,
+}
+
+/// On or off.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Switch {
+    /// On.
+    On,
+    /// Off.
+    Off,
 }
 
 // === impl Cli ===
@@ -173,6 +208,10 @@ impl Cli {
             server_resolve_interval,
             server_health_interval,
             server_timeout,
+            node_feed,
+            node_name,
+            interface_binding,
+            table_wait,
         } = servers;
         let AdminArgs { admin_addr } = admin;
 
@@ -221,7 +260,7 @@ impl Cli {
             .client(TlsMetrics::register(&registry)?, shutdown.clone())
             .context("loading the agent's TLS files")?;
         let servers = Servers::start(
-            UpstreamSettings {
+            ServerSettings {
                 address: server_address,
                 server_name,
                 token_file,
@@ -231,23 +270,55 @@ impl Cli {
             },
             tls,
             readiness.gate("servers"),
-            UpstreamMetrics::register(&registry)?,
+            ServersMetrics::register(&registry)?,
             shutdown.clone(),
         )?;
+        let mut binding = None;
+        let table = if node_feed == Switch::On {
+            let interfaces = if interface_binding == Switch::On {
+                let interfaces = Interfaces::start(shutdown.clone())
+                    .await
+                    .context("reading the node's routes and neighbours (netlink; --interface-binding=off turns binding off)")?;
+                binding = Some(interfaces.clone());
+                Some(interfaces)
+            } else {
+                tracing::warn!(
+                    "--interface-binding=off: a new pod on a reused IP is caught only when the feed says the old one is gone"
+                );
+                None
+            };
+            let table = NodeTable::new(interfaces, TableMetrics::register(&registry)?);
+            let settings = FeedSettings {
+                node: node_name,
+                connect_timeout: server_timeout,
+                first_update_timeout: Duration::from_secs(15),
+            };
+            tokio::spawn(
+                feed::follow(servers.clone(), table.clone(), settings, shutdown.clone())
+                    .instrument(tracing::info_span!("feed")),
+            );
+            Some(table)
+        } else {
+            None
+        };
         let extra_listens: Vec<SocketAddr> = interceptor
             .as_ref()
             .map(|i| i.listen_v4().into_iter().chain(i.listen_v6()).collect())
             .unwrap_or_default();
         let imds = Imds::new(
-            std::iter::once(listen.ip())
-                .chain(extra_listens.iter().map(SocketAddr::ip))
-                .collect(),
-            pod_sources,
-            key,
-            require_imdsv2,
+            ImdsConfig {
+                node_ips: std::iter::once(listen.ip())
+                    .chain(extra_listens.iter().map(SocketAddr::ip))
+                    .collect(),
+                pod_sources,
+                key,
+                require_v2: require_imdsv2,
+                table,
+                table_wait,
+                metrics: imds_metrics,
+            },
             servers,
             proxy,
-            imds_metrics,
         );
 
         let admin_listener = TcpListener::bind(admin_addr)
@@ -280,6 +351,22 @@ impl Cli {
                     .instrument(tracing::info_span!("intercept")),
             );
         }
+        if let Some(interfaces) = binding {
+            // A binding that no longer follows the kernel could vouch for a moved IP:
+            // better no agent (pods are refused, and the DaemonSet restarts it).
+            let shutdown = shutdown.clone();
+            tasks.spawn(
+                async move {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => {}
+                        _ = interfaces.stopped() => {
+                            tracing::error!("the node's routes and neighbours are no longer followed (netlink); stopping");
+                        }
+                    }
+                }
+                .instrument(tracing::info_span!("interfaces")),
+            );
+        }
         let admin = Admin::new(registry, readiness);
         tasks.spawn({
             let shutdown = shutdown.clone();
@@ -302,7 +389,9 @@ impl Cli {
         while let Some(joined) = tasks.join_next().await {
             match joined {
                 Ok(()) if shutdown.is_cancelled() => {}
-                Ok(()) => bail!("a listener stopped unexpectedly"),
+                Ok(()) => bail!(
+                    "an agent task (a listener, or the interface binding) stopped unexpectedly"
+                ),
                 Err(error) => bail!("an agent task failed: {error}"),
             }
         }

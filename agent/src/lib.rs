@@ -1,7 +1,7 @@
 //! podiam agent: the per-node EC2-metadata endpoint.
 //!
 //! Data model: a request's source address is the caller's identity. The agent holds no
-//! AWS rights and no pod index: it asks a podiam server ([`upstream::Servers`], mutual
+//! AWS rights and no pod index: it asks a podiam server ([`servers::Servers`], mutual
 //! TLS, with the agent's ServiceAccount token) for the role and credentials of the pod
 //! with that address, and serves them in the metadata service's format ([`imds`]).
 //! Paths outside the credential surface go to the real metadata service only through the
@@ -10,7 +10,10 @@
 //! leaves the redirect in place when the agent stops (fail closed).
 
 pub mod args;
+pub mod feed;
 pub mod imds;
 pub mod intercept;
+pub mod interfaces;
 pub mod proxy;
-pub mod upstream;
+pub mod servers;
+pub mod table;

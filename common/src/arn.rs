@@ -194,6 +194,13 @@ impl RoleArn {
         name
     }
 
+    /// Whether a pod asking for `requested` (the name in the metadata URL, or the full
+    /// ARN; surrounding blanks ignored) asks for this role.
+    pub fn answers_to(&self, requested: &str) -> bool {
+        let requested = requested.trim();
+        requested == self.as_str() || requested == self.name()
+    }
+
     fn path_and_name(&self) -> (&str, &str) {
         // `full` is `arn:P:iam::A:role/PATH/NAME`; the resource starts after the fifth ':'.
         let resource = self.full.splitn(6, ':').nth(5).unwrap_or_default();

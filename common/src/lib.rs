@@ -1,5 +1,6 @@
 //! Pieces shared by the podiam agent and server.
 //!
+//! - [`feed`]: the node feed, a gRPC stream from a server to an agent of its node's pods.
 //! - [`annotations`]: the Kubernetes annotation names podiam reads (kiam's and kube2iam's).
 //! - [`arn`]: IAM role ARNs: parsing a full ARN, or resolving a bare name or `path/name`
 //!   against a base ARN.
@@ -18,6 +19,7 @@
 pub mod admin;
 pub mod annotations;
 pub mod arn;
+pub mod feed;
 pub mod legacy;
 pub mod listen;
 pub mod logging;

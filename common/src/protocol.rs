@@ -117,6 +117,24 @@ impl ErrorCode {
         }
     }
 
+    /// The code with this snake_case name.
+    pub fn parse(name: &str) -> Option<Self> {
+        [
+            ErrorCode::InvalidRequest,
+            ErrorCode::Unauthenticated,
+            ErrorCode::PodNotFound,
+            ErrorCode::AmbiguousIp,
+            ErrorCode::NodeMismatch,
+            ErrorCode::RoleMismatch,
+            ErrorCode::Forbidden,
+            ErrorCode::StsError,
+            ErrorCode::NotReady,
+            ErrorCode::Internal,
+        ]
+        .into_iter()
+        .find(|c| c.as_str() == name)
+    }
+
     /// The snake_case name, for metric labels.
     pub fn as_str(self) -> &'static str {
         match self {

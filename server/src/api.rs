@@ -3,20 +3,24 @@
 //!
 //! A connection must present a client certificate signed by `--ca` or the handshake
 //! fails. Each request then carries the agent's ServiceAccount token, which
-//! [`crate::agents`] turns into the agent's node. Refusals map to a typed
+//! [`crate::auth`] turns into the agent's node. Refusals map to a typed
 //! [`ErrorBody`] here, in [`error_response`], and nowhere else.
 
 use std::{convert::Infallible, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
-use http_body_util::{BodyExt, Full, Limited};
-use hyper::{body::Body, service::service_fn};
+use http_body_util::{BodyExt, Either, Full, Limited};
+use hyper::{
+    body::{Body, Incoming},
+    service::service_fn,
+};
 use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
     server::graceful::GracefulShutdown,
 };
 use podiam_common::{
+    feed::{self, node_feed_server::NodeFeedServer},
     protocol::{
         CREDENTIALS_PATH, CredentialsRequest, CredentialsResponse, ErrorBody, ErrorCode,
         HEALTH_PATH, ROLE_PATH, RoleRequest, RoleResponse,
@@ -29,10 +33,12 @@ use rustls::ServerConfig;
 use serde::{Serialize, de::DeserializeOwned};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tower::Service;
 
 use crate::{
-    agents::{AuthError, Authenticate},
-    issue::{Caller, IssueError, Issuer},
+    auth::{AuthError, Authenticate},
+    credentials::{Caller, IssueError, Issuer},
+    feed::Feed,
 };
 
 /// Requests larger than this are refused.
@@ -98,9 +104,10 @@ impl AgentApi {
     }
 
     /// Serves mutual-TLS HTTP/2 on `listener` until `shutdown`, then lets in-flight
-    /// requests finish for a grace period.
+    /// requests finish for a grace period. The node `feed` (gRPC) shares the listener.
     pub async fn serve(
         self,
+        feed: Feed,
         listener: TcpListener,
         tls: Reloading<ServerConfig>,
         shutdown: CancellationToken,
@@ -118,6 +125,7 @@ impl AgentApi {
             }
             let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
             let api = self.clone();
+            let grpc = NodeFeedServer::new(feed.clone());
             let watcher = graceful.watcher();
             tokio::spawn(async move {
                 let handshakes = &api.inner.metrics.handshakes;
@@ -137,9 +145,16 @@ impl AgentApi {
                             return;
                         }
                     };
-                let service = service_fn(move |req| {
+                let service = service_fn(move |req: Request<Incoming>| {
                     let api = api.clone();
-                    async move { Ok::<_, Infallible>(api.handle(req).await) }
+                    let mut grpc = grpc.clone();
+                    async move {
+                        if req.uri().path().starts_with(feed::SERVICE_PREFIX) {
+                            let rsp = grpc.call(req).await?;
+                            return Ok::<_, Infallible>(rsp.map(Either::Right));
+                        }
+                        Ok(api.handle(req).await.map(Either::Left))
+                    }
                 });
                 let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                     .timer(TokioTimer::new())

@@ -20,11 +20,14 @@ use tokio::{net::TcpListener, task::JoinSet};
 use tracing::Instrument;
 
 use crate::{
-    agents::{self, TokenReviewer, Unbound},
     api::{AgentApi, ApiMetrics},
+    auth::{self, TokenReviewer, Unbound},
+    credentials::{
+        CHAINED_MAX, Issuer, IssuerMetrics, LookupSettings, SessionScope, SessionSettings,
+    },
     events::KubeEvents,
     explain::ExplainArgs,
-    issue::{CHAINED_MAX, Issuer, IssuerMetrics, LookupSettings, SessionScope, SessionSettings},
+    feed::{Feed, FeedMetrics, FeedSettings},
     pods::{
         ClusterIndex,
         metrics::{IndexCollector, WatchMetrics},
@@ -172,6 +175,11 @@ struct ServeArgs {
     /// --ip-lookup-wait); more are answered "not found" at once, which SDKs retry.
     #[arg(long, env = "PODIAM_MAX_WAITING_LOOKUPS", default_value_t = 64)]
     max_waiting_lookups: usize,
+
+    /// How often the node feed sends an agent an update when nothing changed; an agent
+    /// that hears nothing for three intervals turns to another replica.
+    #[arg(long, env = "PODIAM_FEED_HEARTBEAT", default_value = "5s", value_parser = humantime::parse_duration)]
+    feed_heartbeat: Duration,
 
     /// At most one Kubernetes Event per pod and reason per this interval.
     #[arg(long, env = "PODIAM_EVENT_INTERVAL", default_value = "5m", value_parser = humantime::parse_duration)]
@@ -344,6 +352,7 @@ impl ServeArgs {
             watch_stale_after,
             ip_lookup_wait,
             max_waiting_lookups,
+            feed_heartbeat,
             event_interval,
             metrics_role_labels,
         } = self;
@@ -352,6 +361,9 @@ impl ServeArgs {
             bail!(
                 "--watch-stale-after must be at least 1s (a single watch error would make the index stale)"
             );
+        }
+        if feed_heartbeat < Duration::from_millis(100) || feed_heartbeat > Duration::from_secs(60) {
+            bail!("--feed-heartbeat must be between 100ms and 60s");
         }
         if max_waiting_lookups == 0 {
             bail!("--max-waiting-lookups must be at least 1");
@@ -417,6 +429,19 @@ impl ServeArgs {
             Arc::new(notifier),
         );
         let auth = binding.authenticator(client.clone())?;
+        let feed = Feed::new(
+            issuer.clone(),
+            index.clone(),
+            auth.clone(),
+            readiness.clone(),
+            FeedSettings {
+                heartbeat: feed_heartbeat,
+                fetches_per_node: 8,
+                retry_after: Duration::from_secs(15),
+            },
+            FeedMetrics::register(&registry)?,
+            shutdown.clone(),
+        );
         let api = AgentApi::new(
             issuer.clone(),
             auth,
@@ -448,7 +473,7 @@ impl ServeArgs {
         spawn(&mut tasks, "agent API", "api", {
             let shutdown = shutdown.clone();
             async move {
-                api.serve(api_listener, tls, shutdown).await;
+                api.serve(feed, api_listener, tls, shutdown).await;
                 Ok(())
             }
         });
@@ -602,7 +627,7 @@ impl StsArgs {
 // === impl BindingArgs ===
 
 impl BindingArgs {
-    fn authenticator(&self, client: kube::Client) -> anyhow::Result<Arc<dyn agents::Authenticate>> {
+    fn authenticator(&self, client: kube::Client) -> anyhow::Result<Arc<dyn auth::Authenticate>> {
         let BindingArgs {
             node_binding,
             agent_service_account,
@@ -613,7 +638,7 @@ impl BindingArgs {
             tracing::warn!(
                 "--node-binding=off: any agent with a valid client certificate may obtain credentials for pods on any node"
             );
-            return Ok(agents::shared(Unbound));
+            return Ok(auth::shared(Unbound));
         }
         let Some((namespace, name)) = agent_service_account
             .split_once('/')
@@ -621,7 +646,7 @@ impl BindingArgs {
         else {
             bail!("--agent-service-account must be NAMESPACE/NAME, got {agent_service_account:?}");
         };
-        Ok(agents::shared(TokenReviewer::new(
+        Ok(auth::shared(TokenReviewer::new(
             client,
             token_audience.clone(),
             namespace,

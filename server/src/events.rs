@@ -16,7 +16,7 @@ use prometheus::{IntCounterVec, Opts, Registry};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::{issue::Notifier, pods::PodInfo};
+use crate::{credentials::Notifier, pods::PodInfo};
 
 /// Publishes Events through the API server.
 pub struct KubeEvents {

@@ -7,12 +7,13 @@
 //! that pod and its namespace into an allowed role with session parameters, or a denial
 //! with a reason a human can act on.
 
-pub mod agents;
 pub mod api;
 pub mod args;
+pub mod auth;
+pub mod credentials;
 pub mod events;
 pub mod explain;
-pub mod issue;
+pub mod feed;
 pub mod pods;
 pub mod policy;
 pub mod sts;

@@ -12,7 +12,7 @@ use std::{
 };
 
 use base64::Engine;
-use podiam_server::agents::{AuthError, Authenticate, TokenReviewer};
+use podiam_server::auth::{AuthError, Authenticate, TokenReviewer};
 use podiam_tests::{kube_api::FakeKube, stack::agent_identity};
 
 /// A JWT-shaped token whose payload carries `exp` (the stand-in does not check signatures).

@@ -7,6 +7,7 @@ use http::{Method, Request};
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use podiam_common::feed;
 use rustls::{
     ClientConfig, RootCertStore,
     pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject},
@@ -45,17 +46,57 @@ pub fn tls_config(ca: &std::path::Path, client: Option<&Pair>) -> anyhow::Result
     Ok(config)
 }
 
+/// An HTTP/2 connection over TLS to `addr` as `localhost`, for request bodies `B`.
+pub async fn h2_connection<B>(
+    addr: SocketAddr,
+    config: ClientConfig,
+) -> anyhow::Result<http2::SendRequest<B>>
+where
+    B: hyper::body::Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let tcp = TcpStream::connect(addr).await?;
+    tcp.set_nodelay(true)?;
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tls = connector
+        .connect(ServerName::try_from("localhost")?, tcp)
+        .await?;
+    let (sender, conn) = http2::handshake(TokioExecutor::new(), TokioIo::new(tls)).await?;
+    tokio::spawn(conn);
+    Ok(sender)
+}
+
+/// Subscribes to the node feed at `addr` as an agent with `token`, naming `node` and
+/// holding `held`: the stream, or the server's refusal.
+pub async fn watch_feed(
+    addr: SocketAddr,
+    config: ClientConfig,
+    token: Option<&str>,
+    node: &str,
+    held: Vec<feed::Held>,
+) -> anyhow::Result<Result<tonic::Streaming<feed::NodeUpdate>, tonic::Status>> {
+    let channel = feed::Channel::new(h2_connection(addr, config).await?);
+    let mut request = tonic::Request::new(feed::WatchNode {
+        node: node.to_string(),
+        held,
+    });
+    if let Some(token) = token {
+        request
+            .metadata_mut()
+            .insert("authorization", format!("Bearer {token}").parse()?);
+    }
+    Ok(channel
+        .client()
+        .watch(request)
+        .await
+        .map(tonic::Response::into_inner))
+}
+
 impl ApiClient {
     /// Connects to `addr` as `localhost`; fails if the TLS handshake is refused.
     pub async fn connect(addr: SocketAddr, config: ClientConfig) -> anyhow::Result<Self> {
-        let tcp = TcpStream::connect(addr).await?;
-        tcp.set_nodelay(true)?;
-        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-        let tls = connector
-            .connect(ServerName::try_from("localhost")?, tcp)
-            .await?;
-        let (sender, conn) = http2::handshake(TokioExecutor::new(), TokioIo::new(tls)).await?;
-        tokio::spawn(conn);
+        let sender = h2_connection(addr, config).await?;
         let mut client = Self { sender };
         // With TLS 1.3 the server checks the client certificate after the client's side of
         // the handshake is done: a request is what shows whether it was accepted.

@@ -167,6 +167,11 @@ impl Process {
 
     /// Sends SIGTERM and waits for the exit, up to `timeout` (then kills).
     pub fn terminate(mut self, timeout: Duration) -> std::io::Result<ExitStatus> {
+        self.stop(timeout)
+    }
+
+    /// Like [`Process::terminate`], keeping the handle (its logs stay readable).
+    pub fn stop(&mut self, timeout: Duration) -> std::io::Result<ExitStatus> {
         let pid = Pid::from_raw(i32::try_from(self.child.id()).map_err(std::io::Error::other)?);
         signal::kill(pid, signal::Signal::SIGTERM).map_err(std::io::Error::other)?;
         let deadline = Instant::now() + timeout;

@@ -132,7 +132,21 @@ impl Sandbox {
     fn state(&self) -> State {
         State::load(&self.name).unwrap()
     }
+
+    /// A metric of the agent of `node` (the line's value, or 0).
+    fn agent_metric(&self, node: &str, line: &str) -> f64 {
+        let state = self.state();
+        let node = state.nodes.iter().find(|n| n.name == node).unwrap();
+        let admin = format!("{}:{}", node.ip, podiam_tests::sandbox::AGENT_ADMIN_PORT);
+        let (_, text) =
+            podiam_tests::netns::get(&node.netns, admin.parse().unwrap(), "/metrics").unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(line)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or(0.0)
+    }
 }
+
+const MOVED: &str = r#"podiam_agent_table_lookups_total{result="moved"}"#;
 
 const RAW: &str = r#"
 import urllib.request, urllib.error
@@ -468,9 +482,12 @@ fn a_pod_deleted_while_the_api_server_is_away_leaves_nothing_to_its_ip() {
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
     // Another namespace's pod takes the IP: it gets nothing, least of all the old role.
+    // The agent's table still names the old pod (no server has said it is gone), but the
+    // IP now lives behind a new veth: refused on the node.
     sb.apply_pod("analytics/next", "analytics-reader", &old.node, &old.ip);
     let raw = sb.raw("analytics/next");
     assert!(raw.contains("roles 503"), "{raw}");
+    assert!(sb.agent_metric(&old.node, MOVED) > 0.0);
     assert!(
         !raw.contains("payments-api") && !raw.contains(NODE_ROLE),
         "{raw}"
@@ -487,6 +504,98 @@ fn a_pod_deleted_while_the_api_server_is_away_leaves_nothing_to_its_ip() {
         assert!(std::time::Instant::now() < deadline, "{cli}");
         std::thread::sleep(std::time::Duration::from_millis(500));
     }
+}
+
+#[test]
+fn through_a_server_outage_known_pods_keep_their_credentials_and_nothing_else() {
+    if !root_or_skip("through_a_server_outage_known_pods_keep_their_credentials_and_nothing_else") {
+        return;
+    }
+    let sb = Sandbox::up(&example());
+    let old = sb.state().pod("payments/api").unwrap().clone();
+    assert!(sb.cli_identity("payments/api").contains("payments-api"));
+    assert!(
+        sb.cli_identity("analytics/etl")
+            .contains("analytics-etl-nightly")
+    );
+    // Load from a known pod across the whole outage.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let (name, stop) = (sb.name.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let (mut ok, mut failed) = (0u32, Vec::new());
+            while !stop.load(Ordering::SeqCst) {
+                let out = Command::new(BIN)
+                    .args([
+                        "--name",
+                        &name,
+                        "exec",
+                        "analytics/etl",
+                        "--",
+                        "python3",
+                        "-c",
+                        RAW,
+                    ])
+                    .output()
+                    .unwrap();
+                let raw = text(&out);
+                if raw.contains("creds (200") && raw.contains("analytics-etl-nightly") {
+                    ok += 1;
+                } else {
+                    failed.push(raw);
+                }
+            }
+            (ok, failed)
+        })
+    };
+
+    sb.ok(&["server", "stop"]);
+    assert!(sb.ok(&["status"]).contains("podiam-server stopped"));
+    // Known pods keep their credentials, through their real SDKs.
+    let cli = sb.cli_identity("payments/api");
+    assert!(cli.contains("assumed-role/payments-api/"), "{cli}");
+    // A pod no server has told the agent of: 503, which SDKs retry.
+    let fresh_ip = format!("{}.200", old.ip.rsplit_once('.').unwrap().0);
+    sb.apply_pod("payments/fresh", "payments-fresh", &old.node, &fresh_ip);
+    let raw = sb.raw("payments/fresh");
+    assert!(raw.contains("roles 503"), "{raw}");
+    // A new pod on a reused IP during the outage: refused on the node, by its interface.
+    sb.ok(&["delete", "payments/api"]);
+    let moved = sb.agent_metric(&old.node, MOVED);
+    sb.apply_pod("payments/reports", "payments-reports", &old.node, &old.ip);
+    let raw = sb.raw("payments/reports");
+    assert!(raw.contains("roles 503"), "{raw}");
+    assert!(
+        !raw.contains("payments-api") && !raw.contains(NODE_ROLE),
+        "{raw}"
+    );
+    assert!(sb.agent_metric(&old.node, MOVED) > moved);
+
+    sb.ok(&["server", "start"]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let cli = sb.cli_identity("payments/reports");
+        if cli.contains("assumed-role/payments-reports/") {
+            break;
+        }
+        assert!(!cli.contains("payments-api"), "{cli}");
+        assert!(std::time::Instant::now() < deadline, "{cli}");
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+    assert!(
+        sb.cli_identity("payments/fresh")
+            .contains("assumed-role/payments-fresh/")
+    );
+    stop.store(true, Ordering::SeqCst);
+    let (ok, failed) = load.join().unwrap();
+    assert!(ok > 3, "only {ok} requests under load");
+    assert!(
+        failed.is_empty(),
+        "{} of {} failed: {:?}",
+        failed.len(),
+        ok as usize + failed.len(),
+        failed.first()
+    );
 }
 
 #[test]

@@ -29,19 +29,20 @@ use hyper_util::{
     rt::{TokioIo, TokioTimer},
     server::graceful::GracefulShutdown,
 };
+use podiam_common::arn::RoleArn;
 use podiam_common::net::canonical;
 use podiam_common::protocol::{
-    CREDENTIALS_PATH, CredentialsRequest, CredentialsResponse, ErrorCode, ROLE_PATH, RoleRequest,
-    RoleResponse,
+    CREDENTIALS_PATH, CredentialsRequest, CredentialsResponse, ErrorBody, ErrorCode, ROLE_PATH,
+    RoleRequest, RoleResponse,
 };
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
-use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
     proxy::MetadataProxy,
-    upstream::{Servers, UpstreamError},
+    servers::{ServerError, Servers},
+    table::{Decided, Lookup, NodeTable, Served},
 };
 
 pub mod path;
@@ -74,16 +75,45 @@ struct Inner {
     key: TokenKey,
     require_v2: bool,
     servers: Servers,
+    /// The node table from the feed (`None`: every request asks a server).
+    table: Option<NodeTable>,
+    /// How long a request from an IP the table does not know yet waits for the feed.
+    table_wait: Duration,
     proxy: MetadataProxy,
     metrics: ImdsMetrics,
+}
+
+/// How the endpoint answers.
+#[derive(Debug)]
+pub struct ImdsConfig {
+    /// The node's own addresses (callers from them are no pod and are answered at once).
+    pub node_ips: Vec<IpAddr>,
+    /// `--pod-sources` (empty: all).
+    pub pod_sources: Vec<ipnet::IpNet>,
+    /// The key IMDSv2 tokens are minted with.
+    pub key: TokenKey,
+    /// Refuse IMDSv1.
+    pub require_v2: bool,
+    /// The node table (`None`: every credential request asks a server).
+    pub table: Option<NodeTable>,
+    /// How long a request from an IP the table does not know yet waits for the feed.
+    pub table_wait: Duration,
+    /// Metrics.
+    pub metrics: ImdsMetrics,
 }
 
 /// Requests by route and status, latency by route.
 #[derive(Clone, Debug)]
 pub struct ImdsMetrics {
     requests: IntCounterVec,
-    latency: HistogramVec,
     refused: IntCounterVec,
+    /// `podiam_agent_credentials_answered_total` by source.
+    from_table: prometheus::IntCounter,
+    from_server: prometheus::IntCounter,
+    /// Per route (by [`Route::index`]): the 200 counter and the latency histogram, looked
+    /// up once rather than per request.
+    ok: Vec<prometheus::IntCounter>,
+    latency_of: Vec<prometheus::Histogram>,
 }
 
 /// What a request asks for, once its path is normal.
@@ -96,36 +126,21 @@ enum Route {
     Refused,
 }
 
-/// The metadata service's credential document.
-#[derive(Serialize)]
-#[serde(rename_all = "PascalCase")]
-struct CredentialDocument<'a> {
-    code: &'static str,
-    last_updated: String,
-    #[serde(rename = "Type")]
-    kind: &'static str,
-    access_key_id: &'a str,
-    secret_access_key: &'a str,
-    token: &'a str,
-    expiration: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    account_id: Option<&'a str>,
-}
-
 // === impl Imds ===
 
 impl Imds {
     /// The endpoint, minting tokens with `key`; `node_ips` are the node's own addresses
     /// (callers from them are no pod and are answered at once).
-    pub fn new(
-        node_ips: Vec<IpAddr>,
-        pod_sources: Vec<ipnet::IpNet>,
-        key: TokenKey,
-        require_v2: bool,
-        servers: Servers,
-        proxy: MetadataProxy,
-        metrics: ImdsMetrics,
-    ) -> Self {
+    pub fn new(config: ImdsConfig, servers: Servers, proxy: MetadataProxy) -> Self {
+        let ImdsConfig {
+            node_ips,
+            pod_sources,
+            key,
+            require_v2,
+            table,
+            table_wait,
+            metrics,
+        } = config;
         Self {
             inner: Arc::new(Inner {
                 node_ips: node_ips.into_iter().map(canonical).collect(),
@@ -133,6 +148,8 @@ impl Imds {
                 key,
                 require_v2,
                 servers,
+                table,
+                table_wait,
                 proxy,
                 metrics,
             }),
@@ -205,13 +222,9 @@ impl Imds {
         if head {
             *rsp.body_mut() = Full::new(Bytes::new());
         }
-        let m = &self.inner.metrics;
-        m.requests
-            .with_label_values(&[route.as_str(), rsp.status().as_str()])
-            .inc();
-        m.latency
-            .with_label_values(&[route.as_str()])
-            .observe(started.elapsed().as_secs_f64());
+        self.inner
+            .metrics
+            .count(route, rsp.status(), started.elapsed());
         tracing::debug!(%ip, route = route.as_str(), status = rsp.status().as_u16(), "imds");
         rsp
     }
@@ -338,6 +351,11 @@ impl Imds {
     }
 
     async fn role_list(&self, ip: IpAddr) -> Response<Full<Bytes>> {
+        match self.table_answer(ip).await {
+            Warm::Allowed { role, .. } => return text(StatusCode::OK, role.name()),
+            Warm::Refuse(rsp) => return rsp,
+            Warm::Ask(_) => {}
+        }
         let request = RoleRequest { ip };
         match self
             .inner
@@ -351,6 +369,25 @@ impl Imds {
     }
 
     async fn credentials(&self, ip: IpAddr, role: &str, extended: bool) -> Response<Full<Bytes>> {
+        let held = match self.table_answer(ip).await {
+            Warm::Allowed { role: arn, served } => {
+                if !arn.answers_to(role) {
+                    return text(StatusCode::NOT_FOUND, "not found");
+                }
+                if let Some(served) = served {
+                    self.inner.metrics.from_table.inc();
+                    let doc = if extended {
+                        &served.extended
+                    } else {
+                        &served.document
+                    };
+                    return document(doc.clone());
+                }
+                None
+            }
+            Warm::Refuse(rsp) => return rsp,
+            Warm::Ask(held) => held,
+        };
         let request = CredentialsRequest {
             ip,
             role: Some(role.to_string()),
@@ -362,22 +399,52 @@ impl Imds {
             .await
         {
             Ok(rsp) => rsp,
+            Err(ServerError::Unavailable(reason)) => {
+                let error = match held {
+                    // No server: a pod the table denied is told so, as a server would.
+                    Some(body) => ServerError::Refused(body),
+                    None => ServerError::Unavailable(reason),
+                };
+                return refused(ip, &error);
+            }
             Err(error) => return refused(ip, &error),
         };
-        let c = &rsp.credentials;
-        let doc = CredentialDocument {
-            code: "Success",
-            last_updated: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
-            kind: "AWS-HMAC",
-            access_key_id: &c.access_key_id,
-            secret_access_key: c.secret_access_key.expose(),
-            token: c.session_token.expose(),
-            expiration: humantime::format_rfc3339_seconds(c.expiration).to_string(),
-            account_id: extended.then(|| rsp.role_arn.account()),
+        self.inner.metrics.from_server.inc();
+        let served = Served::build(&rsp.role_arn, &rsp.credentials);
+        document(if extended {
+            served.extended
+        } else {
+            served.document
+        })
+    }
+
+    /// What the node table says of `ip`: warm credentials, a refusal, or ask a server.
+    async fn table_answer(&self, ip: IpAddr) -> Warm {
+        let Some(table) = &self.inner.table else {
+            return Warm::Ask(None);
         };
-        match serde_json::to_string_pretty(&doc) {
-            Ok(body) => text(StatusCode::OK, &body),
-            Err(_) => text(StatusCode::INTERNAL_SERVER_ERROR, "internal error"),
+        match table.lookup(ip, self.inner.table_wait).await {
+            Lookup::Found(entry) => match &entry.decision {
+                Decided::Allowed { role, credentials } => Warm::Allowed {
+                    role: role.clone(),
+                    served: credentials
+                        .as_ref()
+                        .filter(|s| s.fresh(SystemTime::now(), MIN_REMAINING))
+                        .cloned(),
+                },
+                Decided::Denied(body) => Warm::Ask(Some(body.clone())),
+            },
+            Lookup::Moved { pod } => {
+                // A new pod on a reused IP, before the feed says the old one is gone: never
+                // the old pod's credentials, and not the server's either (its index may
+                // lag the same way).
+                tracing::info!(%ip, %pod, "request from an IP that now lives behind another interface than its pod's; refused");
+                Warm::Refuse(text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "credentials temporarily unavailable",
+                ))
+            }
+            Lookup::Unknown | Lookup::Ambiguous => Warm::Ask(None),
         }
     }
 
@@ -406,6 +473,23 @@ impl Imds {
     }
 }
 
+/// Credentials with less left than this are never handed to a pod (SDKs refresh 5 to 15
+/// minutes before expiry; less would make them refresh at once).
+pub const MIN_REMAINING: Duration = Duration::from_secs(15 * 60);
+
+/// The table's answer for a request.
+enum Warm {
+    /// The pod's role, and its credentials when the table holds fresh ones.
+    Allowed {
+        role: RoleArn,
+        served: Option<Served>,
+    },
+    /// Refused on the node.
+    Refuse(Response<Full<Bytes>>),
+    /// Ask a server; with the table's denial to answer if none does.
+    Ask(Option<ErrorBody>),
+}
+
 /// What a pod is told when policy denies it credentials.
 const FORBIDDEN_BODY: &str = "forbidden: this pod may not have AWS credentials from podiam; \
      its Warning Events (kubectl describe pod) say why, and `podiam-server explain` shows the decision";
@@ -414,8 +498,8 @@ const CONFLICT_BODY: &str = "conflict: this pod's IP address does not identify o
      retry shortly, and ask the cluster operator if it persists";
 
 /// The one place server refusals become metadata-service answers.
-fn refused(ip: IpAddr, error: &UpstreamError) -> Response<Full<Bytes>> {
-    let UpstreamError::Refused(body) = error else {
+fn refused(ip: IpAddr, error: &ServerError) -> Response<Full<Bytes>> {
+    let ServerError::Refused(body) = error else {
         tracing::warn!(%ip, %error, "no podiam server answered");
         return text(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -453,6 +537,13 @@ fn refused(ip: IpAddr, error: &UpstreamError) -> Response<Full<Bytes>> {
     }
 }
 
+fn document(body: Bytes) -> Response<Full<Bytes>> {
+    let mut rsp = Response::new(Full::new(body));
+    rsp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    rsp
+}
+
 fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
     let mut rsp = Response::new(Full::new(Bytes::from(body.to_string())));
     *rsp.status_mut() = status;
@@ -481,6 +572,29 @@ impl Route {
             ["meta-data", "iam", CREDENTIALS, _] => Route::Credentials { extended: false },
             ["meta-data", "iam", CREDENTIALS_EXTENDED, _] => Route::Credentials { extended: true },
             _ => Route::Proxy,
+        }
+    }
+
+    /// Every route, in [`Route::index`] order.
+    const ALL: [Route; 7] = [
+        Route::Token,
+        Route::RoleList { extended: false },
+        Route::RoleList { extended: true },
+        Route::Credentials { extended: false },
+        Route::Credentials { extended: true },
+        Route::Proxy,
+        Route::Refused,
+    ];
+
+    fn index(self) -> usize {
+        match self {
+            Route::Token => 0,
+            Route::RoleList { extended: false } => 1,
+            Route::RoleList { extended: true } => 2,
+            Route::Credentials { extended: false } => 3,
+            Route::Credentials { extended: true } => 4,
+            Route::Proxy => 5,
+            Route::Refused => 6,
         }
     }
 
@@ -529,12 +643,46 @@ impl ImdsMetrics {
         )?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(latency.clone()))?;
+        let answered = IntCounterVec::new(
+            Opts::new(
+                "podiam_agent_credentials_answered_total",
+                "Credential documents handed to pods, by source (table: from the node feed, \
+                 no network call; server: a per-request call)",
+            ),
+            &["source"],
+        )?;
         registry.register(Box::new(refused.clone()))?;
+        registry.register(Box::new(answered.clone()))?;
+        let ok = Route::ALL
+            .iter()
+            .map(|r| requests.with_label_values(&[r.as_str(), "200"]))
+            .collect();
+        let latency_of = Route::ALL
+            .iter()
+            .map(|r| latency.with_label_values(&[r.as_str()]))
+            .collect();
         Ok(Self {
             requests,
-            latency,
             refused,
+            from_table: answered.with_label_values(&["table"]),
+            from_server: answered.with_label_values(&["server"]),
+            ok,
+            latency_of,
         })
+    }
+
+    fn count(&self, route: Route, status: StatusCode, took: Duration) {
+        let i = route.index();
+        match self.ok.get(i) {
+            Some(ok) if status == StatusCode::OK => ok.inc(),
+            _ => self
+                .requests
+                .with_label_values(&[route.as_str(), status.as_str()])
+                .inc(),
+        }
+        if let Some(h) = self.latency_of.get(i) {
+            h.observe(took.as_secs_f64());
+        }
     }
 
     /// The refusal counter, shared with the interception's kernel counters.

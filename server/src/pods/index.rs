@@ -103,6 +103,10 @@ pub enum IpLookup {
 pub struct PodIndex {
     pods: HashMap<PodKey, Arc<PodInfo>>,
     by_ip: HashMap<IpAddr, Claims>,
+    /// Pods by `spec.nodeName`, for the node feeds.
+    by_node: HashMap<Arc<str>, HashSet<PodKey>>,
+    /// Nodes whose pods changed since the last [`PodIndex::take_changed_nodes`].
+    changed_nodes: HashSet<Arc<str>>,
     /// IPs with more than one claimant.
     collisions: usize,
     strings: Interner,
@@ -297,13 +301,15 @@ impl PodIndex {
             strings.intern_opt(value);
         }
         let pod = Arc::new(pod);
-        if let Some(old) = self.pods.insert(pod.key.clone(), pod.clone())
-            && old.claims_ips()
-        {
-            for ip in old.ips.iter() {
-                self.unclaim(ip, &old.key);
+        if let Some(old) = self.pods.insert(pod.key.clone(), pod.clone()) {
+            if old.claims_ips() {
+                for ip in old.ips.iter() {
+                    self.unclaim(ip, &old.key);
+                }
             }
+            self.unplace(&old);
         }
+        self.place(&pod);
         if pod.claims_ips() {
             for ip in pod.ips.iter() {
                 self.claim(ip, &pod.key);
@@ -317,6 +323,7 @@ impl PodIndex {
         let Some(old) = self.pods.remove(key) else {
             return false;
         };
+        self.unplace(&old);
         if old.claims_ips() {
             for ip in old.ips.iter() {
                 self.unclaim(ip, &old.key);
@@ -354,6 +361,45 @@ impl PodIndex {
                 None => IpLookup::NotFound,
             },
             Some(Claims::Many(keys)) => IpLookup::Ambiguous(keys.clone()),
+        }
+    }
+
+    /// The pods scheduled to `node` (live or not).
+    pub fn on_node(&self, node: &str) -> Vec<Arc<PodInfo>> {
+        self.by_node
+            .get(node)
+            .map(|keys| {
+                keys.iter()
+                    .filter_map(|k| self.pods.get(k).cloned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// The nodes whose pods changed since the last call.
+    pub fn take_changed_nodes(&mut self) -> HashSet<Arc<str>> {
+        std::mem::take(&mut self.changed_nodes)
+    }
+
+    fn place(&mut self, pod: &PodInfo) {
+        if let Some(node) = &pod.node_name {
+            self.by_node
+                .entry(node.clone())
+                .or_default()
+                .insert(pod.key.clone());
+            self.changed_nodes.insert(node.clone());
+        }
+    }
+
+    fn unplace(&mut self, pod: &PodInfo) {
+        if let Some(node) = &pod.node_name {
+            if let Some(keys) = self.by_node.get_mut(node) {
+                keys.remove(&pod.key);
+                if keys.is_empty() {
+                    self.by_node.remove(node);
+                }
+            }
+            self.changed_nodes.insert(node.clone());
         }
     }
 

@@ -7,9 +7,9 @@
 //! a watch channel, so a lookup that misses can wait for the index to change instead of
 //! polling. Only [`watch`] and [`resources`] know about Kubernetes clients.
 
-use std::{net::IpAddr, sync::Arc, time::Duration};
+use std::{collections::HashMap, net::IpAddr, sync::Arc, time::Duration};
 
-use parking_lot::{RwLock, RwLockReadGuard};
+use parking_lot::{Mutex, RwLock, RwLockReadGuard};
 use podiam_common::arn::BaseRoleArn;
 use tokio::{sync::watch as signal, time::Instant};
 
@@ -35,6 +35,9 @@ struct Inner {
     pods: RwLock<PodIndex>,
     namespaces: RwLock<NamespaceIndex>,
     changed: signal::Sender<()>,
+    /// One signal per node with a feed subscribed: bumped when that node's pods change,
+    /// and for every node when a namespace changes.
+    nodes: Mutex<HashMap<Arc<str>, signal::Sender<()>>>,
 }
 
 // === impl ClusterIndex ===
@@ -48,21 +51,55 @@ impl ClusterIndex {
                 pods: RwLock::new(PodIndex::default()),
                 namespaces: RwLock::new(NamespaceIndex::new(base)),
                 changed,
+                nodes: Mutex::new(HashMap::new()),
             }),
         }
     }
 
     /// Changes the pod index, then wakes every waiting lookup.
     pub fn update_pods<R>(&self, f: impl FnOnce(&mut PodIndex) -> R) -> R {
-        let r = f(&mut self.inner.pods.write());
+        let (r, nodes) = {
+            let mut pods = self.inner.pods.write();
+            let r = f(&mut pods);
+            (r, pods.take_changed_nodes())
+        };
         self.inner.changed.send_replace(());
+        if !nodes.is_empty() {
+            let mut signals = self.inner.nodes.lock();
+            for node in nodes {
+                if let Some(signal) = signals.get(&node)
+                    && signal.send(()).is_err()
+                {
+                    // Nobody subscribed any more.
+                    signals.remove(&node);
+                }
+            }
+        }
         r
+    }
+
+    /// A signal that fires whenever the pods on `node` (or any namespace) change.
+    pub fn watch_node(&self, node: &Arc<str>) -> signal::Receiver<()> {
+        let mut signals = self.inner.nodes.lock();
+        match signals.get(node) {
+            Some(signal) => signal.subscribe(),
+            None => {
+                let (signal, rx) = signal::channel(());
+                signals.insert(node.clone(), signal);
+                rx
+            }
+        }
     }
 
     /// Changes the namespace index, then wakes every waiting lookup.
     pub fn update_namespaces<R>(&self, f: impl FnOnce(&mut NamespaceIndex) -> R) -> R {
         let r = f(&mut self.inner.namespaces.write());
         self.inner.changed.send_replace(());
+        // A policy may change the decision of any pod on any node.
+        self.inner
+            .nodes
+            .lock()
+            .retain(|_, signal| signal.send(()).is_ok());
         r
     }
 

@@ -33,7 +33,7 @@ use futures::{
 use parking_lot::Mutex;
 use podiam_common::{arn::RoleArn, protocol::Credentials};
 use rand::Rng;
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{Semaphore, broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 
 pub mod aws;
@@ -126,6 +126,8 @@ struct Inner {
     failures: moka::sync::Cache<SessionKey, Failure>,
     inflight: Mutex<HashMap<SessionKey, Fetch>>,
     prefetch: mpsc::Sender<SessionKey>,
+    /// Every key fetched successfully (first fetch or refresh), for the node feeds.
+    fetched: broadcast::Sender<SessionKey>,
     metrics: BrokerMetrics,
     shutdown: CancellationToken,
 }
@@ -147,6 +149,8 @@ struct Failure {
     error: StsError,
 }
 
+/// How many fetched keys a node feed may fall behind before it looks at all of its keys.
+const FETCHED_BACKLOG: usize = 4096;
 /// Longest wait between refresh retries.
 const MAX_RETRY_BACKOFF: Duration = Duration::from_secs(120);
 /// First wait between refresh retries.
@@ -215,6 +219,7 @@ impl Broker {
                 failures,
                 inflight: Mutex::new(HashMap::new()),
                 prefetch,
+                fetched: broadcast::channel(FETCHED_BACKLOG).0,
                 metrics,
                 shutdown,
                 config,
@@ -281,6 +286,20 @@ impl Broker {
     pub fn sessions(&self) -> u64 {
         self.inner.cache.run_pending_tasks();
         self.inner.cache.entry_count()
+    }
+
+    /// Every key fetched from now on (first fetch or refresh). A receiver that falls
+    /// more than a few thousand keys behind is told it lagged and must look at all of
+    /// its keys again.
+    pub fn subscribe(&self) -> broadcast::Receiver<SessionKey> {
+        self.inner.fetched.subscribe()
+    }
+
+    /// Cached credentials for `key` with enough life left, marked as used (so they are
+    /// refreshed), without fetching and without counting a cache hit: for the node feeds,
+    /// which hand them to agents.
+    pub fn held(&self, key: &SessionKey) -> Option<Credentials> {
+        self.cached(key)
     }
 
     /// Cached credentials for `key` with enough life left, marked as used.
@@ -369,6 +388,8 @@ impl Broker {
                 inner.cache.insert(key.clone(), entry.clone());
                 inner.failures.invalidate(&key);
                 tokio::spawn(self.clone().refresh_later(key.clone(), entry));
+                // Nobody listening is fine: no agent is subscribed.
+                let _ = inner.fetched.send(key.clone());
             }
             Err(error) => {
                 inner.metrics.calls.with_label_values(&["error"]).inc();

@@ -36,7 +36,7 @@ use podiam_tests::{
     kube_api::{FakeKube, Kind},
     objects::{namespace, pod},
     process::Process,
-    stack::{ServerStack, agent_command, agent_identity},
+    stack::{self, ServerStack, agent_command, agent_identity},
 };
 use serde_json::{Value, json};
 
@@ -384,8 +384,8 @@ async fn agent(
         &token_file,
     );
     cmd.args(["--log-level", "warn,podiam_agent=info"]);
-    // Loopback callers stand for pods.
-    cmd.args(["--pod-sources", "127.0.0.0/8"]);
+    // Loopback callers stand for pods; their addresses live behind no veth to bind to.
+    cmd.args(["--pod-sources", "127.0.0.0/8", "--interface-binding", "off"]);
     let agent =
         tokio::task::spawn_blocking(move || Process::spawn_announcing(cmd, &["metadata endpoint"]))
             .await??;
@@ -404,17 +404,28 @@ async fn agent(
     .await?
     .body;
     let path = "/latest/meta-data/iam/security-credentials/web";
-    let warm = imds_client::request(
-        from,
-        imds,
-        ::http::Method::GET,
-        path,
-        &[("x-aws-ec2-metadata-token", &token)],
-    )
-    .await?;
-    if warm.status != 200 {
-        bail!("warm-up request failed: {} {}", warm.status, warm.body);
-    }
+    // Warm: until the agent answers from its node table (the feed has the credentials).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let warm = loop {
+        let warm = imds_client::request(
+            from,
+            imds,
+            ::http::Method::GET,
+            path,
+            &[("x-aws-ec2-metadata-token", &token)],
+        )
+        .await?;
+        if warm.status != 200 {
+            bail!("warm-up request failed: {} {}", warm.status, warm.body);
+        }
+        if stack::metric(agent.admin, TABLE_ANSWERS).await > 0.0 {
+            break warm;
+        }
+        if Instant::now() > deadline {
+            bail!("the agent never answered from its node table (is the feed up?)");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     // The floor answers the very bytes the agent answered, from its own process.
     let body_file = stack.dir.path().join("floor-body");
     std::fs::write(&body_file, &warm.body)?;
@@ -442,6 +453,8 @@ async fn agent(
         stack.server.rss_kib().unwrap_or(0) as f64 / 1024.0,
         warm.body.len(),
     );
+    let server_calls = stack.metric(SERVER_CREDENTIALS).await;
+    let table_before = stack::metric(agent.admin, TABLE_ANSWERS).await;
     println!("\n{runs} rounds of {duration:?} per level, floor then agent; medians (min-max)\n");
     println!(
         "| mode | clients | floor req/s | agent req/s | agent / floor | floor p99 | agent p50 | agent p99 | agent p99.9 | agent RSS | agent CPU | server CPU |"
@@ -497,9 +510,17 @@ async fn agent(
             );
         }
     }
+    println!(
+        "\nanswered from the node table: {:.0}; credential requests the server answered meanwhile: {:.0}",
+        stack::metric(agent.admin, TABLE_ANSWERS).await - table_before,
+        stack.metric(SERVER_CREDENTIALS).await - server_calls,
+    );
     drop(floor);
     Ok(())
 }
+
+const TABLE_ANSWERS: &str = r#"podiam_agent_credentials_answered_total{source="table"}"#;
+const SERVER_CREDENTIALS: &str = r#"podiam_api_requests_total{endpoint="credentials",result="ok"}"#;
 
 /// One level's numbers.
 struct Load {

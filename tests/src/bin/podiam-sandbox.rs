@@ -8,6 +8,7 @@
 //! podiam-sandbox exec payments/api -- aws sts get-caller-identity
 //! podiam-sandbox status
 //! podiam-sandbox agent stop|start node-a
+//! podiam-sandbox server stop|start
 //! podiam-sandbox apply more.yaml | delete payments/api
 //! podiam-sandbox down
 //! ```
@@ -79,6 +80,12 @@ enum Cmd {
         /// The node.
         node: String,
     },
+    /// Stop or start podiam-server (the only replica): while it is stopped, agents keep
+    /// serving the credentials they hold and new pods get 503.
+    Server {
+        /// What to do.
+        action: Action,
+    },
     /// Stop or start the stand-in API server's answers: stopped, it refuses every list
     /// and watch (as when unreachable), and podiam-server stops answering from its stale
     /// index after --watch-stale-after.
@@ -132,6 +139,12 @@ fn main() -> ExitCode {
             &match action {
                 Action::Stop => Request::AgentStop { node },
                 Action::Start => Request::AgentStart { node },
+            },
+        ),
+        Cmd::Server { action } => control(
+            &cli.name,
+            &Request::Server {
+                up: matches!(action, Action::Start),
             },
         ),
         Cmd::Api { action } => control(
@@ -351,7 +364,7 @@ fn start_supervisor(name: &str, file: &Path, dir: &Path, started: Instant) -> an
         );
     }
     println!(
-        "(checked in {:.1} s)\n\nTry: {me} exec {pod} -- aws sts get-caller-identity\n     {me} explain {pod}\n     {me} status | agent stop NODE | api stop | down",
+        "(checked in {:.1} s)\n\nTry: {me} exec {pod} -- aws sts get-caller-identity\n     {me} explain {pod}\n     {me} status | agent stop NODE | server stop | api stop | down",
         checking.elapsed().as_secs_f64(),
         me = me(name),
         pod = state

@@ -146,6 +146,11 @@ pub enum Request {
         /// `NAMESPACE/NAME`.
         pod: String,
     },
+    /// Stop podiam-server (SIGTERM; `up: false`) or start it again on the same ports.
+    Server {
+        /// Whether it runs.
+        up: bool,
+    },
     /// Make the stand-in API server refuse every read and cut its watches (`up: false`,
     /// as when it is unreachable), or answer again.
     Api {

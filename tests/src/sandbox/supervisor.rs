@@ -191,7 +191,13 @@ impl Supervisor {
             .env("AWS_SECRET_ACCESS_KEY", "sandbox")
             .env("AWS_EC2_METADATA_DISABLED", "true")
             .args(["--listen", &format!("{CTL_IP}:{SERVER_PORT}")])
-            .args(["--admin-addr", "127.0.0.1:0", "--log-format", "json"])
+            // The same admin port across restarts, so that Prometheus keeps its target.
+            .args([
+                "--admin-addr",
+                self.state.server_admin.as_deref().unwrap_or("127.0.0.1:0"),
+                "--log-format",
+                "json",
+            ])
             .args(["--base-role-arn", &format!("arn:aws:iam::{ACCOUNT}:role/")])
             // Shorter than the default 60 s, so that `api stop` shows its effect soon.
             .args(["--watch-stale-after", "5s"])
@@ -587,6 +593,23 @@ impl Supervisor {
                 }
                 self.unwire(namespace, name)?;
                 Ok(format!("pod {pod} deleted"))
+            }
+            Request::Server { up: false } => {
+                let Some(server) = self.server.take() else {
+                    bail!("podiam-server is not running");
+                };
+                tokio::task::spawn_blocking(move || server.terminate(Duration::from_secs(15)))
+                    .await??;
+                self.state.server_pid = None;
+                self.state.save()?;
+                Ok("podiam-server stopped: agents serve the credentials they hold (15 min left at least) and nothing else".into())
+            }
+            Request::Server { up: true } => {
+                if self.server.is_some() {
+                    bail!("podiam-server is already running");
+                }
+                self.start_server().await?;
+                Ok("podiam-server is ready".into())
             }
             Request::Api { up: false } => {
                 self.kube

@@ -10,7 +10,11 @@ use std::{collections::HashMap, fmt, net::IpAddr, sync::Arc, time::Duration};
 
 use parking_lot::Mutex;
 
-use podiam_common::{arn::RoleArn, protocol::Credentials, protocol::ErrorCode};
+use podiam_common::{
+    arn::RoleArn,
+    feed::{self, PodState},
+    protocol::{Credentials, ErrorCode},
+};
 
 use crate::{
     pods::{ClusterIndex, IpLookup, PodInfo, PodKey},
@@ -249,7 +253,7 @@ impl Issuer {
     ) -> Result<Issued, IssueError> {
         let (pod, grant) = self.role(ip, caller).await?;
         if let Some(requested) = requested.map(str::trim).filter(|r| !r.is_empty())
-            && !is_role(requested, &grant.role_arn)
+            && !grant.role_arn.answers_to(requested)
         {
             // Probing for another role: refused like an unknown role, without saying more.
             return Err(IssueError::RoleMismatch {
@@ -422,6 +426,55 @@ impl Issuer {
         }
     }
 
+    /// What the node feed tells an agent of `pod`, credentials aside, and the session
+    /// to hand it when it may have one. Records no Event and no metric: an agent asks per
+    /// request for a denied pod, and that request records them.
+    pub fn feed_state(&self, pod: &PodInfo) -> (PodState, Option<(RoleArn, SessionKey)>) {
+        let mut state = PodState {
+            uid: pod.uid.map(|u| u.to_string()).unwrap_or_default(),
+            namespace: pod.key.namespace.to_string(),
+            name: pod.key.name.to_string(),
+            ips: pod.ips.iter().map(|ip| ip.to_string()).collect(),
+            ..PodState::default()
+        };
+        let namespace = self.inner.index.namespace(&pod.key.namespace);
+        match Decision::for_pod(pod, namespace.as_deref(), &self.inner.policy) {
+            Decision::Allowed(grant) => {
+                let key = self.session_key(pod, &grant);
+                state.role_arn = grant.role_arn.to_string();
+                (state, Some((grant.role_arn, key)))
+            }
+            Decision::Denied(denial) => {
+                state.denial = Some(feed::Denial::new(
+                    ErrorCode::Forbidden,
+                    format!("pod {}: {denial}", pod.key),
+                ));
+                (state, None)
+            }
+        }
+    }
+
+    /// The broker's credentials for `key` if it holds them with enough life left
+    /// (marked as used, so that they are refreshed); no STS call.
+    pub fn held_credentials(&self, key: &SessionKey) -> Option<Credentials> {
+        self.inner.broker.held(key)
+    }
+
+    /// Credentials for `key`, fetched if the broker does not hold them.
+    pub async fn fetch_credentials(&self, key: &SessionKey) -> Result<Credentials, StsError> {
+        self.inner.broker.credentials(key).await
+    }
+
+    /// Every session key the broker fetches from now on.
+    pub fn fetched(&self) -> tokio::sync::broadcast::Receiver<SessionKey> {
+        self.inner.broker.subscribe()
+    }
+
+    /// Writes the audit line for credentials handed out for `pod` (once per key).
+    pub fn audit_feed(&self, pod: &PodInfo, role: &RoleArn, credentials: &Credentials) {
+        self.audit(pod, role, credentials);
+    }
+
     /// The session for `pod` under `grant`.
     pub fn session_key(&self, pod: &PodInfo, grant: &Grant) -> SessionKey {
         let settings = &self.inner.sessions;
@@ -517,10 +570,6 @@ impl Drop for WaitingSlot {
 
 /// Whether what the pod asked for names `role`: the full ARN, or the role's name as it
 /// appears in the metadata URL.
-fn is_role(requested: &str, role: &RoleArn) -> bool {
-    requested == role.as_str() || requested == role.name()
-}
-
 /// `podiam-ROLE` for a session shared by every pod of the role (see [`sts_name`]).
 pub fn role_session_name(role: &RoleArn) -> Arc<str> {
     sts_name(&format!("podiam-{}", role.name()))
@@ -604,10 +653,10 @@ mod tests {
     #[test]
     fn requested_role_by_name_or_arn() {
         let role = RoleArn::parse("arn:aws:iam::123456789012:role/team/web").unwrap();
-        assert!(is_role("web", &role));
-        assert!(is_role("arn:aws:iam::123456789012:role/team/web", &role));
-        assert!(!is_role("admin", &role));
-        assert!(!is_role("team/web", &role));
-        assert!(!is_role("arn:aws:iam::123456789012:role/web", &role));
+        assert!(role.answers_to("web"));
+        assert!(role.answers_to("arn:aws:iam::123456789012:role/team/web"));
+        assert!(!role.answers_to("admin"));
+        assert!(!role.answers_to("team/web"));
+        assert!(!role.answers_to("arn:aws:iam::123456789012:role/web"));
     }
 }

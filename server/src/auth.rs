@@ -32,7 +32,7 @@ use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
 use kube::{Api, Client, api::PostParams};
 use parking_lot::Mutex;
 
-use crate::issue::Caller;
+use crate::credentials::Caller;
 
 /// How long a token accepted by a TokenReview is still accepted while TokenReviews fail
 /// (bounded by the token's own expiry).

@@ -26,6 +26,7 @@ use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use parking_lot::Mutex;
 use podiam_common::{
+    feed,
     protocol::{ErrorBody, ErrorCode, HEALTH_PATH},
     readiness::Gate,
     secret::Secret,
@@ -39,7 +40,7 @@ use tokio_util::sync::CancellationToken;
 
 /// How the agent reaches the servers.
 #[derive(Clone, Debug)]
-pub struct UpstreamSettings {
+pub struct ServerSettings {
     /// `HOST:PORT[,HOST:PORT...]`; each HOST is resolved to every address it has.
     pub address: String,
     /// The name the servers' certificate is checked against (default: HOST).
@@ -56,7 +57,7 @@ pub struct UpstreamSettings {
 
 /// Why the servers gave no answer.
 #[derive(Clone, Debug, thiserror::Error)]
-pub enum UpstreamError {
+pub enum ServerError {
     /// A server answered with a typed refusal.
     #[error("{}: {}", .0.code.as_str(), .0.message)]
     Refused(ErrorBody),
@@ -73,7 +74,7 @@ pub struct Servers {
 
 #[derive(Debug)]
 struct Inner {
-    settings: UpstreamSettings,
+    settings: ServerSettings,
     /// The `(host, port)` entries of `--server-address`.
     targets: Vec<(String, u16)>,
     server_name: ServerName<'static>,
@@ -82,7 +83,7 @@ struct Inner {
     next: AtomicUsize,
     token: Mutex<Option<(Instant, Secret)>>,
     ready: Gate,
-    metrics: UpstreamMetrics,
+    metrics: ServersMetrics,
 }
 
 #[derive(Clone, Debug)]
@@ -94,7 +95,7 @@ struct Backend {
 
 /// Metrics of the agent's link to the servers.
 #[derive(Clone, Debug)]
-pub struct UpstreamMetrics {
+pub struct ServersMetrics {
     requests: IntCounterVec,
     healthy: IntGauge,
     known: IntGauge,
@@ -110,10 +111,10 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 impl Servers {
     /// Starts resolving and health-checking; `ready` opens while a server is healthy.
     pub fn start(
-        settings: UpstreamSettings,
+        settings: ServerSettings,
         tls: Reloading<ClientConfig>,
         ready: Gate,
-        metrics: UpstreamMetrics,
+        metrics: ServersMetrics,
         shutdown: CancellationToken,
     ) -> anyhow::Result<Self> {
         let targets = settings
@@ -149,14 +150,14 @@ impl Servers {
         &self,
         path: &str,
         body: &Q,
-    ) -> Result<R, UpstreamError> {
+    ) -> Result<R, ServerError> {
         let body = Bytes::from(
-            serde_json::to_vec(body).map_err(|e| UpstreamError::Unavailable(e.to_string()))?,
+            serde_json::to_vec(body).map_err(|e| ServerError::Unavailable(e.to_string()))?,
         );
         let candidates = self.candidates();
         if candidates.is_empty() {
             self.count("no_server");
-            return Err(UpstreamError::Unavailable(format!(
+            return Err(ServerError::Unavailable(format!(
                 "{} resolves to no address",
                 self.inner.settings.address
             )));
@@ -167,7 +168,7 @@ impl Servers {
                 Ok((status, bytes)) if status.is_success() => {
                     self.count("ok");
                     return serde_json::from_slice(&bytes).map_err(|e| {
-                        UpstreamError::Unavailable(format!("{addr}: unreadable answer: {e}"))
+                        ServerError::Unavailable(format!("{addr}: unreadable answer: {e}"))
                     });
                 }
                 Ok((status, bytes)) => {
@@ -182,7 +183,7 @@ impl Servers {
                         continue;
                     }
                     self.count("refused");
-                    return Err(UpstreamError::Refused(error));
+                    return Err(ServerError::Refused(error));
                 }
                 Err(error) => {
                     self.count("error");
@@ -192,7 +193,7 @@ impl Servers {
                 }
             }
         }
-        Err(UpstreamError::Unavailable(last))
+        Err(ServerError::Unavailable(last))
     }
 
     fn count(&self, result: &str) {
@@ -261,6 +262,18 @@ impl Servers {
         if let Some(conn) = existing {
             return Ok(conn);
         }
+        let sender = self.dial(addr).await?;
+        self.mark(addr, true, Some(sender.clone()));
+        Ok(sender)
+    }
+
+    /// A new HTTP/2 connection to `addr` over mutual TLS, for request bodies of type `B`.
+    async fn dial<B>(&self, addr: SocketAddr) -> anyhow::Result<http2::SendRequest<B>>
+    where
+        B: hyper::body::Body + Send + Unpin + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
         let connect = async {
             let tcp = TcpStream::connect(addr).await?;
             tcp.set_nodelay(true)?;
@@ -279,11 +292,25 @@ impl Servers {
             });
             anyhow::Ok(sender)
         };
-        let sender = tokio::time::timeout(CONNECT_TIMEOUT, connect)
+        tokio::time::timeout(CONNECT_TIMEOUT, connect)
             .await
-            .map_err(|_| anyhow::anyhow!("connecting took longer than {CONNECT_TIMEOUT:?}"))??;
-        self.mark(addr, true, Some(sender.clone()));
-        Ok(sender)
+            .map_err(|_| anyhow::anyhow!("connecting took longer than {CONNECT_TIMEOUT:?}"))?
+    }
+
+    /// A connection of its own to `addr` for the node feed (a long-lived gRPC stream), with
+    /// keepalive pings so that a dead server is noticed.
+    pub async fn feed_channel(&self, addr: SocketAddr) -> anyhow::Result<feed::Channel> {
+        Ok(feed::Channel::new(self.dial(addr).await?))
+    }
+
+    /// The agent's ServiceAccount token, for requests made outside [`Servers::call`].
+    pub fn bearer(&self) -> Option<Secret> {
+        self.token()
+    }
+
+    /// Server addresses to try, healthy ones first, starting at the next in turn.
+    pub fn addresses(&self) -> Vec<SocketAddr> {
+        self.candidates()
     }
 
     fn mark(&self, addr: SocketAddr, healthy: bool, conn: Option<http2::SendRequest<Full<Bytes>>>) {
@@ -432,9 +459,9 @@ fn split_host_port(address: &str) -> anyhow::Result<(String, u16)> {
     Ok((host, port))
 }
 
-// === impl UpstreamMetrics ===
+// === impl ServersMetrics ===
 
-impl UpstreamMetrics {
+impl ServersMetrics {
     /// Registers the metrics in `registry`.
     pub fn register(registry: &Registry) -> prometheus::Result<Self> {
         let requests = IntCounterVec::new(

@@ -1,0 +1,386 @@
+//! The node feed ([`podiam_common::feed`]): each agent subscribes once and receives the
+//! pods on its node, their decisions and their credentials, so that it answers warm
+//! requests without calling a server.
+//!
+//! One task per subscription. It wakes when the node's pods change (the index signals
+//! per node), when a namespace changes, when the broker fetches a session one of the
+//! node's pods uses, or when a heartbeat is due, and it then sends only the pods whose
+//! state differs from what the agent holds. Work is per change, never per request.
+//! Credentials the broker does not hold yet are fetched in the background (bounded per
+//! node); a failed fetch is retried after a pause, not on every change.
+
+use std::{
+    collections::{HashMap, HashSet},
+    pin::Pin,
+    sync::Arc,
+    time::Duration,
+};
+
+use futures::Stream;
+use podiam_common::{
+    feed::{FeedCredentials, NodeUpdate, PodState, WatchNode, node_feed_server::NodeFeed},
+    readiness::Readiness,
+};
+use prometheus::{IntCounterVec, IntGauge, Opts, Registry};
+use tokio::{
+    sync::{broadcast, mpsc},
+    time::Instant,
+};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+use crate::{
+    auth::{AuthError, Authenticate},
+    credentials::Issuer,
+    pods::{ClusterIndex, PodInfo},
+    sts::SessionKey,
+};
+
+/// How the feed behaves.
+#[derive(Clone, Debug)]
+pub struct FeedSettings {
+    /// An update (empty if nothing changed) is sent at least this often.
+    pub heartbeat: Duration,
+    /// Credential fetches in flight per node at most.
+    pub fetches_per_node: usize,
+    /// A fetch that failed is tried again after this long.
+    pub retry_after: Duration,
+}
+
+/// The feed service; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Feed {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    issuer: Issuer,
+    index: ClusterIndex,
+    auth: Arc<dyn Authenticate>,
+    readiness: Readiness,
+    settings: FeedSettings,
+    metrics: FeedMetrics,
+    shutdown: CancellationToken,
+}
+
+/// Feed metrics.
+#[derive(Clone, Debug)]
+pub struct FeedMetrics {
+    streams: IntGauge,
+    subscriptions: IntCounterVec,
+    updates: IntCounterVec,
+    pods_sent: prometheus::IntCounter,
+}
+
+/// The stream handed to tonic.
+pub type UpdateStream = Pin<Box<dyn Stream<Item = Result<NodeUpdate, Status>> + Send>>;
+
+/// One subscription's state: what the agent holds, what is being fetched.
+struct Subscription {
+    feed: Feed,
+    node: Arc<str>,
+    /// Pod UID → version the agent holds.
+    sent: HashMap<String, u64>,
+    /// Sessions the node's allowed pods use (to react to the broker's fetches).
+    keys: HashSet<SessionKey>,
+    /// Sessions being fetched, or failed and waiting until the instant.
+    fetching: HashSet<SessionKey>,
+    failed: HashMap<SessionKey, Instant>,
+    done_tx: mpsc::Sender<(SessionKey, bool)>,
+}
+
+// === impl Feed ===
+
+impl Feed {
+    /// The feed over `issuer` and `index`; streams end at `shutdown`.
+    pub fn new(
+        issuer: Issuer,
+        index: ClusterIndex,
+        auth: Arc<dyn Authenticate>,
+        readiness: Readiness,
+        settings: FeedSettings,
+        metrics: FeedMetrics,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                issuer,
+                index,
+                auth,
+                readiness,
+                settings,
+                metrics,
+                shutdown,
+            }),
+        }
+    }
+
+    /// The node a subscription is for: the token's node with node binding (a different
+    /// name in the request is refused), else the name in the request.
+    async fn node(&self, token: Option<&str>, asked: &str) -> Result<Arc<str>, Status> {
+        let caller = self
+            .inner
+            .auth
+            .authenticate(token)
+            .await
+            .map_err(|error| match error {
+                AuthError::Unavailable(_) => Status::unavailable(error.to_string()),
+                _ => {
+                    tracing::info!(%error, "feed subscription refused");
+                    Status::unauthenticated(error.to_string())
+                }
+            })?;
+        match caller.node {
+            Some(node) if asked.is_empty() || *asked == *node => Ok(node),
+            Some(node) => Err(Status::permission_denied(format!(
+                "the agent's token is bound to node {node:?}, not {asked:?}"
+            ))),
+            None if asked.is_empty() => Err(Status::invalid_argument(
+                "no node named (node binding is off, so the request must name it)",
+            )),
+            None => Ok(asked.into()),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl NodeFeed for Feed {
+    type WatchStream = UpdateStream;
+
+    async fn watch(&self, request: Request<WatchNode>) -> Result<Response<UpdateStream>, Status> {
+        let m = &self.inner.metrics;
+        if !self.inner.readiness.is_ready() {
+            m.subscriptions.with_label_values(&["not_ready"]).inc();
+            let waiting = self.inner.readiness.waiting_for().join(", ");
+            return Err(Status::unavailable(format!(
+                "server not ready: waiting for {waiting}"
+            )));
+        }
+        let token = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::to_string);
+        let watch = request.into_inner();
+        let node = match self.node(token.as_deref(), &watch.node).await {
+            Ok(node) => node,
+            Err(status) => {
+                m.subscriptions.with_label_values(&["refused"]).inc();
+                return Err(status);
+            }
+        };
+        m.subscriptions.with_label_values(&["ok"]).inc();
+        let held = watch.held.len();
+        tracing::info!(node = %node, held, "agent subscribed to its node's feed");
+        let (tx, rx) = mpsc::channel(16);
+        let (done_tx, done_rx) = mpsc::channel(64);
+        let sub = Subscription {
+            feed: self.clone(),
+            node,
+            sent: watch.held.into_iter().map(|h| (h.uid, h.version)).collect(),
+            keys: HashSet::new(),
+            fetching: HashSet::new(),
+            failed: HashMap::new(),
+            done_tx,
+        };
+        tokio::spawn(sub.run(tx, done_rx));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+// === impl Subscription ===
+
+impl Subscription {
+    /// Sends the node's state, then its changes, until the agent goes away or shutdown.
+    async fn run(
+        mut self,
+        tx: mpsc::Sender<Result<NodeUpdate, Status>>,
+        mut done: mpsc::Receiver<(SessionKey, bool)>,
+    ) {
+        let inner = self.feed.inner.clone();
+        inner.metrics.streams.inc();
+        let mut node_changed = inner.index.watch_node(&self.node);
+        let mut fetched = inner.issuer.fetched();
+        let heartbeat = inner.settings.heartbeat;
+        let heartbeat_ms = u32::try_from(heartbeat.as_millis()).unwrap_or(u32::MAX);
+        let mut synced = false;
+        let mut beat_at = Instant::now() + heartbeat;
+        loop {
+            node_changed.borrow_and_update();
+            let mut update = self.changes();
+            update.heartbeat_ms = heartbeat_ms;
+            let kind = if !synced {
+                update.synced = true;
+                synced = true;
+                "sync"
+            } else if update.pods.is_empty() && update.removed.is_empty() {
+                ""
+            } else {
+                "change"
+            };
+            if !kind.is_empty() {
+                inner.metrics.updates.with_label_values(&[kind]).inc();
+                inner.metrics.pods_sent.inc_by(update.pods.len() as u64);
+                if !self.send(&tx, update).await {
+                    break;
+                }
+                beat_at = Instant::now() + heartbeat;
+            }
+            let retry = self.failed.values().min().copied();
+            let next = 'wait: loop {
+                tokio::select! {
+                    _ = inner.shutdown.cancelled() => break 'wait None,
+                    _ = tx.closed() => break 'wait None,
+                    r = node_changed.changed() => break 'wait r.ok(),
+                    Some((key, ok)) = done.recv() => {
+                        self.fetching.remove(&key);
+                        if !ok {
+                            self.failed.insert(key, Instant::now() + inner.settings.retry_after);
+                        }
+                        break 'wait Some(());
+                    }
+                    key = fetched.recv() => match key {
+                        Ok(key) if self.keys.contains(&key) => break 'wait Some(()),
+                        Ok(_) => continue,
+                        Err(broadcast::error::RecvError::Lagged(_)) => break 'wait Some(()),
+                        Err(broadcast::error::RecvError::Closed) => break 'wait None,
+                    },
+                    _ = wait_until(retry) => break 'wait Some(()),
+                    _ = tokio::time::sleep_until(beat_at) => {
+                        let beat = NodeUpdate { heartbeat_ms, ..NodeUpdate::default() };
+                        inner.metrics.updates.with_label_values(&["heartbeat"]).inc();
+                        if !self.send(&tx, beat).await {
+                            break 'wait None;
+                        }
+                        beat_at = Instant::now() + heartbeat;
+                    }
+                }
+            };
+            if next.is_none() {
+                break;
+            }
+        }
+        inner.metrics.streams.dec();
+        tracing::info!(node = %self.node, "node feed ended");
+    }
+
+    async fn send(&self, tx: &mpsc::Sender<Result<NodeUpdate, Status>>, u: NodeUpdate) -> bool {
+        tokio::select! {
+            _ = self.feed.inner.shutdown.cancelled() => false,
+            sent = tx.send(Ok(u)) => sent.is_ok(),
+        }
+    }
+
+    /// The pods whose state differs from what the agent holds, and the ones gone.
+    fn changes(&mut self) -> NodeUpdate {
+        let inner = self.feed.inner.clone();
+        let pods = inner.index.pods().on_node(&self.node);
+        let mut update = NodeUpdate::default();
+        let mut present = HashSet::with_capacity(pods.len());
+        self.keys.clear();
+        for pod in pods {
+            if !pod.claims_ips() || pod.uid.is_none() {
+                continue;
+            }
+            let state = self.state(&pod);
+            present.insert(state.uid.clone());
+            if self.sent.get(&state.uid) != Some(&state.version) {
+                self.sent.insert(state.uid.clone(), state.version);
+                update.pods.push(state);
+            }
+        }
+        self.sent.retain(|uid, _| {
+            let keep = present.contains(uid);
+            if !keep {
+                update.removed.push(uid.clone());
+            }
+            keep
+        });
+        update
+    }
+
+    /// One pod's state, with its credentials if the broker holds them (else a fetch).
+    fn state(&mut self, pod: &Arc<PodInfo>) -> PodState {
+        let issuer = &self.feed.inner.issuer;
+        let (mut state, session) = issuer.feed_state(pod);
+        if let Some((role, key)) = session {
+            if let Some(credentials) = issuer.held_credentials(&key) {
+                issuer.audit_feed(pod, &role, &credentials);
+                state.credentials = Some(FeedCredentials::from(&credentials));
+            } else {
+                self.fetch(key.clone());
+            }
+            self.keys.insert(key);
+        }
+        state.sealed()
+    }
+
+    /// Starts fetching `key` unless it is being fetched, failed recently, or the node
+    /// already has its share of fetches in flight (the next change picks it up).
+    fn fetch(&mut self, key: SessionKey) {
+        let inner = &self.feed.inner;
+        if self.fetching.contains(&key)
+            || self.fetching.len() >= inner.settings.fetches_per_node
+            || self.failed.get(&key).is_some_and(|t| Instant::now() < *t)
+        {
+            return;
+        }
+        self.failed.remove(&key);
+        self.fetching.insert(key.clone());
+        let (issuer, done) = (inner.issuer.clone(), self.done_tx.clone());
+        tokio::spawn(async move {
+            let ok = issuer.fetch_credentials(&key).await.is_ok();
+            let _ = done.send((key, ok)).await;
+        });
+    }
+}
+
+async fn wait_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+// === impl FeedMetrics ===
+
+impl FeedMetrics {
+    /// Registers the feed metrics in `registry`.
+    pub fn register(registry: &Registry) -> prometheus::Result<Self> {
+        let streams = IntGauge::new(
+            "podiam_feed_streams",
+            "Agents subscribed to their node's feed on this replica",
+        )?;
+        let subscriptions = IntCounterVec::new(
+            Opts::new(
+                "podiam_feed_subscriptions_total",
+                "Node feed subscriptions by result (ok, refused, not_ready)",
+            ),
+            &["result"],
+        )?;
+        let updates = IntCounterVec::new(
+            Opts::new(
+                "podiam_feed_updates_total",
+                "Node feed updates sent, by kind (sync, change, heartbeat)",
+            ),
+            &["kind"],
+        )?;
+        let pods_sent = prometheus::IntCounter::new(
+            "podiam_feed_pods_sent_total",
+            "Pod states sent to agents (new or changed)",
+        )?;
+        registry.register(Box::new(streams.clone()))?;
+        registry.register(Box::new(subscriptions.clone()))?;
+        registry.register(Box::new(updates.clone()))?;
+        registry.register(Box::new(pods_sent.clone()))?;
+        Ok(Self {
+            streams,
+            subscriptions,
+            updates,
+            pods_sent,
+        })
+    }
+}

@@ -1,0 +1,207 @@
+//! The node feed end to end: the real server binary, mutual TLS, node binding through
+//! TokenReview (stand-in API server), moto as STS, and a tonic client standing for an
+//! agent. (The addresses below are data in pod objects: nothing is sent to them.)
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use podiam_common::feed::{Held, NodeUpdate, PodState};
+use podiam_tests::{
+    api_client::{tls_config, watch_feed},
+    kube_api::FakeKube,
+    objects::{namespace, pod},
+    stack::{ServerStack, agent_identity, arn},
+};
+
+const BIN: &str = env!("CARGO_BIN_EXE_podiam-server");
+const AGENT_A: &str = "token-agent-node-a";
+
+async fn start() -> ServerStack {
+    let kube = FakeKube::start().await.unwrap();
+    kube.apply(namespace(
+        "team-a",
+        &[("iam.amazonaws.com/permitted", &arn("web.*"))],
+    ));
+    kube.apply(
+        pod("team-a", "web-0")
+            .ip("10.0.0.1")
+            .role("web")
+            .node("node-a")
+            .build(),
+    );
+    kube.apply(
+        pod("team-a", "admin")
+            .ip("10.0.0.2")
+            .role("admin")
+            .node("node-a")
+            .build(),
+    );
+    kube.apply(
+        pod("team-a", "web-b")
+            .ip("10.0.0.3")
+            .role("web")
+            .node("node-b")
+            .build(),
+    );
+    kube.add_token(AGENT_A, agent_identity("node-a"));
+    ServerStack::start(
+        std::path::Path::new(BIN),
+        kube,
+        &["--feed-heartbeat", "300ms"],
+    )
+    .await
+    .expect("server stack (moto: run scripts/setup)")
+}
+
+type Stream = tonic::Streaming<NodeUpdate>;
+
+async fn subscribe(
+    env: &ServerStack,
+    token: Option<&str>,
+    node: &str,
+    held: Vec<Held>,
+) -> Result<Stream, tonic::Status> {
+    let config = tls_config(&env.pki.ca, Some(&env.pki.client)).unwrap();
+    watch_feed(env.api, config, token, node, held)
+        .await
+        .unwrap()
+}
+
+async fn next(stream: &mut Stream) -> NodeUpdate {
+    tokio::time::timeout(Duration::from_secs(10), stream.message())
+        .await
+        .expect("an update within 10 s")
+        .unwrap()
+        .expect("the stream goes on")
+}
+
+/// Reads updates until `done` holds for the pods seen so far (by name), up to 10 s.
+async fn until(
+    stream: &mut Stream,
+    pods: &mut std::collections::HashMap<String, PodState>,
+    done: impl Fn(&std::collections::HashMap<String, PodState>) -> bool,
+) {
+    while !done(pods) {
+        let u = next(stream).await;
+        for p in u.pods {
+            pods.insert(p.name.clone(), p);
+        }
+        for uid in u.removed {
+            pods.retain(|_, p| p.uid != uid);
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_agent_gets_its_nodes_pods_then_changes_and_a_resume_sends_only_what_changed() {
+    let env = start().await;
+    let mut stream = subscribe(&env, Some(AGENT_A), "", vec![]).await.unwrap();
+    let first = next(&mut stream).await;
+    assert!(first.synced, "{first:?}");
+    assert_eq!(first.heartbeat_ms, 300);
+    let mut names: Vec<&str> = first.pods.iter().map(|p| p.name.as_str()).collect();
+    names.sort();
+    // Only this node's pods.
+    assert_eq!(names, ["admin", "web-0"]);
+    let admin = first.pods.iter().find(|p| p.name == "admin").unwrap();
+    assert!(admin.role_arn.is_empty() && admin.credentials.is_none());
+    assert_eq!(admin.denial.as_ref().unwrap().code, "forbidden");
+    assert!(
+        admin
+            .denial
+            .as_ref()
+            .unwrap()
+            .message
+            .contains("not permitted")
+    );
+
+    // The allowed pod's credentials follow once fetched.
+    let mut pods = first
+        .pods
+        .into_iter()
+        .map(|p| (p.name.clone(), p))
+        .collect();
+    until(&mut stream, &mut pods, |p| p["web-0"].credentials.is_some()).await;
+    let web = pods["web-0"].clone();
+    assert_eq!(web.role_arn, arn("web"));
+    assert!(
+        web.credentials
+            .as_ref()
+            .unwrap()
+            .access_key_id
+            .starts_with("ASIA")
+    );
+    assert_eq!(web.version, web.clone().sealed().version);
+
+    // A new pod on the node, one on another node, and a deletion.
+    env.kube.apply(
+        pod("team-a", "web-1")
+            .ip("10.0.0.5")
+            .role("web")
+            .node("node-a")
+            .build(),
+    );
+    env.kube.apply(
+        pod("team-a", "web-c")
+            .ip("10.0.0.6")
+            .role("web")
+            .node("node-b")
+            .build(),
+    );
+    until(&mut stream, &mut pods, |p| {
+        p.get("web-1").is_some_and(|w| w.credentials.is_some())
+    })
+    .await;
+    env.kube.delete_pod("team-a", "admin");
+    until(&mut stream, &mut pods, |p| !p.contains_key("admin")).await;
+    assert!(!pods.contains_key("web-c"));
+
+    // Quiet: heartbeats, empty.
+    let beat = next(&mut stream).await;
+    assert!(
+        beat.pods.is_empty() && beat.removed.is_empty() && !beat.synced,
+        "{beat:?}"
+    );
+
+    // A resume with what the agent holds: nothing to send but the sync mark; a pod the
+    // agent holds that is gone is removed.
+    let mut held: Vec<Held> = pods
+        .values()
+        .map(|p| Held {
+            uid: p.uid.clone(),
+            version: p.version,
+        })
+        .collect();
+    held.push(Held {
+        uid: "00000000-0000-0000-0000-00000000dead".into(),
+        version: 1,
+    });
+    drop(stream);
+    let mut stream = subscribe(&env, Some(AGENT_A), "node-a", held)
+        .await
+        .unwrap();
+    let resumed = next(&mut stream).await;
+    assert!(resumed.synced);
+    assert!(resumed.pods.is_empty(), "{resumed:?}");
+    assert_eq!(resumed.removed, ["00000000-0000-0000-0000-00000000dead"]);
+}
+
+#[tokio::test]
+async fn a_subscription_is_for_the_agents_own_node_only() {
+    let env = start().await;
+    let refused = subscribe(&env, Some(AGENT_A), "node-b", vec![])
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    let refused = subscribe(&env, None, "node-a", vec![]).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
+    let refused = subscribe(&env, Some("not-a-token"), "", vec![])
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
+    assert_eq!(
+        env.metric(r#"podiam_feed_subscriptions_total{result="refused"}"#)
+            .await,
+        3.0
+    );
+}
