@@ -237,10 +237,17 @@ struct StsArgs {
     #[arg(long, env = "PODIAM_STS_NEGATIVE_CACHE", default_value = "5s", value_parser = humantime::parse_duration)]
     sts_negative_cache: Duration,
 
-    /// Prefetch requests queued at most; overflow is served on demand (kiam:
-    /// --prefetch-buffer-size).
-    #[arg(long, env = "PODIAM_PREFETCH_BUFFER_SIZE", default_value_t = 1000)]
-    prefetch_buffer_size: usize,
+    /// kiam's prefetch queue capacity: accepted so that kiam manifests keep working, and
+    /// ignored with a warning. podiam's queue never drops a prefetch (kiam's did when
+    /// full); --prefetch-rate paces it instead.
+    #[arg(long, env = "PODIAM_PREFETCH_BUFFER_SIZE")]
+    prefetch_buffer_size: Option<usize>,
+
+    /// AssumeRole calls per second at most for prefetching (pods that appear, the node
+    /// feeds, the start-up sweep); 0 means no limit. STS quotas are per account and
+    /// region: leave room for everything else that assumes roles there.
+    #[arg(long, env = "PODIAM_PREFETCH_RATE", default_value_t = 100)]
+    prefetch_rate: u32,
 
     /// Prefetch AssumeRole calls in flight at most; 0 turns prefetching off (every pod's
     /// first request then waits for STS).
@@ -436,8 +443,6 @@ impl ServeArgs {
             readiness.clone(),
             FeedSettings {
                 heartbeat: feed_heartbeat,
-                fetches_per_node: 8,
-                retry_after: Duration::from_secs(15),
             },
             FeedMetrics::register(&registry)?,
             shutdown.clone(),
@@ -510,7 +515,7 @@ impl ServeArgs {
             async move {
                 tokio::select! {
                     _ = shutdown.cancelled() => {}
-                    _ = readiness.wait_ready() => issuer.prefetch_all().await,
+                    _ = readiness.wait_ready() => issuer.prefetch_all(),
                 }
                 // Finishing is this task's normal end.
                 shutdown.cancelled().await;
@@ -573,9 +578,16 @@ impl StsArgs {
             sts_timeout,
             sts_negative_cache,
             prefetch_buffer_size,
+            prefetch_rate,
             prefetch_concurrency,
         } = self;
         let min_refresh = Duration::from_secs(15 * 60);
+        if let Some(size) = prefetch_buffer_size {
+            tracing::warn!(
+                size,
+                "--prefetch-buffer-size (kiam) is ignored: podiam's prefetch queue never drops; --prefetch-rate paces it"
+            );
+        }
         if !(MIN_SESSION..=MAX_SESSION).contains(session_duration) {
             bail!(
                 "--session-duration must be between 30m and 12h (STS limits, and the 15 min SDKs need)"
@@ -605,7 +617,7 @@ impl StsArgs {
         let broker = BrokerConfig {
             refresh_before: *session_refresh,
             negative_ttl: *sts_negative_cache,
-            prefetch_queue: *prefetch_buffer_size,
+            prefetch_rate: std::num::NonZeroU32::new(*prefetch_rate),
             prefetch_concurrency: *prefetch_concurrency,
             ..BrokerConfig::default()
         };

@@ -318,13 +318,14 @@ impl Issuer {
         }
     }
 
-    /// Like [`Issuer::prefetch`], but waits for room in the queue (for the start-up sweep).
-    pub async fn prefetch_all(&self) {
+    /// Queues every known pod's session behind the pods that appear meanwhile (the
+    /// start-up sweep).
+    pub fn prefetch_all(&self) {
         let pods = self.inner.index.pods().all();
         let mut queued = 0usize;
         for pod in pods {
             if let Some(key) = self.prefetch_key(&pod) {
-                self.inner.broker.prefetch_wait(key).await;
+                self.inner.broker.prefetch_later(key);
                 queued += 1;
             }
         }
@@ -460,9 +461,10 @@ impl Issuer {
         self.inner.broker.held(key)
     }
 
-    /// Credentials for `key`, fetched if the broker does not hold them.
-    pub async fn fetch_credentials(&self, key: &SessionKey) -> Result<Credentials, StsError> {
-        self.inner.broker.credentials(key).await
+    /// Asks for `key` to be fetched soon (prefetch, at the bounded rate); the broker's
+    /// [`Issuer::fetched`] says when.
+    pub fn fetch_soon(&self, key: SessionKey) {
+        self.inner.broker.prefetch(key);
     }
 
     /// Every session key the broker fetches from now on.

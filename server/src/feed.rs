@@ -6,8 +6,11 @@
 //! per node), when a namespace changes, when the broker fetches a session one of the
 //! node's pods uses, or when a heartbeat is due, and it then sends only the pods whose
 //! state differs from what the agent holds. Work is per change, never per request.
-//! Credentials the broker does not hold yet are fetched in the background (bounded per
-//! node); a failed fetch is retried after a pause, not on every change.
+//! Credentials the broker does not hold yet are asked for through the broker's prefetch
+//! queue (lossless, at `--prefetch-rate`), so that a thousand agents subscribing after a
+//! restart do not stampede STS; the broker's announcement of the fetch wakes the feed. A
+//! pod still without credentials is looked at again at each heartbeat (a failed fetch
+//! is retried then, never in a loop).
 
 use std::{
     collections::{HashMap, HashSet},
@@ -42,10 +45,6 @@ use crate::{
 pub struct FeedSettings {
     /// An update (empty if nothing changed) is sent at least this often.
     pub heartbeat: Duration,
-    /// Credential fetches in flight per node at most.
-    pub fetches_per_node: usize,
-    /// A fetch that failed is tried again after this long.
-    pub retry_after: Duration,
 }
 
 /// The feed service; cheap to clone.
@@ -77,7 +76,7 @@ pub struct FeedMetrics {
 /// The stream handed to tonic.
 pub type UpdateStream = Pin<Box<dyn Stream<Item = Result<NodeUpdate, Status>> + Send>>;
 
-/// One subscription's state: what the agent holds, what is being fetched.
+/// One subscription's state: what the agent holds.
 struct Subscription {
     feed: Feed,
     node: Arc<str>,
@@ -85,10 +84,8 @@ struct Subscription {
     sent: HashMap<String, u64>,
     /// Sessions the node's allowed pods use (to react to the broker's fetches).
     keys: HashSet<SessionKey>,
-    /// Sessions being fetched, or failed and waiting until the instant.
-    fetching: HashSet<SessionKey>,
-    failed: HashMap<SessionKey, Instant>,
-    done_tx: mpsc::Sender<(SessionKey, bool)>,
+    /// Allowed pods still without credentials (looked at again at each heartbeat).
+    missing: usize,
 }
 
 // === impl Feed ===
@@ -176,17 +173,14 @@ impl NodeFeed for Feed {
         let held = watch.held.len();
         tracing::info!(node = %node, held, "agent subscribed to its node's feed");
         let (tx, rx) = mpsc::channel(16);
-        let (done_tx, done_rx) = mpsc::channel(64);
         let sub = Subscription {
             feed: self.clone(),
             node,
             sent: watch.held.into_iter().map(|h| (h.uid, h.version)).collect(),
             keys: HashSet::new(),
-            fetching: HashSet::new(),
-            failed: HashMap::new(),
-            done_tx,
+            missing: 0,
         };
-        tokio::spawn(sub.run(tx, done_rx));
+        tokio::spawn(sub.run(tx));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }
@@ -195,11 +189,7 @@ impl NodeFeed for Feed {
 
 impl Subscription {
     /// Sends the node's state, then its changes, until the agent goes away or shutdown.
-    async fn run(
-        mut self,
-        tx: mpsc::Sender<Result<NodeUpdate, Status>>,
-        mut done: mpsc::Receiver<(SessionKey, bool)>,
-    ) {
+    async fn run(mut self, tx: mpsc::Sender<Result<NodeUpdate, Status>>) {
         let inner = self.feed.inner.clone();
         inner.metrics.streams.inc();
         let mut node_changed = inner.index.watch_node(&self.node);
@@ -229,26 +219,17 @@ impl Subscription {
                 }
                 beat_at = Instant::now() + heartbeat;
             }
-            let retry = self.failed.values().min().copied();
             let next = 'wait: loop {
                 tokio::select! {
                     _ = inner.shutdown.cancelled() => break 'wait None,
                     _ = tx.closed() => break 'wait None,
                     r = node_changed.changed() => break 'wait r.ok(),
-                    Some((key, ok)) = done.recv() => {
-                        self.fetching.remove(&key);
-                        if !ok {
-                            self.failed.insert(key, Instant::now() + inner.settings.retry_after);
-                        }
-                        break 'wait Some(());
-                    }
                     key = fetched.recv() => match key {
                         Ok(key) if self.keys.contains(&key) => break 'wait Some(()),
                         Ok(_) => continue,
                         Err(broadcast::error::RecvError::Lagged(_)) => break 'wait Some(()),
                         Err(broadcast::error::RecvError::Closed) => break 'wait None,
                     },
-                    _ = wait_until(retry) => break 'wait Some(()),
                     _ = tokio::time::sleep_until(beat_at) => {
                         let beat = NodeUpdate { heartbeat_ms, ..NodeUpdate::default() };
                         inner.metrics.updates.with_label_values(&["heartbeat"]).inc();
@@ -256,6 +237,9 @@ impl Subscription {
                             break 'wait None;
                         }
                         beat_at = Instant::now() + heartbeat;
+                        if self.missing > 0 {
+                            break 'wait Some(());
+                        }
                     }
                 }
             };
@@ -281,6 +265,7 @@ impl Subscription {
         let mut update = NodeUpdate::default();
         let mut present = HashSet::with_capacity(pods.len());
         self.keys.clear();
+        self.missing = 0;
         for pod in pods {
             if !pod.claims_ips() || pod.uid.is_none() {
                 continue;
@@ -311,37 +296,12 @@ impl Subscription {
                 issuer.audit_feed(pod, &role, &credentials);
                 state.credentials = Some(FeedCredentials::from(&credentials));
             } else {
-                self.fetch(key.clone());
+                self.missing += 1;
+                issuer.fetch_soon(key.clone());
             }
             self.keys.insert(key);
         }
         state.sealed()
-    }
-
-    /// Starts fetching `key` unless it is being fetched, failed recently, or the node
-    /// already has its share of fetches in flight (the next change picks it up).
-    fn fetch(&mut self, key: SessionKey) {
-        let inner = &self.feed.inner;
-        if self.fetching.contains(&key)
-            || self.fetching.len() >= inner.settings.fetches_per_node
-            || self.failed.get(&key).is_some_and(|t| Instant::now() < *t)
-        {
-            return;
-        }
-        self.failed.remove(&key);
-        self.fetching.insert(key.clone());
-        let (issuer, done) = (inner.issuer.clone(), self.done_tx.clone());
-        tokio::spawn(async move {
-            let ok = issuer.fetch_credentials(&key).await.is_ok();
-            let _ = done.send((key, ok)).await;
-        });
-    }
-}
-
-async fn wait_until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
     }
 }
 

@@ -164,21 +164,33 @@ async fn failures_are_remembered_briefly() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn prefetch_overflow_is_counted_and_served_on_demand() {
+async fn prefetch_never_drops_and_serves_new_pods_before_the_sweep() {
     let config = BrokerConfig {
-        prefetch_queue: 1,
         prefetch_concurrency: 1,
+        prefetch_rate: None,
         ..BrokerConfig::default()
     };
     let s = setup(Duration::from_secs(1), config);
-    for i in 0..5 {
-        s.broker.prefetch(key(&format!("r{i}")));
+    let mut fetched = s.broker.subscribe();
+    // The sweep queues many; a pod that appears meanwhile goes first among the waiting.
+    for i in 0..50 {
+        s.broker.prefetch_later(key(&format!("sweep{i}")));
     }
-    assert!(
-        s.metrics.prefetch_overflow.get() >= 3,
-        "{}",
-        s.metrics.prefetch_overflow.get()
-    );
-    // A dropped prefetch costs nothing but a cold first request.
-    assert!(s.broker.credentials(&key("r4")).await.is_ok());
+    s.broker.prefetch(key("new"));
+    // Queued twice, fetched once.
+    s.broker.prefetch(key("new"));
+    let mut order = Vec::new();
+    while order.len() < 51 {
+        let k = tokio::time::timeout(Duration::from_secs(3600), fetched.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        order.push(k.session_name.to_string());
+    }
+    // At most one sweep key was taken before "new" was queued behind the running one.
+    let new_at = order.iter().position(|k| k.contains("new")).unwrap();
+    assert!(new_at <= 1, "{order:?}");
+    // Every key, once: nothing dropped, nothing twice.
+    assert_eq!(calls(&s), 51);
+    assert_eq!(s.metrics.prefetch_queued.get(), 0);
 }

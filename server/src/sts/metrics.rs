@@ -26,10 +26,9 @@ pub struct BrokerMetrics {
     pub misses: IntCounter,
     /// Refresh-ahead attempts.
     pub refreshes: IntCounter,
-    /// Prefetch requests waiting.
+    /// Prefetch requests waiting (never dropped: a queue that stays long says that
+    /// `--prefetch-rate` is too low for the pods' churn).
     pub prefetch_queued: IntGauge,
-    /// Prefetch requests dropped because the queue was full.
-    pub prefetch_overflow: IntCounter,
 }
 
 impl BrokerMetrics {
@@ -71,11 +70,7 @@ impl BrokerMetrics {
             )?,
             prefetch_queued: IntGauge::new(
                 "podiam_prefetch_queue_depth",
-                "Prefetch requests waiting",
-            )?,
-            prefetch_overflow: IntCounter::new(
-                "podiam_prefetch_overflow_total",
-                "Prefetch requests dropped because the queue was full (served on demand)",
+                "Prefetch requests waiting (delayed by --prefetch-rate, never dropped)",
             )?,
         };
         registry.register(Box::new(m.calls.clone()))?;
@@ -86,7 +81,6 @@ impl BrokerMetrics {
         registry.register(Box::new(m.misses.clone()))?;
         registry.register(Box::new(m.refreshes.clone()))?;
         registry.register(Box::new(m.prefetch_queued.clone()))?;
-        registry.register(Box::new(m.prefetch_overflow.clone()))?;
         Ok(m)
     }
 }

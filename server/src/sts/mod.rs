@@ -10,14 +10,15 @@
 //! - a failed call is remembered for [`BrokerConfig::negative_ttl`], so a broken role does
 //!   not turn every request into an STS call, while still-valid credentials keep being
 //!   served; a failed refresh is retried with jittered exponential backoff;
-//! - prefetch requests (a pod with a role appeared) go through a bounded queue; overflow is
-//!   counted and the pod's first request fetches on demand.
+//! - prefetch requests are never dropped, only delayed: a queue of distinct keys, pods
+//!   that just appeared (and node feeds' requests) before the start-up sweep, drained
+//!   with bounded concurrency at a bounded AssumeRole rate (STS quotas are per account).
 //!
 //! Expiry decisions read an injected [`Clock`]. The STS itself is behind [`AssumeRole`]
 //! ([`aws::AwsSts`] in production). Nothing here knows about Kubernetes.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet, VecDeque},
     fmt,
     sync::{
         Arc,
@@ -33,7 +34,7 @@ use futures::{
 use parking_lot::Mutex;
 use podiam_common::{arn::RoleArn, protocol::Credentials};
 use rand::Rng;
-use tokio::sync::{Semaphore, broadcast, mpsc};
+use tokio::sync::{Notify, Semaphore, broadcast};
 use tokio_util::sync::CancellationToken;
 
 pub mod aws;
@@ -104,8 +105,8 @@ pub struct BrokerConfig {
     pub min_remaining: Duration,
     /// How long a failure is remembered for a key.
     pub negative_ttl: Duration,
-    /// Capacity of the prefetch queue.
-    pub prefetch_queue: usize,
+    /// Prefetch calls started per second at most (`None`: no limit).
+    pub prefetch_rate: Option<std::num::NonZeroU32>,
     /// Prefetch calls in flight at most; 0 turns prefetching off.
     pub prefetch_concurrency: usize,
     /// Most sessions kept.
@@ -125,7 +126,9 @@ struct Inner {
     cache: moka::sync::Cache<SessionKey, Arc<Entry>>,
     failures: moka::sync::Cache<SessionKey, Failure>,
     inflight: Mutex<HashMap<SessionKey, Fetch>>,
-    prefetch: mpsc::Sender<SessionKey>,
+    prefetch: Mutex<PrefetchQueue>,
+    /// Woken when the prefetch queue gains a key.
+    prefetch_added: Notify,
     /// Every key fetched successfully (first fetch or refresh), for the node feeds.
     fetched: broadcast::Sender<SessionKey>,
     metrics: BrokerMetrics,
@@ -141,6 +144,16 @@ struct Entry {
     fetched: SystemTime,
     /// Set when handed out to a caller (never by prefetch); each refresh starts unused.
     used: AtomicBool,
+}
+
+/// Keys waiting to be prefetched, each once: the urgent ones first.
+#[derive(Debug, Default)]
+struct PrefetchQueue {
+    /// Pods that just appeared or changed, and node feeds' requests: likely to ask soon.
+    urgent: VecDeque<SessionKey>,
+    /// The start-up sweep of every known pod.
+    sweep: VecDeque<SessionKey>,
+    queued: HashSet<SessionKey>,
 }
 
 #[derive(Clone, Debug)]
@@ -170,7 +183,7 @@ impl Default for BrokerConfig {
             refresh_before: Duration::from_secs(20 * 60),
             min_remaining: Duration::from_secs(15 * 60),
             negative_ttl: Duration::from_secs(5),
-            prefetch_queue: 1000,
+            prefetch_rate: std::num::NonZeroU32::new(100),
             prefetch_concurrency: 32,
             max_sessions: 200_000,
         }
@@ -202,7 +215,6 @@ impl Broker {
         metrics: BrokerMetrics,
         shutdown: CancellationToken,
     ) -> Self {
-        let (prefetch, queue) = mpsc::channel(config.prefetch_queue.max(1));
         let cache = moka::sync::Cache::builder()
             .max_capacity(config.max_sessions)
             .expire_after(ExpireWithCredentials)
@@ -218,14 +230,15 @@ impl Broker {
                 cache,
                 failures,
                 inflight: Mutex::new(HashMap::new()),
-                prefetch,
+                prefetch: Mutex::new(PrefetchQueue::default()),
+                prefetch_added: Notify::new(),
                 fetched: broadcast::channel(FETCHED_BACKLOG).0,
                 metrics,
                 shutdown,
                 config,
             }),
         };
-        tokio::spawn(broker.clone().prefetcher(queue));
+        tokio::spawn(broker.clone().prefetcher());
         broker
     }
 
@@ -250,31 +263,46 @@ impl Broker {
         Ok(credentials)
     }
 
-    /// Asks for `key` to be fetched ahead of its first request. Never blocks: when the
-    /// queue is full the request is dropped and counted, and the first request for the key
-    /// fetches it on demand.
+    /// Asks for `key` to be fetched ahead of its first request, before the sweep's keys.
+    /// Never blocks and never drops: a key already waiting is not queued twice.
     pub fn prefetch(&self, key: SessionKey) {
-        if !self.wants_prefetch(&key) {
-            return;
-        }
-        match self.inner.prefetch.try_send(key) {
-            Ok(()) => self.inner.metrics.prefetch_queued.inc(),
-            Err(mpsc::error::TrySendError::Full(key)) => {
-                self.inner.metrics.prefetch_overflow.inc();
-                tracing::debug!(role.arn = %key.role_arn, "prefetch queue full; the first request will fetch");
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => {}
-        }
+        self.enqueue(key, true);
     }
 
-    /// Like [`Broker::prefetch`], but waits for room in the queue.
-    pub async fn prefetch_wait(&self, key: SessionKey) {
+    /// Like [`Broker::prefetch`], after every urgent key (for the start-up sweep).
+    pub fn prefetch_later(&self, key: SessionKey) {
+        self.enqueue(key, false);
+    }
+
+    fn enqueue(&self, key: SessionKey, urgent: bool) {
         if !self.wants_prefetch(&key) {
             return;
         }
-        if self.inner.prefetch.send(key).await.is_ok() {
-            self.inner.metrics.prefetch_queued.inc();
+        let mut queue = self.inner.prefetch.lock();
+        if queue.queued.contains(&key) {
+            return;
         }
+        queue.queued.insert(key.clone());
+        if urgent {
+            queue.urgent.push_back(key);
+        } else {
+            queue.sweep.push_back(key);
+        }
+        drop(queue);
+        self.inner.metrics.prefetch_queued.inc();
+        self.inner.prefetch_added.notify_one();
+    }
+
+    fn next_prefetch(&self) -> Option<SessionKey> {
+        let mut queue = self.inner.prefetch.lock();
+        let key = queue
+            .urgent
+            .pop_front()
+            .or_else(|| queue.sweep.pop_front())?;
+        queue.queued.remove(&key);
+        drop(queue);
+        self.inner.metrics.prefetch_queued.dec();
+        Some(key)
     }
 
     /// Whether prefetching is on.
@@ -464,29 +492,39 @@ impl Broker {
         }
     }
 
-    /// Runs prefetch requests with bounded concurrency.
-    async fn prefetcher(self, mut queue: mpsc::Receiver<SessionKey>) {
-        let limit = Arc::new(Semaphore::new(
-            self.inner.config.prefetch_concurrency.max(1),
-        ));
+    /// Runs prefetch requests with bounded concurrency, at the bounded rate.
+    async fn prefetcher(self) {
+        let inner = &self.inner;
+        let limit = Arc::new(Semaphore::new(inner.config.prefetch_concurrency.max(1)));
+        let rate = inner
+            .config
+            .prefetch_rate
+            .map(|r| governor::RateLimiter::direct(governor::Quota::per_second(r)));
         loop {
-            let key = tokio::select! {
-                _ = self.inner.shutdown.cancelled() => return,
-                key = queue.recv() => match key {
-                    Some(key) => key,
-                    None => return,
-                },
+            // Armed before the queue is looked at, so that no key added in between is missed.
+            let added = inner.prefetch_added.notified();
+            let Some(key) = self.next_prefetch() else {
+                tokio::select! {
+                    _ = inner.shutdown.cancelled() => return,
+                    _ = added => continue,
+                }
             };
-            self.inner.metrics.prefetch_queued.dec();
             let Ok(permit) = limit.clone().acquire_owned().await else {
                 return;
             };
+            // `peek`, not `cached`: a session is not "used" until a pod asks for it.
+            if self.peek(&key).is_some() {
+                continue;
+            }
+            if let Some(rate) = &rate {
+                tokio::select! {
+                    _ = inner.shutdown.cancelled() => return,
+                    _ = rate.until_ready() => {}
+                }
+            }
             let broker = self.clone();
             tokio::spawn(async move {
-                // `peek`, not `cached`: a session is not "used" until a pod asks for it.
-                if broker.peek(&key).is_none() {
-                    let _ = broker.fetch(key).await;
-                }
+                let _ = broker.fetch(key).await;
                 drop(permit);
             });
         }
