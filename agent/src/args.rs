@@ -1,12 +1,13 @@
 //! Command-line flags and the wiring of the agent. Every flag has a `PODIAM_*`
 //! environment variable; names follow kiam and kube2iam where their users would look.
 
-use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
 
 use anyhow::{Context, bail};
 use clap::Parser;
 use podiam_common::{
     admin::{Admin, AdminArgs},
+    clock::SystemClock,
     logging::LogArgs,
     readiness::Readiness,
     shutdown,
@@ -287,7 +288,11 @@ impl Cli {
                 );
                 None
             };
-            let table = NodeTable::new(interfaces, TableMetrics::register(&registry)?);
+            let table = NodeTable::new(
+                interfaces,
+                Arc::new(SystemClock),
+                TableMetrics::register(&registry)?,
+            );
             let settings = FeedSettings {
                 node: node_name,
                 connect_timeout: server_timeout,
@@ -315,6 +320,7 @@ impl Cli {
                 require_v2: require_imdsv2,
                 table,
                 table_wait,
+                clock: Arc::new(SystemClock),
                 metrics: imds_metrics,
             },
             servers,

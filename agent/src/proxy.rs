@@ -11,10 +11,7 @@
 //! use the agent's own IMDSv2 token (pods never see a real one), carry no
 //! `X-Forwarded-For`, and have timeouts.
 
-use std::{
-    sync::Arc,
-    time::{Duration, Instant},
-};
+use std::{sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, StatusCode, header};
@@ -26,6 +23,7 @@ use hyper_util::{
 use parking_lot::Mutex;
 use podiam_common::pattern::{PatternError, anchored};
 use regex_lite::Regex;
+use tokio::time::Instant;
 
 use crate::imds::path::Normal;
 

@@ -21,6 +21,7 @@ use bytes::Bytes;
 use parking_lot::{Mutex, RwLock};
 use podiam_common::{
     arn::RoleArn,
+    clock::Clock,
     feed::{NodeUpdate, PodState},
     net::canonical,
     protocol::{self, ErrorBody},
@@ -44,6 +45,8 @@ struct Inner {
     changed: watch::Sender<u64>,
     /// `None`: interface binding is off (no netlink, e.g. pods on loopback in tests).
     interfaces: Option<Interfaces>,
+    /// The wall clock (when a credential set arrived: the documents' `LastUpdated`).
+    clock: Arc<dyn Clock>,
     metrics: TableMetrics,
 }
 
@@ -152,12 +155,17 @@ struct CredentialDocument<'a> {
 
 impl NodeTable {
     /// An empty table; `interfaces` binds pods to where their IPs live (`None`: off).
-    pub fn new(interfaces: Option<Interfaces>, metrics: TableMetrics) -> Self {
+    pub fn new(
+        interfaces: Option<Interfaces>,
+        clock: Arc<dyn Clock>,
+        metrics: TableMetrics,
+    ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 state: RwLock::new(State::default()),
                 changed: watch::channel(0).0,
                 interfaces,
+                clock,
                 metrics,
             }),
         }
@@ -341,7 +349,7 @@ impl NodeTable {
                 Ok(role) => {
                     let credentials = pod.credentials.clone().map(|c| {
                         let c = protocol::Credentials::from(c);
-                        Served::build(&role, &c)
+                        Served::build(&role, &c, self.inner.clock.now())
                     });
                     Decided::Allowed { role, credentials }
                 }
@@ -392,12 +400,12 @@ impl State {
 // === impl Served ===
 
 impl Served {
-    /// The documents for `credentials` of `role`, built once.
-    pub fn build(role: &RoleArn, c: &protocol::Credentials) -> Self {
+    /// The documents for `c` of `role`, built once; `now` is their `LastUpdated`.
+    pub fn build(role: &RoleArn, c: &protocol::Credentials, now: SystemTime) -> Self {
         let document = |account_id| {
             let doc = CredentialDocument {
                 code: "Success",
-                last_updated: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+                last_updated: humantime::format_rfc3339_seconds(now).to_string(),
                 kind: "AWS-HMAC",
                 access_key_id: &c.access_key_id,
                 secret_access_key: c.secret_access_key.expose(),

@@ -2,7 +2,7 @@
 //! binaries (two replicas), moto as STS, the stand-in API server. Callers are told apart by
 //! their source address (127.0.0.x). Interface binding is off here (loopback addresses
 //! live behind no veth); `agent/tests/interfaces.rs` and the sandbox test it for real.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)]
 
 use std::{
     net::{IpAddr, SocketAddr},

@@ -2,7 +2,7 @@
 //! moto as STS, the stand-in API server, and a stand-in for the node's real metadata
 //! service holding the node's secrets. Callers are told apart by their source address
 //! (127.0.0.x), each one a pod; real AWS SDKs are among them.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)]
 
 use std::{
     net::{IpAddr, SocketAddr},

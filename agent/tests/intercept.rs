@@ -3,7 +3,7 @@
 //! the DNAT of 169.254.169.254:80, and a stand-in for the node's real metadata service
 //! listens on 169.254.169.254:80 inside the node namespace, serving the node's role, so
 //! that a leak would show. No namespace has a route out of the machine.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)]
 
 use std::{
     path::Path,

@@ -4,7 +4,7 @@
 //! sleeps), and must come out right after the kernel dropped notifications for a full
 //! socket buffer. No namespace has a route out of the machine; the addresses are from the
 //! benchmarking range 198.18.0.0/15 and the documentation range 2001:db8::/32.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)]
 
 use std::{net::IpAddr, sync::mpsc, thread, time::Duration};
 

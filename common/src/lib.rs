@@ -1,5 +1,6 @@
 //! Pieces shared by the podiam agent and server.
 //!
+//! - [`clock`]: the injected wall clock (the one place it is read).
 //! - [`feed`]: the node feed, a gRPC stream from a server to an agent of its node's pods.
 //! - [`annotations`]: the Kubernetes annotation names podiam reads (kiam's and kube2iam's).
 //! - [`arn`]: IAM role ARNs: parsing a full ARN, or resolving a bare name or `path/name`
@@ -19,6 +20,7 @@
 pub mod admin;
 pub mod annotations;
 pub mod arn;
+pub mod clock;
 pub mod feed;
 pub mod legacy;
 pub mod listen;

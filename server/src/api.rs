@@ -160,6 +160,9 @@ impl AgentApi {
                     .timer(TokioTimer::new())
                     .keep_alive_interval(Some(Duration::from_secs(30)))
                     .max_concurrent_streams(1024)
+                    // Bounds what one connection buffers for a slow reader (the node
+                    // feed's streams are long-lived; a thousand agents each hold one).
+                    .max_send_buf_size(64 * 1024)
                     .serve_connection(TokioIo::new(stream), service);
                 if let Err(error) = watcher.watch(conn).await {
                     tracing::debug!(%peer, %error, "API connection ended with an error");
@@ -180,7 +183,7 @@ impl AgentApi {
         B: Body,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
-        let started = std::time::Instant::now();
+        let started = tokio::time::Instant::now();
         let endpoint = match (req.method(), req.uri().path()) {
             (&Method::POST, ROLE_PATH) => Endpoint::Role,
             (&Method::POST, CREDENTIALS_PATH) => Endpoint::Credentials,

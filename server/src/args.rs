@@ -35,7 +35,7 @@ use crate::{
     },
     policy::{MAX_SESSION, MIN_SESSION, PolicyConfig},
     sts::{
-        Broker, BrokerConfig, SystemClock,
+        Broker, BrokerConfig, Clock, SystemClock,
         aws::{AwsSts, StsSettings},
         metrics::{BrokerMetrics, SessionsCollector},
     },
@@ -388,7 +388,8 @@ impl ServeArgs {
         let tls = tls
             .server(TlsMetrics::register(&registry)?, shutdown.clone())
             .context("loading the API's TLS files")?;
-        let aws = AwsSts::new(&sts_settings).await;
+        let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+        let aws = AwsSts::new(&sts_settings, clock.clone()).await;
         let detected = if autodetect {
             Some(detect_base(&aws).await?)
         } else {
@@ -410,7 +411,7 @@ impl ServeArgs {
         let watch_metrics = WatchMetrics::register(&registry)?;
         let broker = Broker::new(
             Arc::new(aws),
-            Arc::new(SystemClock),
+            clock.clone(),
             broker_config,
             BrokerMetrics::register(&registry)?,
             shutdown.clone(),

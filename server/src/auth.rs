@@ -32,6 +32,8 @@ use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
 use kube::{Api, Client, api::PostParams};
 use parking_lot::Mutex;
 
+use podiam_common::clock::{Clock, SystemClock};
+
 use crate::credentials::Caller;
 
 /// How long a token accepted by a TokenReview is still accepted while TokenReviews fail
@@ -138,7 +140,7 @@ impl TokenReviewer {
                 .build(),
             warned: Arc::new(AtomicU64::new(0)),
             inflight: Arc::new(Mutex::new(HashMap::new())),
-            now: Arc::new(SystemTime::now),
+            now: Arc::new(|| SystemClock.now()),
         }
     }
 

@@ -73,6 +73,9 @@ pub struct FeedMetrics {
     pods_sent: prometheus::IntCounter,
 }
 
+/// Pods per message at most.
+const PODS_PER_MESSAGE: usize = 16;
+
 /// The stream handed to tonic.
 pub type UpdateStream = Pin<Box<dyn Stream<Item = Result<NodeUpdate, Status>> + Send>>;
 
@@ -172,7 +175,9 @@ impl NodeFeed for Feed {
         m.subscriptions.with_label_values(&["ok"]).inc();
         let held = watch.held.len();
         tracing::info!(node = %node, held, "agent subscribed to its node's feed");
-        let (tx, rx) = mpsc::channel(16);
+        // Few messages queued per agent: an agent that reads slowly holds back its own
+        // feed, not the server's memory.
+        let (tx, rx) = mpsc::channel(2);
         let sub = Subscription {
             feed: self.clone(),
             node,
@@ -214,7 +219,7 @@ impl Subscription {
             if !kind.is_empty() {
                 inner.metrics.updates.with_label_values(&[kind]).inc();
                 inner.metrics.pods_sent.inc_by(update.pods.len() as u64);
-                if !self.send(&tx, update).await {
+                if !self.send_chunked(&tx, update).await {
                     break;
                 }
                 beat_at = Instant::now() + heartbeat;
@@ -249,6 +254,27 @@ impl Subscription {
         }
         inner.metrics.streams.dec();
         tracing::info!(node = %self.node, "node feed ended");
+    }
+
+    /// Sends `u` as messages of at most [`PODS_PER_MESSAGE`] pods (the sync mark on the
+    /// last): small messages keep each connection's buffers small with many agents.
+    async fn send_chunked(
+        &self,
+        tx: &mpsc::Sender<Result<NodeUpdate, Status>>,
+        mut u: NodeUpdate,
+    ) -> bool {
+        while u.pods.len() > PODS_PER_MESSAGE {
+            let rest = u.pods.split_off(PODS_PER_MESSAGE);
+            let part = NodeUpdate {
+                pods: std::mem::replace(&mut u.pods, rest),
+                heartbeat_ms: u.heartbeat_ms,
+                ..NodeUpdate::default()
+            };
+            if !self.send(tx, part).await {
+                return false;
+            }
+        }
+        self.send(tx, u).await
     }
 
     async fn send(&self, tx: &mpsc::Sender<Result<NodeUpdate, Status>>, u: NodeUpdate) -> bool {

@@ -1,7 +1,7 @@
 //! The server's agent API end to end: the real binary, mutual TLS, node binding through
 //! TokenReview (stand-in API server), and STS = moto behind a counting, fault-injecting
 //! proxy.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)]
 
 use std::time::{Duration, Instant, SystemTime};
 

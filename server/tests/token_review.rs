@@ -1,7 +1,7 @@
 //! TokenReview hygiene: one review in flight per token, no trust without the audience
 //! confirmed, and never past the token's `exp`. The reviewer is the server's own, talking
 //! to the stand-in API server (a test double) over HTTP.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)]
 
 use std::{
     sync::{

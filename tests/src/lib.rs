@@ -20,6 +20,9 @@
 //! - [`objects`]: builders for the Pod and Namespace manifests tests feed it.
 //! - [`strict_json`]: JSON log lines read strictly (no key twice).
 
+// Test doubles and benchmarks measure and wait in real time, not the product's clock.
+#![allow(clippy::disallowed_methods)]
+
 pub mod api_client;
 pub mod certs;
 pub mod code;

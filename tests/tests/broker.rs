@@ -2,7 +2,7 @@
 //! negative caching, prefetch overflow. The STS here is a test double
 //! (`podiam_tests::fake_sts`); the broker against real STS semantics (moto) is covered by
 //! the server's API tests.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)]
 
 use std::{
     sync::{Arc, atomic::Ordering},

@@ -3,7 +3,7 @@
 //! stand-in for each node's metadata service that hands out the node's own role (named
 //! `sandbox-node-*`, so any leak shows in an answer). Outside CI without root these
 //! tests say loudly that they skip; in CI (as root) a missing piece fails them.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)]
 
 use std::{
     path::{Path, PathBuf},

@@ -18,7 +18,7 @@ use std::{
     convert::Infallible,
     net::{IpAddr, SocketAddr},
     sync::Arc,
-    time::{Duration, SystemTime},
+    time::Duration,
 };
 
 use bytes::Bytes;
@@ -29,12 +29,12 @@ use hyper_util::{
     rt::{TokioIo, TokioTimer},
     server::graceful::GracefulShutdown,
 };
-use podiam_common::arn::RoleArn;
 use podiam_common::net::canonical;
 use podiam_common::protocol::{
     CREDENTIALS_PATH, CredentialsRequest, CredentialsResponse, ErrorBody, ErrorCode, ROLE_PATH,
     RoleRequest, RoleResponse,
 };
+use podiam_common::{arn::RoleArn, clock::Clock};
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -77,6 +77,8 @@ struct Inner {
     servers: Servers,
     /// The node table from the feed (`None`: every request asks a server).
     table: Option<NodeTable>,
+    /// The wall clock (tokens, credential lifetimes).
+    clock: Arc<dyn Clock>,
     /// How long a request from an IP the table does not know yet waits for the feed.
     table_wait: Duration,
     proxy: MetadataProxy,
@@ -98,6 +100,8 @@ pub struct ImdsConfig {
     pub table: Option<NodeTable>,
     /// How long a request from an IP the table does not know yet waits for the feed.
     pub table_wait: Duration,
+    /// The wall clock.
+    pub clock: Arc<dyn Clock>,
     /// Metrics.
     pub metrics: ImdsMetrics,
 }
@@ -139,6 +143,7 @@ impl Imds {
             require_v2,
             table,
             table_wait,
+            clock,
             metrics,
         } = config;
         Self {
@@ -150,6 +155,7 @@ impl Imds {
                 servers,
                 table,
                 table_wait,
+                clock,
                 proxy,
                 metrics,
             }),
@@ -211,7 +217,7 @@ impl Imds {
 
     /// Answers one request from `peer` (bodies are never read).
     pub async fn handle<B>(&self, peer: SocketAddr, req: Request<B>) -> Response<Full<Bytes>> {
-        let started = std::time::Instant::now();
+        let started = tokio::time::Instant::now();
         let ip = canonical(peer.ip());
         let head = req.method() == Method::HEAD;
         let (route, mut rsp) = self
@@ -269,7 +275,7 @@ impl Imds {
         }
         match headers.get(TOKEN_HEADER).map(|v| v.to_str()) {
             Some(Ok(token)) => {
-                if let Err(error) = self.inner.key.verify(token, ip, SystemTime::now()) {
+                if let Err(error) = self.inner.key.verify(token, ip, self.inner.clock.now()) {
                     return (
                         route,
                         text(StatusCode::UNAUTHORIZED, &format!("unauthorized: {error}")),
@@ -344,7 +350,7 @@ impl Imds {
         let token = self
             .inner
             .key
-            .mint(ip, Duration::from_secs(ttl), SystemTime::now());
+            .mint(ip, Duration::from_secs(ttl), self.inner.clock.now());
         let mut rsp = text(StatusCode::OK, &token);
         rsp.headers_mut().insert(TTL_HEADER, HeaderValue::from(ttl));
         rsp
@@ -410,7 +416,7 @@ impl Imds {
             Err(error) => return refused(ip, &error),
         };
         self.inner.metrics.from_server.inc();
-        let served = Served::build(&rsp.role_arn, &rsp.credentials);
+        let served = Served::build(&rsp.role_arn, &rsp.credentials, self.inner.clock.now());
         document(if extended {
             served.extended
         } else {
@@ -429,7 +435,7 @@ impl Imds {
                     role: role.clone(),
                     served: credentials
                         .as_ref()
-                        .filter(|s| s.fresh(SystemTime::now(), MIN_REMAINING))
+                        .filter(|s| s.fresh(self.inner.clock.now(), MIN_REMAINING))
                         .cloned(),
                 },
                 Decided::Denied(body) => Warm::Ask(Some(body.clone())),

@@ -8,7 +8,10 @@
 //! (role chaining: STS caps chained sessions at one hour). The SDK's standard retry mode
 //! retries throttling and transient errors with jittered exponential backoff.
 
-use std::time::{Duration, SystemTime};
+use std::{
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
 
 use aws_config::{BehaviorVersion, Region, retry::RetryConfig, timeout::TimeoutConfig};
 use aws_sdk_sts::{
@@ -20,7 +23,7 @@ use aws_smithy_http_client::tls::{Provider, rustls_provider::CryptoMode};
 use futures::{FutureExt, future::BoxFuture};
 use podiam_common::{protocol::Credentials, secret::Secret};
 
-use super::{AssumeRole, SessionKey, StsError};
+use super::{AssumeRole, Clock, SessionKey, StsError};
 
 /// How the server reaches STS.
 #[derive(Clone, Debug, Default)]
@@ -41,6 +44,8 @@ pub struct StsSettings {
 #[derive(Clone, Debug)]
 pub struct AwsSts {
     client: Client,
+    /// For checking the expiration STS gives.
+    clock: Arc<dyn Clock>,
 }
 
 const MAX_ATTEMPTS: u32 = 3;
@@ -53,7 +58,7 @@ const CHAIN_SESSION: &str = "podiam-server";
 
 impl AwsSts {
     /// Loads the default credential chain and builds the client.
-    pub async fn new(settings: &StsSettings) -> Self {
+    pub async fn new(settings: &StsSettings, clock: Arc<dyn Clock>) -> Self {
         let http = aws_smithy_http_client::Builder::new()
             .tls_provider(Provider::Rustls(CryptoMode::Ring))
             .build_https();
@@ -86,6 +91,7 @@ impl AwsSts {
         }
         Self {
             client: Client::from_conf(config.build()),
+            clock,
         }
     }
 
@@ -117,6 +123,7 @@ impl AssumeRole for AwsSts {
             .duration_seconds(i32::try_from(key.duration.as_secs()).unwrap_or(i32::MAX))
             .set_external_id(key.external_id.as_deref().map(Into::into))
             .set_tags((!tags.is_empty()).then_some(tags));
+        let clock = self.clock.clone();
         async move {
             let out = request.send().await.map_err(sdk_error)?;
             let c = out
@@ -126,7 +133,7 @@ impl AssumeRole for AwsSts {
                 .map_err(|e| StsError::Malformed(format!("expiration: {e}")))?;
             // STS issues at most 12 h; anything outside now..13 h is not to be trusted (and
             // would not format as RFC 3339 downstream).
-            let now = SystemTime::now();
+            let now = clock.now();
             if expiration <= now || expiration > now + MAX_EXPIRY {
                 return Err(StsError::Malformed(format!(
                     "expiration {} s from now is outside STS's range",

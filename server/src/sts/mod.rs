@@ -24,7 +24,7 @@ use std::{
         Arc,
         atomic::{AtomicBool, Ordering},
     },
-    time::{Duration, Instant, SystemTime},
+    time::{Duration, SystemTime},
 };
 
 use futures::{
@@ -58,15 +58,7 @@ pub struct SessionKey {
     pub tags: Arc<[(&'static str, String)]>,
 }
 
-/// Now, as the broker sees it (injected so that tests can move time).
-pub trait Clock: Send + Sync + fmt::Debug + 'static {
-    /// The current wall-clock time.
-    fn now(&self) -> SystemTime;
-}
-
-/// The system clock.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct SystemClock;
+pub use podiam_common::clock::{Clock, SystemClock};
 
 /// One `sts:AssumeRole` call.
 pub trait AssumeRole: Send + Sync + fmt::Debug + 'static {
@@ -169,14 +161,6 @@ const MAX_RETRY_BACKOFF: Duration = Duration::from_secs(120);
 /// First wait between refresh retries.
 const FIRST_RETRY_BACKOFF: Duration = Duration::from_secs(2);
 
-// === impl Clock ===
-
-impl Clock for SystemClock {
-    fn now(&self) -> SystemTime {
-        SystemTime::now()
-    }
-}
-
 impl Default for BrokerConfig {
     fn default() -> Self {
         Self {
@@ -217,7 +201,7 @@ impl Broker {
     ) -> Self {
         let cache = moka::sync::Cache::builder()
             .max_capacity(config.max_sessions)
-            .expire_after(ExpireWithCredentials)
+            .expire_after(ExpireWithCredentials(clock.clone()))
             .build();
         let failures = moka::sync::Cache::builder()
             .max_capacity(config.max_sessions)
@@ -389,7 +373,7 @@ impl Broker {
     async fn assume(self, key: SessionKey) -> Result<Credentials, StsError> {
         let inner = &self.inner;
         inner.metrics.inflight.inc();
-        let started = Instant::now();
+        let started = tokio::time::Instant::now();
         let result = inner.sts.assume_role(&key).await;
         inner
             .metrics
@@ -543,7 +527,7 @@ impl fmt::Debug for Inner {
 
 /// Cache entries are evicted when their credentials expire (memory hygiene only: whether
 /// credentials may be handed out is decided with the injected clock).
-struct ExpireWithCredentials;
+struct ExpireWithCredentials(Arc<dyn Clock>);
 
 impl moka::Expiry<SessionKey, Arc<Entry>> for ExpireWithCredentials {
     fn expire_after_create(
@@ -556,7 +540,7 @@ impl moka::Expiry<SessionKey, Arc<Entry>> for ExpireWithCredentials {
             value
                 .credentials
                 .expiration
-                .duration_since(SystemTime::now())
+                .duration_since(self.0.now())
                 .unwrap_or_default(),
         )
     }

@@ -21,6 +21,9 @@
 //! `podiam-bench prefetch`: the share of new pods whose first request is served from the
 //! cache, with pods created at a given rate and STS answering after a fixed delay.
 
+// Benchmarks and the sandbox measure and wait in real time.
+#![allow(clippy::disallowed_methods)]
+
 use std::{
     path::{Path, PathBuf},
     process::Command,
@@ -138,6 +141,28 @@ enum Bench {
         #[arg(long)]
         server: Option<PathBuf>,
     },
+    /// The node feed at scale: one server streaming to NODES stand-in agents (tonic
+    /// clients, one mTLS connection and token each) with PODS pods each; server memory and
+    /// CPU, time for every agent to sync, to resync on a second replica when the first
+    /// goes, a real agent's RSS with --agent-pods pods on its node, and the time to a
+    /// full session cache (one session per pod) at --prefetch-rate.
+    Feed {
+        /// Nodes (stand-in agents).
+        #[arg(long, default_value_t = 1000)]
+        nodes: usize,
+        /// Pods per node.
+        #[arg(long, default_value_t = 100)]
+        pods: usize,
+        /// Pods on the real agent's node.
+        #[arg(long, default_value_t = 250)]
+        agent_pods: usize,
+        /// Pods whose sessions (one per pod) are prefetched from a cold start.
+        #[arg(long, default_value_t = 10_000)]
+        cache_pods: usize,
+        /// The server binary.
+        #[arg(long)]
+        server: Option<PathBuf>,
+    },
     /// (internal) The floor for `agent`: a bare hyper server answering `body` to GETs and
     /// `token` to PUTs.
     #[command(hide = true)]
@@ -225,6 +250,18 @@ async fn run(bench: Bench) -> anyhow::Result<()> {
                 &prefetch_concurrency,
             )
             .await?
+        }
+        Bench::Feed {
+            nodes,
+            pods,
+            agent_pods,
+            cache_pods,
+            server,
+        } => {
+            let server = server_path(server)?;
+            feed(&server, nodes, pods).await?;
+            agent_table(&server, agent_pods).await?;
+            full_cache(&server, cache_pods).await?;
         }
         Bench::Api {
             concurrency,
@@ -521,6 +558,279 @@ async fn agent(
 
 const TABLE_ANSWERS: &str = r#"podiam_agent_credentials_answered_total{source="table"}"#;
 const SERVER_CREDENTIALS: &str = r#"podiam_api_requests_total{endpoint="credentials",result="ok"}"#;
+
+/// The node feed at scale: `nodes` stand-in agents, `per_node` pods each.
+async fn feed(server: &Path, nodes: usize, per_node: usize) -> anyhow::Result<()> {
+    let namespaces = 100;
+    let kube = FakeKube::start().await?;
+    for n in 0..namespaces {
+        kube.apply(namespace(
+            &format!("ns-{n}"),
+            &[(
+                "iam.amazonaws.com/permitted",
+                &format!("arn:aws:iam::{ACCOUNT}:role/ns-{n}-.*"),
+            )],
+        ));
+    }
+    let mut bytes = 0;
+    for i in 0..nodes * per_node {
+        let pod = realistic_pod_on(i, i % namespaces, &format!("node-{}", i % nodes));
+        bytes += pod.to_string().len();
+        kube.apply(pod);
+    }
+    for n in 0..nodes {
+        kube.add_token(&format!("agent-{n}"), agent_identity(&format!("node-{n}")));
+    }
+    kube.compact();
+    let pods = nodes * per_node;
+    // One session per role (namespace): the stream is measured, not moto.
+    let args = ["--session-scope", "role", "--prefetch-rate", "0"];
+    let stack = ServerStack::start(server, kube, &args).await?;
+    let ready_rss = stack.server.rss_kib().unwrap_or(0);
+    println!(
+        "server {}; {pods} pods ({} B of JSON each) on {nodes} nodes, {namespaces} roles; RSS at ready {:.1} MiB\n",
+        server.display(),
+        bytes / pods.max(1),
+        ready_rss as f64 / 1024.0
+    );
+    let config = tls_config(&stack.pki.ca, Some(&stack.pki.client))?;
+    let cpu0 = stack.server.cpu_time().unwrap_or_default();
+    let (synced, complete, streams) =
+        subscribe_all(stack.api, &config, nodes, per_node, vec![Vec::new(); nodes]).await?;
+    let cpu = stack
+        .server
+        .cpu_time()
+        .unwrap_or_default()
+        .saturating_sub(cpu0);
+    let rss = stack.server.rss_kib().unwrap_or(0);
+    let sent = stack.metric("podiam_feed_pods_sent_total").await;
+    // Steady state: heartbeats only.
+    let (c0, t0) = (stack.server.cpu_time().unwrap_or_default(), Instant::now());
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let idle = stack
+        .server
+        .cpu_time()
+        .unwrap_or_default()
+        .saturating_sub(c0)
+        .as_secs_f64()
+        / t0.elapsed().as_secs_f64();
+    println!("| what | value |\n|---|---:|");
+    println!(
+        "| agents subscribed (one TLS connection and token review each) | {} |",
+        stack.metric("podiam_feed_streams").await
+    );
+    println!("| time until every agent has synced | {:.2?} |", synced);
+    println!(
+        "| time until every pod's credentials reached its agent | {:.2?} |",
+        complete
+    );
+    println!("| server CPU for that | {:.2?} |", cpu);
+    println!("| pod states sent | {sent:.0} |");
+    println!(
+        "| server RSS with {nodes} streams | {:.1} MiB |",
+        rss as f64 / 1024.0
+    );
+    println!("| server CPU in steady state (heartbeats) | {idle:.3} cores |");
+    println!(
+        "| server RSS 10 s later | {:.1} MiB |",
+        stack.server.rss_kib().unwrap_or(0) as f64 / 1024.0
+    );
+    let held: Vec<_> = streams.into_iter().map(|(_, held)| held).collect();
+
+    // A second replica, then the first goes: every agent resumes there with what it holds.
+    let (replica, replica_api) = stack.replica(server).await?;
+    let mut stack = stack;
+    stack.server.stop(Duration::from_secs(10))?;
+    let sent0 = stack::metric(replica.admin, "podiam_feed_pods_sent_total").await;
+    let (synced, complete, _streams) =
+        subscribe_all(replica_api, &config, nodes, per_node, held).await?;
+    println!(
+        "| resync on a second replica after the first stopped: every agent synced | {synced:.2?} |"
+    );
+    println!("| resync: every pod's credentials (the replica's own sessions) | {complete:.2?} |");
+    println!(
+        "| resync: pod states sent (all: each replica has its own sessions, so every credential differs) | {:.0} |",
+        stack::metric(replica.admin, "podiam_feed_pods_sent_total").await - sent0
+    );
+    println!(
+        "| second replica RSS with {nodes} streams | {:.1} MiB |",
+        replica.rss_kib().unwrap_or(0) as f64 / 1024.0
+    );
+    Ok(())
+}
+
+type Subscribed = (
+    tonic::Streaming<podiam_common::feed::NodeUpdate>,
+    Vec<podiam_common::feed::Held>,
+);
+
+/// Subscribes every node's agent at once; returns when each has synced and holds
+/// credentials for all its pods: (time to all synced, time to all complete, the streams).
+async fn subscribe_all(
+    api: std::net::SocketAddr,
+    config: &rustls::ClientConfig,
+    nodes: usize,
+    per_node: usize,
+    held: Vec<Vec<podiam_common::feed::Held>>,
+) -> anyhow::Result<(Duration, Duration, Vec<Subscribed>)> {
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for (n, held) in held.into_iter().enumerate().take(nodes) {
+        let config = config.clone();
+        tasks.push(tokio::spawn(async move {
+            let token = format!("agent-{n}");
+            let mut stream =
+                podiam_tests::api_client::watch_feed(api, config, Some(&token), "", held.clone())
+                    .await?
+                    .map_err(|s| anyhow::anyhow!("node-{n}: {s}"))?;
+            let mut pods: std::collections::HashMap<String, podiam_common::feed::PodState> = held
+                .into_iter()
+                .map(|h| {
+                    (
+                        h.uid.clone(),
+                        podiam_common::feed::PodState {
+                            uid: h.uid,
+                            version: h.version,
+                            ..Default::default()
+                        },
+                    )
+                })
+                .collect();
+            let mut synced_at = None;
+            loop {
+                let update = tokio::time::timeout(Duration::from_secs(600), stream.message())
+                    .await
+                    .context("no update for 10 min")??
+                    .context("stream ended")?;
+                for uid in update.removed {
+                    pods.remove(&uid);
+                }
+                for p in update.pods {
+                    pods.insert(p.uid.clone(), p);
+                }
+                if update.synced {
+                    synced_at = Some(started.elapsed());
+                }
+                let complete = pods.len() == per_node
+                    && pods.values().all(|p| {
+                        p.credentials.is_some()
+                            || p.version != 0 && p.role_arn.is_empty() && p.denial.is_none()
+                    });
+                if let (Some(synced), true) = (synced_at, complete) {
+                    let held = pods
+                        .values()
+                        .map(|p| podiam_common::feed::Held {
+                            uid: p.uid.clone(),
+                            version: p.version,
+                        })
+                        .collect();
+                    return anyhow::Ok((synced, started.elapsed(), (stream, held)));
+                }
+            }
+        }));
+    }
+    let (mut synced, mut complete, mut streams) = (Duration::ZERO, Duration::ZERO, Vec::new());
+    for t in tasks {
+        let (s, c, stream) = t.await??;
+        synced = synced.max(s);
+        complete = complete.max(c);
+        streams.push(stream);
+    }
+    Ok((synced, complete, streams))
+}
+
+/// A real agent's RSS with `pods` pods (and their credentials) in its node table.
+async fn agent_table(server: &Path, pods: usize) -> anyhow::Result<()> {
+    let kube = FakeKube::start().await?;
+    kube.apply(namespace("bench", &[("iam.amazonaws.com/permitted", ".*")]));
+    for i in 0..pods {
+        let mut pod = realistic_pod_on(i, 0, "node-a");
+        pod["metadata"]["namespace"] = json!("bench");
+        kube.apply(pod);
+    }
+    kube.add_token("agent", agent_identity("node-a"));
+    let stack = ServerStack::start(server, kube, &["--prefetch-rate", "0"]).await?;
+    let agent_bin = server.with_file_name("podiam-agent");
+    let token_file = stack.dir.path().join("sa-token");
+    std::fs::write(&token_file, "agent")?;
+    let key_file = stack.dir.path().join("imds.key");
+    let mut cmd = agent_command(
+        &agent_bin,
+        &stack.pki,
+        &stack.api.to_string(),
+        "127.0.0.1:9",
+        &key_file,
+        &token_file,
+    );
+    cmd.args([
+        "--log-level",
+        "warn",
+        "--pod-sources",
+        "127.0.0.0/8",
+        "--interface-binding",
+        "off",
+    ]);
+    let agent =
+        tokio::task::spawn_blocking(move || Process::spawn_announcing(cmd, &["metadata endpoint"]))
+            .await??;
+    http::wait_ready(agent.admin, Duration::from_secs(30)).await?;
+    let idle_rss = agent.rss_kib().unwrap_or(0);
+    let started = Instant::now();
+    loop {
+        let (_, text) = http::get(agent.admin, "/metrics").await?;
+        let table = metric(&text, "podiam_agent_table_pods").unwrap_or(0.0);
+        let sessions = stack.metric("podiam_credential_cache_sessions").await;
+        if table >= pods as f64 && sessions >= pods as f64 {
+            // One more heartbeat so the last credentials have reached the agent.
+            tokio::time::sleep(Duration::from_secs(6)).await;
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(300) {
+            bail!("the agent's table never filled ({table} pods, {sessions} sessions)");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    println!(
+        "| a real agent's RSS with {pods} pods and their credentials in its table (idle before: {:.1} MiB) | {:.1} MiB |",
+        idle_rss as f64 / 1024.0,
+        agent.rss_kib().unwrap_or(0) as f64 / 1024.0
+    );
+    Ok(())
+}
+
+/// Time from ready to a full session cache (one session per pod) at the default
+/// --prefetch-rate, and unlimited.
+async fn full_cache(server: &Path, pods: usize) -> anyhow::Result<()> {
+    for rate in ["100", "0"] {
+        let kube = FakeKube::start().await?;
+        kube.apply(namespace("bench", &[("iam.amazonaws.com/permitted", ".*")]));
+        for i in 0..pods {
+            let mut pod = realistic_pod_on(i, 0, &format!("node-{}", i % 100));
+            pod["metadata"]["namespace"] = json!("bench");
+            kube.apply(pod);
+        }
+        kube.compact();
+        let started = Instant::now();
+        let stack = ServerStack::start(server, kube, &["--prefetch-rate", rate]).await?;
+        let ready = started.elapsed();
+        loop {
+            let sessions = stack.metric("podiam_credential_cache_sessions").await;
+            if sessions >= pods as f64 {
+                break;
+            }
+            if started.elapsed() > Duration::from_secs(1800) {
+                bail!("only {sessions} of {pods} sessions after 30 min");
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        let calls = stack.proxy.calls("AssumeRole");
+        println!(
+            "| full session cache for {pods} pods (one session each), --prefetch-rate {rate}: ready in {ready:.1?}, full {:.1?} after start | {calls} AssumeRole calls |",
+            started.elapsed()
+        );
+    }
+    Ok(())
+}
 
 /// One level's numbers.
 struct Load {
@@ -1119,9 +1429,14 @@ fn metric(text: &str, name: &str) -> Option<f64> {
 
 /// A pod as a Deployment creates it, with the fields a real API server returns.
 fn realistic_pod(i: usize, ns: usize) -> Value {
+    realistic_pod_on(i, ns, &format!("node-{}", i % 500))
+}
+
+/// A pod as an API server holds it (~5.7 KB of JSON: an app container and a sidecar,
+/// managed fields, conditions, statuses), on `node`.
+fn realistic_pod_on(i: usize, ns: usize, node: &str) -> Value {
     let ip = format!("100.{}.{}.{}", 64 + (i >> 16), (i >> 8) & 255, i & 255);
     let name = format!("app-{i}-7d9f8c6b5-x2k4p");
-    let node = format!("node-{}", i % 500);
     json!({
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {
@@ -1158,6 +1473,30 @@ fn realistic_pod(i: usize, ns: usize) -> Value {
                 "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "256Mi"}},
                 "volumeMounts": [{"name": "kube-api-access", "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount", "readOnly": true}],
                 "terminationMessagePath": "/dev/termination-log", "terminationMessagePolicy": "File"
+            }, {
+                "name": "proxy", "image": "registry.example/mesh/proxyv2:1.24.1", "imagePullPolicy": "IfNotPresent",
+                "args": ["proxy", "sidecar", "--domain", "$(POD_NAMESPACE).svc.cluster.local", "--proxyLogLevel=warning", "--proxyComponentLogLevel=misc:error", "--log_output_level=default:info"],
+                "ports": [{"containerPort": 15090, "name": "http-envoy-prom", "protocol": "TCP"}],
+                "env": [
+                    {"name": "POD_NAME", "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.name"}}},
+                    {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.namespace"}}},
+                    {"name": "INSTANCE_IP", "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": "status.podIP"}}},
+                    {"name": "SERVICE_ACCOUNT", "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": "spec.serviceAccountName"}}},
+                    {"name": "HOST_IP", "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": "status.hostIP"}}},
+                    {"name": "PROXY_CONFIG", "value": "{\"holdApplicationUntilProxyStarts\":true}"},
+                    {"name": "ISTIO_META_APP_CONTAINERS", "value": "app"},
+                    {"name": "ISTIO_META_CLUSTER_ID", "value": "Kubernetes"},
+                    {"name": "ISTIO_META_WORKLOAD_NAME", "value": format!("app-{i}")}
+                ],
+                "resources": {"requests": {"cpu": "10m", "memory": "40Mi"}, "limits": {"cpu": "2", "memory": "1Gi"}},
+                "readinessProbe": {"httpGet": {"path": "/healthz/ready", "port": 15021, "scheme": "HTTP"}, "periodSeconds": 15, "failureThreshold": 4},
+                "securityContext": {"allowPrivilegeEscalation": false, "capabilities": {"drop": ["ALL"]}, "readOnlyRootFilesystem": true, "runAsNonRoot": true, "runAsUser": 1337},
+                "volumeMounts": [
+                    {"name": "workload-socket", "mountPath": "/var/run/secrets/workload-spiffe-uds"},
+                    {"name": "istio-envoy", "mountPath": "/etc/istio/proxy"},
+                    {"name": "kube-api-access", "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount", "readOnly": true}
+                ],
+                "terminationMessagePath": "/dev/termination-log", "terminationMessagePolicy": "File"
             }],
             "tolerations": [
                 {"key": "node.kubernetes.io/not-ready", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 300},
@@ -1183,6 +1522,12 @@ fn realistic_pod(i: usize, ns: usize) -> Value {
                 "imageID": "registry.example/app@sha256:0f1e2d3c4b5a69788796a5b4c3d2e1f00f1e2d3c4b5a69788796a5b4c3d2e1f0",
                 "containerID": "containerd://5c4b3a29180f7e6d5c4b3a29180f7e6d5c4b3a29180f7e6d5c4b3a29180f7e6d",
                 "state": {"running": {"startedAt": "2026-11-01T00:00:04Z"}}, "lastState": {}
+            }, {
+                "name": "proxy", "ready": true, "started": true, "restartCount": 0,
+                "image": "registry.example/mesh/proxyv2:1.24.1",
+                "imageID": "registry.example/mesh/proxyv2@sha256:9a8b7c6d5e4f30211a2b3c4d5e6f708192a3b4c5d6e7f8091a2b3c4d5e6f7081",
+                "containerID": "containerd://0a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f9",
+                "state": {"running": {"startedAt": "2026-11-01T00:00:03Z"}}, "lastState": {}
             }]
         }
     })

@@ -13,6 +13,9 @@
 //! podiam-sandbox down
 //! ```
 
+// Benchmarks and the sandbox measure and wait in real time.
+#![allow(clippy::disallowed_methods)]
+
 use std::{
     io::{BufRead, BufReader},
     os::unix::process::CommandExt,
