@@ -1,5 +1,6 @@
-//! Command-line flags and the wiring of the server. Every flag has a `PODIAM_*`
-//! environment variable; names follow kiam and kube2iam where their users would look.
+//! Command-line flags of the server, validated here and handed to [`crate::run`], which
+//! builds the runtime. Every flag has a `PODIAM_*` environment variable; names follow
+//! kiam and kube2iam where their users would look.
 
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
 
@@ -7,38 +8,21 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use podiam_common::{
-    admin::{Admin, AdminArgs},
+    admin::AdminArgs,
     annotations,
     arn::{BaseRoleArn, RoleArn},
     logging::LogArgs,
-    readiness::Readiness,
-    shutdown,
-    tls::{TlsArgs, TlsMetrics},
+    tls::TlsArgs,
 };
-use prometheus::Registry;
-use tokio::{net::TcpListener, task::JoinSet};
-use tracing::Instrument;
 
 use crate::{
-    api::{AgentApi, ApiMetrics},
     auth::{self, TokenReviewer, Unbound},
-    credentials::{
-        CHAINED_MAX, Issuer, IssuerMetrics, LookupSettings, SessionScope, SessionSettings,
-    },
-    events::KubeEvents,
+    credentials::{CHAINED_MAX, LookupSettings, SessionScope, SessionSettings},
     explain::ExplainArgs,
-    feed::{Feed, FeedMetrics, FeedSettings},
-    pods::{
-        ClusterIndex,
-        metrics::{IndexCollector, WatchMetrics},
-        watch,
-    },
+    feed::FeedSettings,
     policy::{MAX_SESSION, MIN_SESSION, PolicyConfig},
-    sts::{
-        Broker, BrokerConfig, Clock, SystemClock,
-        aws::{AwsSts, StsSettings},
-        metrics::{BrokerMetrics, SessionsCollector},
-    },
+    run,
+    sts::{BrokerConfig, aws::StsSettings},
 };
 
 /// podiam server: maps pod IPs to pods and pods to IAM roles, checks each role against its
@@ -349,6 +333,7 @@ impl Cli {
 // === impl ServeArgs ===
 
 impl ServeArgs {
+    /// Validates the flags and hands them to [`run::serve`].
     async fn run(self, admin: AdminArgs, kube: KubeArgs, policy: PolicyArgs) -> anyhow::Result<()> {
         let ServeArgs {
             listen,
@@ -375,193 +360,36 @@ impl ServeArgs {
         if max_waiting_lookups == 0 {
             bail!("--max-waiting-lookups must be at least 1");
         }
-        let shutdown = shutdown::on_signals().context("installing signal handlers")?;
-        let registry = Registry::new();
-        let readiness = Readiness::new();
-
         // Flags first, so that a bad value fails before anything connects.
-        let (sts_settings, broker_config, sessions) = sts.settings()?;
+        let (sts_settings, broker, sessions) = sts.settings()?;
         let autodetect = base_role_arn_autodetect && non_empty(&policy.base_role_arn).is_none();
         if !autodetect {
             policy.config(None)?;
         }
-        let tls = tls
-            .server(TlsMetrics::register(&registry)?, shutdown.clone())
-            .context("loading the API's TLS files")?;
-        let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-        let aws = AwsSts::new(&sts_settings, clock.clone()).await;
-        let detected = if autodetect {
-            Some(detect_base(&aws).await?)
-        } else {
-            None
-        };
-        let policy = policy.config(detected)?;
-        let config = kube.config().await?;
-        let client =
-            kube::Client::try_from(config.clone()).context("building the Kubernetes client")?;
-        // The watchers back off on their own; the client's own retries of 503/429 (for
-        // minutes) would hide a failing API server from the stale-index bound.
-        let mut watch_config = config;
-        watch_config.default_retry = false;
-        let watch_client =
-            kube::Client::try_from(watch_config).context("building the Kubernetes client")?;
-
-        let index = ClusterIndex::new(policy.base_role_arn.clone());
-        IndexCollector::register(&registry, index.clone())?;
-        let watch_metrics = WatchMetrics::register(&registry)?;
-        let broker = Broker::new(
-            Arc::new(aws),
-            clock.clone(),
-            broker_config,
-            BrokerMetrics::register(&registry)?,
-            shutdown.clone(),
-        );
-        SessionsCollector::register(&registry, broker.clone())?;
-        let notifier = KubeEvents::start(
-            client.clone(),
-            std::env::var("POD_NAME").ok(),
-            event_interval,
-            &registry,
-            shutdown.clone(),
-        )?;
-        let issuer = Issuer::new(
-            index.clone(),
-            policy,
+        run::serve(run::Serve {
+            listen,
+            admin_addr,
+            tls,
+            sts: sts_settings,
             broker,
             sessions,
-            LookupSettings {
+            authenticator: Box::new(move |client| binding.authenticator(client)),
+            kube,
+            policy: Box::new(move |detected| policy.config(detected)),
+            autodetect,
+            watch_stale_after,
+            lookup: LookupSettings {
                 wait: ip_lookup_wait,
                 max_waiting: max_waiting_lookups,
             },
-            IssuerMetrics::register(&registry)?,
-            Arc::new(notifier),
-        );
-        let auth = binding.authenticator(client.clone())?;
-        let feed = Feed::new(
-            issuer.clone(),
-            index.clone(),
-            auth.clone(),
-            readiness.clone(),
-            FeedSettings {
+            feed: FeedSettings {
                 heartbeat: feed_heartbeat,
             },
-            FeedMetrics::register(&registry)?,
-            shutdown.clone(),
-        );
-        let api = AgentApi::new(
-            issuer.clone(),
-            auth,
-            readiness.clone(),
-            ApiMetrics::register(&registry)?,
+            event_interval,
             metrics_role_labels,
-        );
-
-        let pods_ready = readiness.gate("pods");
-        let namespaces_ready = readiness.gate("namespaces");
-        let admin_listener = TcpListener::bind(admin_addr)
-            .await
-            .with_context(|| format!("binding the admin server to {admin_addr}"))?;
-        let api_listener = TcpListener::bind(listen)
-            .await
-            .with_context(|| format!("binding the agent API to {listen}"))?;
-        tracing::info!(addr = %admin_listener.local_addr()?, "admin server listening");
-        tracing::info!(addr = %api_listener.local_addr()?, "agent API listening");
-
-        let mut tasks = JoinSet::new();
-        let admin = Admin::new(registry, readiness.clone());
-        spawn(&mut tasks, "admin server", "admin", {
-            let shutdown = shutdown.clone();
-            async move {
-                admin.serve(admin_listener, shutdown).await;
-                Ok(())
-            }
-        });
-        spawn(&mut tasks, "agent API", "api", {
-            let shutdown = shutdown.clone();
-            async move {
-                api.serve(feed, api_listener, tls, shutdown).await;
-                Ok(())
-            }
-        });
-        let prefetch: watch::PodHook = {
-            let issuer = issuer.clone();
-            Arc::new(move |pod| issuer.on_pod(pod))
-        };
-        let watch_settings = |ready| watch::WatchSettings {
-            ready,
-            metrics: watch_metrics.clone(),
-            stale_after: watch_stale_after,
-            shutdown: shutdown.clone(),
-        };
-        let pods = watch::pods(
-            watch_client.clone(),
-            index.clone(),
-            Some(prefetch),
-            watch_settings(pods_ready),
-        );
-        spawn(&mut tasks, "pod watch", "watch_pods", async move {
-            Ok(pods.await?)
-        });
-        let namespaces = watch::namespaces(watch_client, index, watch_settings(namespaces_ready));
-        spawn(
-            &mut tasks,
-            "namespace watch",
-            "watch_namespaces",
-            async move { Ok(namespaces.await?) },
-        );
-        // Once both lists are in, warm every pod's session (pods listed before their
-        // namespace could not be decided when they arrived).
-        spawn(&mut tasks, "start-up prefetch", "prefetch", {
-            let shutdown = shutdown.clone();
-            async move {
-                tokio::select! {
-                    _ = shutdown.cancelled() => {}
-                    _ = readiness.wait_ready() => issuer.prefetch_all(),
-                }
-                // Finishing is this task's normal end.
-                shutdown.cancelled().await;
-                Ok(())
-            }
-        });
-
-        // A task that ends before shutdown takes the process down, loudly.
-        while let Some(joined) = tasks.join_next().await {
-            match joined {
-                Ok((_, Ok(()))) if shutdown.is_cancelled() => {}
-                Ok((name, Ok(()))) => bail!("{name} stopped unexpectedly"),
-                Ok((name, Err(error))) => return Err(error.context(name)),
-                Err(error) => bail!("a server task failed: {error}"),
-            }
-        }
-        tracing::info!("stopped");
-        Ok(())
-    }
-}
-
-fn spawn(
-    tasks: &mut JoinSet<(&'static str, anyhow::Result<()>)>,
-    name: &'static str,
-    span: &'static str,
-    task: impl Future<Output = anyhow::Result<()>> + Send + 'static,
-) {
-    tasks.spawn(
-        async move { (name, task.await) }.instrument(tracing::info_span!("task", task = span)),
-    );
-}
-
-/// `arn:PARTITION:iam::ACCOUNT:role/` from the server's own identity.
-async fn detect_base(aws: &AwsSts) -> anyhow::Result<String> {
-    let arn = aws
-        .caller_arn()
+        })
         .await
-        .context("--base-role-arn-autodetect: sts:GetCallerIdentity failed")?;
-    let fields: Vec<&str> = arn.split(':').collect();
-    let (Some(partition), Some(account)) = (fields.get(1), fields.get(4)) else {
-        bail!("--base-role-arn-autodetect: unexpected caller ARN {arn:?}");
-    };
-    let base = format!("arn:{partition}:iam::{account}:role/");
-    tracing::info!(base_role_arn = %base, caller = %arn, "base role ARN detected");
-    Ok(base)
+    }
 }
 
 // === impl StsArgs ===

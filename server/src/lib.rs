@@ -16,4 +16,5 @@ pub mod explain;
 pub mod feed;
 pub mod pods;
 pub mod policy;
+pub mod run;
 pub mod sts;

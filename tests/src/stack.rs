@@ -97,13 +97,22 @@ impl ServerStack {
 
     /// Another server replica on the same cluster, STS and PKI; returns it and its API.
     pub async fn replica(&self, bin: &Path) -> anyhow::Result<(Process, SocketAddr)> {
+        self.replica_with(bin, &[]).await
+    }
+
+    /// [`ServerStack::replica`] with `extra` flags.
+    pub async fn replica_with(
+        &self,
+        bin: &Path,
+        extra: &[&str],
+    ) -> anyhow::Result<(Process, SocketAddr)> {
         let kubeconfig = self.dir.path().join("kubeconfig");
         spawn_server(server_command(
             bin,
             &self.proxy.url(),
             &self.pki,
             &kubeconfig,
-            &[],
+            extra,
         ))
         .await
     }

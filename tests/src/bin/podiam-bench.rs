@@ -638,7 +638,7 @@ async fn feed(server: &Path, nodes: usize, per_node: usize) -> anyhow::Result<()
     let held: Vec<_> = streams.into_iter().map(|(_, held)| held).collect();
 
     // A second replica, then the first goes: every agent resumes there with what it holds.
-    let (replica, replica_api) = stack.replica(server).await?;
+    let (replica, replica_api) = stack.replica_with(server, &args).await?;
     let mut stack = stack;
     stack.server.stop(Duration::from_secs(10))?;
     let sent0 = stack::metric(replica.admin, "podiam_feed_pods_sent_total").await;

@@ -1,0 +1,274 @@
+//! The server's runtime, built in small steps from validated flags ([`crate::args`]):
+//! the clock and STS, the Kubernetes clients, the index and the issuer, the agent API with
+//! the node feed, then the tasks (listeners, watches, the start-up prefetch), any of which
+//! ending before shutdown takes the process down.
+
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+
+use anyhow::{Context, bail};
+use podiam_common::{
+    admin::Admin,
+    readiness::Readiness,
+    shutdown,
+    tls::{TlsArgs, TlsMetrics},
+};
+use prometheus::Registry;
+use tokio::{net::TcpListener, task::JoinSet};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::{
+    api::{AgentApi, ApiMetrics},
+    args::KubeArgs,
+    auth::Authenticate,
+    credentials::{Issuer, IssuerMetrics, LookupSettings, SessionSettings},
+    events::KubeEvents,
+    feed::{Feed, FeedMetrics, FeedSettings},
+    pods::{
+        ClusterIndex,
+        metrics::{IndexCollector, WatchMetrics},
+        watch,
+    },
+    policy::PolicyConfig,
+    sts::{
+        Broker, BrokerConfig, Clock, SystemClock,
+        aws::{AwsSts, StsSettings},
+        metrics::{BrokerMetrics, SessionsCollector},
+    },
+};
+
+/// What [`serve`] needs, validated.
+pub(crate) struct Serve {
+    pub listen: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub tls: TlsArgs,
+    pub sts: StsSettings,
+    pub broker: BrokerConfig,
+    pub sessions: SessionSettings,
+    /// Agent authentication over a Kubernetes client (node binding or not).
+    pub authenticator:
+        Box<dyn FnOnce(kube::Client) -> anyhow::Result<Arc<dyn Authenticate>> + Send>,
+    pub kube: KubeArgs,
+    /// The policy, given the base role ARN detected at start-up (if asked to).
+    pub policy: Box<dyn FnOnce(Option<String>) -> anyhow::Result<PolicyConfig> + Send>,
+    pub autodetect: bool,
+    pub watch_stale_after: Duration,
+    pub lookup: LookupSettings,
+    pub feed: FeedSettings,
+    pub event_interval: Duration,
+    pub metrics_role_labels: bool,
+}
+
+/// Named tasks; the first to end before shutdown ends the server.
+struct Tasks {
+    set: JoinSet<(&'static str, anyhow::Result<()>)>,
+    shutdown: CancellationToken,
+}
+
+/// Serves until shutdown.
+pub(crate) async fn serve(s: Serve) -> anyhow::Result<()> {
+    let Serve {
+        listen,
+        admin_addr,
+        tls,
+        sts,
+        broker,
+        sessions,
+        authenticator,
+        kube,
+        policy,
+        autodetect,
+        watch_stale_after,
+        lookup,
+        feed,
+        event_interval,
+        metrics_role_labels,
+    } = s;
+    let shutdown = shutdown::on_signals().context("installing signal handlers")?;
+    let registry = Registry::new();
+    let readiness = Readiness::new();
+    let tls = tls
+        .server(TlsMetrics::register(&registry)?, shutdown.clone())
+        .context("loading the API's TLS files")?;
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let aws = AwsSts::new(&sts, clock.clone()).await;
+    let detected = if autodetect {
+        Some(detect_base(&aws).await?)
+    } else {
+        None
+    };
+    let policy = policy(detected)?;
+    let (client, watch_client) = kube_clients(&kube).await?;
+
+    let index = ClusterIndex::new(policy.base_role_arn.clone());
+    IndexCollector::register(&registry, index.clone())?;
+    let broker = Broker::new(
+        Arc::new(aws),
+        clock,
+        broker,
+        BrokerMetrics::register(&registry)?,
+        shutdown.clone(),
+    );
+    SessionsCollector::register(&registry, broker.clone())?;
+    let notifier = KubeEvents::start(
+        client.clone(),
+        std::env::var("POD_NAME").ok(),
+        event_interval,
+        &registry,
+        shutdown.clone(),
+    )?;
+    let issuer = Issuer::new(
+        index.clone(),
+        policy,
+        broker,
+        sessions,
+        lookup,
+        IssuerMetrics::register(&registry)?,
+        Arc::new(notifier),
+    );
+    let auth = authenticator(client)?;
+    let feed = Feed::new(
+        issuer.clone(),
+        index.clone(),
+        auth.clone(),
+        readiness.clone(),
+        feed,
+        FeedMetrics::register(&registry)?,
+        shutdown.clone(),
+    );
+    let api = AgentApi::new(
+        issuer.clone(),
+        auth,
+        readiness.clone(),
+        ApiMetrics::register(&registry)?,
+        metrics_role_labels,
+    );
+    let watch_metrics = WatchMetrics::register(&registry)?;
+    let pods_ready = readiness.gate("pods");
+    let namespaces_ready = readiness.gate("namespaces");
+
+    let mut tasks = Tasks::new(shutdown.clone());
+    let admin_listener = bind(admin_addr, "admin server").await?;
+    let api_listener = bind(listen, "agent API").await?;
+    let admin = Admin::new(registry, readiness.clone());
+    tasks.spawn("admin server", "admin", {
+        let shutdown = shutdown.clone();
+        async move {
+            admin.serve(admin_listener, shutdown).await;
+            Ok(())
+        }
+    });
+    tasks.spawn("agent API", "api", {
+        let shutdown = shutdown.clone();
+        async move {
+            api.serve(feed, api_listener, tls, shutdown).await;
+            Ok(())
+        }
+    });
+    let settings = |ready| watch::WatchSettings {
+        ready,
+        metrics: watch_metrics.clone(),
+        stale_after: watch_stale_after,
+        shutdown: shutdown.clone(),
+    };
+    let on_pod: watch::PodHook = {
+        let issuer = issuer.clone();
+        Arc::new(move |pod| issuer.on_pod(pod))
+    };
+    let pods = watch::pods(
+        watch_client.clone(),
+        index.clone(),
+        Some(on_pod),
+        settings(pods_ready),
+    );
+    tasks.spawn("pod watch", "watch_pods", async move { Ok(pods.await?) });
+    let namespaces = watch::namespaces(watch_client, index, settings(namespaces_ready));
+    tasks.spawn("namespace watch", "watch_namespaces", async move {
+        Ok(namespaces.await?)
+    });
+    // Once both lists are in, warm every pod's session (pods listed before their
+    // namespace could not be decided when they arrived).
+    tasks.spawn("start-up prefetch", "prefetch", async move {
+        tokio::select! {
+            _ = shutdown.cancelled() => {}
+            _ = readiness.wait_ready() => issuer.prefetch_all(),
+        }
+        // Finishing is this task's normal end.
+        shutdown.cancelled().await;
+        Ok(())
+    });
+    tasks.join().await
+}
+
+/// A client for requests, and one for the watches without kube's own retries: the
+/// watchers back off on their own, and the client's retries of 503/429 (for minutes)
+/// would hide a failing API server from the stale-index bound.
+async fn kube_clients(kube: &KubeArgs) -> anyhow::Result<(kube::Client, kube::Client)> {
+    let config = kube.config().await?;
+    let client =
+        kube::Client::try_from(config.clone()).context("building the Kubernetes client")?;
+    let mut watch_config = config;
+    watch_config.default_retry = false;
+    let watch_client =
+        kube::Client::try_from(watch_config).context("building the Kubernetes client")?;
+    Ok((client, watch_client))
+}
+
+async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding the {what} to {addr}"))?;
+    tracing::info!(addr = %listener.local_addr()?, "{what} listening");
+    Ok(listener)
+}
+
+// === impl Tasks ===
+
+impl Tasks {
+    fn new(shutdown: CancellationToken) -> Self {
+        Self {
+            set: JoinSet::new(),
+            shutdown,
+        }
+    }
+
+    fn spawn(
+        &mut self,
+        name: &'static str,
+        span: &'static str,
+        task: impl Future<Output = anyhow::Result<()>> + Send + 'static,
+    ) {
+        self.set.spawn(
+            async move { (name, task.await) }.instrument(tracing::info_span!("task", task = span)),
+        );
+    }
+
+    /// Waits for every task; one that ends before shutdown takes the process down, loudly.
+    async fn join(mut self) -> anyhow::Result<()> {
+        while let Some(joined) = self.set.join_next().await {
+            match joined {
+                Ok((_, Ok(()))) if self.shutdown.is_cancelled() => {}
+                Ok((name, Ok(()))) => bail!("{name} stopped unexpectedly"),
+                Ok((name, Err(error))) => return Err(error.context(name)),
+                Err(error) => bail!("a server task failed: {error}"),
+            }
+        }
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+/// `arn:PARTITION:iam::ACCOUNT:role/` from the server's own identity.
+async fn detect_base(aws: &AwsSts) -> anyhow::Result<String> {
+    let arn = aws
+        .caller_arn()
+        .await
+        .context("--base-role-arn-autodetect: sts:GetCallerIdentity failed")?;
+    let fields: Vec<&str> = arn.split(':').collect();
+    let (Some(partition), Some(account)) = (fields.get(1), fields.get(4)) else {
+        bail!("--base-role-arn-autodetect: unexpected caller ARN {arn:?}");
+    };
+    let base = format!("arn:{partition}:iam::{account}:role/");
+    tracing::info!(base_role_arn = %base, caller = %arn, "base role ARN detected");
+    Ok(base)
+}
