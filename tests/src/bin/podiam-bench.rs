@@ -1356,7 +1356,7 @@ async fn prefetch(
         sts_delay / 2
     );
     println!(
-        "| pods/s | --prefetch-concurrency | pods | first requests served from cache | p50 | p99 | max | AssumeRole calls | prefetch overflows |"
+        "| pods/s | --prefetch-concurrency | pods | first requests served from cache | p50 | p99 | max | AssumeRole calls | prefetch queue at the end |"
     );
     println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for &rate in rates {
@@ -1415,7 +1415,7 @@ async fn prefetch(
                 warm as f64 * 100.0 / pods as f64,
                 latencies.last().copied().unwrap_or_default(),
                 stack.proxy.calls("AssumeRole") - calls0,
-                stack.metric("podiam_prefetch_overflow_total").await,
+                stack.metric("podiam_prefetch_queue_depth").await,
             );
         }
     }
