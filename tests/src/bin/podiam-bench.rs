@@ -762,9 +762,10 @@ async fn agent_table(server: &Path, pods: usize) -> anyhow::Result<()> {
         &key_file,
         &token_file,
     );
+    // Info for podiam_agent: the "listening" lines announce its addresses.
     cmd.args([
         "--log-level",
-        "warn",
+        "warn,podiam_agent=info",
         "--pod-sources",
         "127.0.0.0/8",
         "--interface-binding",
