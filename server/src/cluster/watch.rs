@@ -34,9 +34,9 @@ use serde::de::DeserializeOwned;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::{
-    ClusterIndex, PodKey,
-    metrics::WatchMetrics,
+use super::{ClusterIndex, metrics::WatchMetrics};
+use crate::pods::{
+    PodInfo, PodKey,
     resources::{WatchedNamespace, WatchedPod},
 };
 
@@ -56,7 +56,7 @@ trait Indexer<K>: Send {
 }
 
 /// Called with every pod as stored after an add or change (e.g. to prefetch its session).
-pub type PodHook = std::sync::Arc<dyn Fn(&super::PodInfo) + Send + Sync>;
+pub type PodHook = std::sync::Arc<dyn Fn(&PodInfo) + Send + Sync>;
 
 struct Pods(ClusterIndex, Option<PodHook>);
 struct Namespaces(ClusterIndex);
