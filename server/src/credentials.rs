@@ -17,7 +17,8 @@ use podiam_common::{
 };
 
 use crate::{
-    pods::{ClusterIndex, IpLookup, PodInfo, PodKey},
+    cluster::ClusterIndex,
+    pods::{IpLookup, PodInfo, PodKey},
     policy::{Decision, Denial, Grant, PolicyConfig},
     sts::{Broker, SessionKey, StsError},
 };

@@ -9,10 +9,10 @@ use serde::Serialize;
 use crate::{
     args::KubeArgs,
     pods::{
-        IpLookup, NamespaceIndex, PodIndex, PodInfo,
+        IpLookup, PodIndex, PodInfo,
         resources::{WatchedNamespace, WatchedPod},
     },
-    policy::{Decision, Grant, PolicyConfig},
+    policy::{Decision, Grant, PolicyConfig, namespace::NamespaceIndex},
 };
 
 /// Which pod to explain.

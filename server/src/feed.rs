@@ -35,8 +35,9 @@ use tonic::{Request, Response, Status};
 
 use crate::{
     auth::{AuthError, Authenticate},
+    cluster::ClusterIndex,
     credentials::Issuer,
-    pods::{ClusterIndex, PodInfo},
+    pods::PodInfo,
     sts::SessionKey,
 };
 

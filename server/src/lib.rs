@@ -1,6 +1,6 @@
 //! podiam server.
 //!
-//! Data model: a [`pods::ClusterIndex`] holds every pod (stripped to
+//! Data model: a [`cluster::ClusterIndex`] holds every pod (stripped to
 //! [`pods::PodInfo`]: key, node, IPs, phase, the podiam annotations) and every namespace
 //! (with its compiled [`policy::NamespacePolicy`]), fed by kube-runtime watchers. A
 //! request's source IP maps to at most one live pod; [`policy::Decision::for_pod`] turns
@@ -10,6 +10,7 @@
 pub mod api;
 pub mod args;
 pub mod auth;
+pub mod cluster;
 pub mod credentials;
 pub mod events;
 pub mod explain;

@@ -21,14 +21,14 @@ use crate::{
     api::{AgentApi, ApiMetrics},
     args::KubeArgs,
     auth::Authenticate,
-    credentials::{Issuer, IssuerMetrics, LookupSettings, SessionSettings},
-    events::KubeEvents,
-    feed::{Feed, FeedMetrics, FeedSettings},
-    pods::{
+    cluster::{
         ClusterIndex,
         metrics::{IndexCollector, WatchMetrics},
         watch,
     },
+    credentials::{Issuer, IssuerMetrics, LookupSettings, SessionSettings},
+    events::KubeEvents,
+    feed::{Feed, FeedMetrics, FeedSettings},
     policy::PolicyConfig,
     sts::{
         Broker, BrokerConfig, Clock, SystemClock,

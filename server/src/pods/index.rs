@@ -8,10 +8,7 @@ use std::{
     sync::Arc,
 };
 
-use podiam_common::arn::BaseRoleArn;
 pub use podiam_common::net::canonical;
-
-use crate::policy::namespace::{NamespacePolicy, PolicyCache};
 
 /// A pod's namespace and name.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -119,22 +116,6 @@ struct Interner {
     set: HashSet<Arc<str>>,
     /// Size after the last sweep: the next one runs when the set has doubled.
     swept: usize,
-}
-
-/// A namespace as the server keeps it.
-#[derive(Debug)]
-pub struct NamespaceInfo {
-    /// The namespace's name.
-    pub name: Arc<str>,
-    /// Its role policy.
-    pub policy: NamespacePolicy,
-}
-
-/// Namespaces by name, with their policies.
-#[derive(Debug)]
-pub struct NamespaceIndex {
-    policies: PolicyCache,
-    namespaces: HashMap<Arc<str>, Arc<NamespaceInfo>>,
 }
 
 /// Most IPs have one claimant; only collisions allocate.
@@ -473,66 +454,6 @@ impl PodIndex {
                 }
             }
         }
-    }
-}
-
-// === impl NamespaceIndex ===
-
-impl NamespaceIndex {
-    /// An empty index; bare names in `allowed-roles` resolve against `base`.
-    pub fn new(base: Option<BaseRoleArn>) -> Self {
-        Self {
-            policies: PolicyCache::new(base),
-            namespaces: HashMap::new(),
-        }
-    }
-
-    /// Adds or replaces a namespace from its policy annotations' values. A malformed
-    /// policy is reported here, once, as well as in every denial it causes.
-    pub fn apply(&mut self, name: &str, permitted: Option<&str>, allowed_roles: Option<&str>) {
-        let policy = self.policies.policy(permitted, allowed_roles);
-        let changed = self
-            .namespaces
-            .get(name)
-            .is_none_or(|old| old.policy.source() != policy.source());
-        if changed && let Some(violation) = policy.invalid() {
-            tracing::warn!(namespace = name, %violation, "namespace policy is malformed: it permits nothing");
-        }
-        let name: Arc<str> = name.into();
-        self.namespaces
-            .insert(name.clone(), Arc::new(NamespaceInfo { name, policy }));
-    }
-
-    /// Removes a namespace; returns whether it was known.
-    pub fn delete(&mut self, name: &str) -> bool {
-        self.namespaces.remove(name).is_some()
-    }
-
-    /// After a re-list: removes every namespace not in `keep`.
-    pub fn retain(&mut self, keep: &HashSet<Arc<str>>) -> usize {
-        let before = self.namespaces.len();
-        self.namespaces.retain(|name, _| keep.contains(name));
-        before - self.namespaces.len()
-    }
-
-    /// The namespace with this name.
-    pub fn get(&self, name: &str) -> Option<Arc<NamespaceInfo>> {
-        self.namespaces.get(name).cloned()
-    }
-
-    /// Number of namespaces.
-    pub fn len(&self) -> usize {
-        self.namespaces.len()
-    }
-
-    /// Whether there are no namespaces.
-    pub fn is_empty(&self) -> bool {
-        self.namespaces.is_empty()
-    }
-
-    /// Number of compiled policies currently held (bounded).
-    pub fn policies(&self) -> usize {
-        usize::try_from(self.policies.len()).unwrap_or(usize::MAX)
     }
 }
 

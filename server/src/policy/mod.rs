@@ -16,7 +16,8 @@ use podiam_common::{
 };
 use serde::Serialize;
 
-use crate::pods::{NamespaceInfo, PodInfo};
+use self::namespace::NamespaceInfo;
+use crate::pods::PodInfo;
 
 pub mod namespace;
 mod session;

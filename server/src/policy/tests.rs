@@ -2,8 +2,9 @@ use std::time::Duration;
 
 use podiam_common::arn::{BaseRoleArn, RoleArn};
 
+use super::namespace::NamespaceIndex;
 use super::*;
-use crate::pods::{NamespaceIndex, PodAnnotations, PodInfo, PodKey, PodPhase};
+use crate::pods::{PodAnnotations, PodInfo, PodKey, PodPhase};
 
 const ACCOUNT: &str = "123456789012";
 

@@ -6,7 +6,8 @@ use std::{net::IpAddr, time::Duration};
 
 use podiam_common::{arn::BaseRoleArn, readiness::Readiness};
 use podiam_server::{
-    pods::{ClusterIndex, IpLookup, metrics::WatchMetrics, watch},
+    cluster::{ClusterIndex, metrics::WatchMetrics, watch},
+    pods::IpLookup,
     policy::{Decision, PolicyConfig},
 };
 use podiam_tests::kube_api::FakeKube;
