@@ -347,9 +347,15 @@ impl NodeTable {
         } else {
             match RoleArn::parse(&pod.role_arn) {
                 Ok(role) => {
-                    let credentials = pod.credentials.clone().map(|c| {
-                        let c = protocol::Credentials::from(c);
-                        Served::build(&role, &c, self.inner.clock.now())
+                    let credentials = pod.credentials.clone().and_then(|c| {
+                        match protocol::Credentials::try_from(c) {
+                            Ok(c) => Some(Served::build(&role, &c, self.inner.clock.now())),
+                            Err(error) => {
+                                // Asked for per request instead.
+                                tracing::warn!(pod = %name, %error, "feed sent unusable credentials; ignored");
+                                None
+                            }
+                        }
                     });
                     Decided::Allowed { role, credentials }
                 }

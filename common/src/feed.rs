@@ -197,15 +197,29 @@ impl From<&protocol::Credentials> for FeedCredentials {
     }
 }
 
-impl From<FeedCredentials> for protocol::Credentials {
-    fn from(c: FeedCredentials) -> Self {
-        let secs = u64::try_from(c.expiration_unix).unwrap_or(0);
-        Self {
+/// Latest expiry a credential set may carry: 9999-12-31T23:59:59Z, the last second RFC
+/// 3339 (and so the metadata documents) can write.
+pub const LAST_EXPIRATION_UNIX: i64 = 253_402_300_799;
+
+/// Credentials from the feed whose expiry is before 1970 or after 9999.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("credentials expiring at {0} s since the epoch are out of range")]
+pub struct ExpirationOutOfRange(pub i64);
+
+impl TryFrom<FeedCredentials> for protocol::Credentials {
+    type Error = ExpirationOutOfRange;
+
+    fn try_from(c: FeedCredentials) -> Result<Self, Self::Error> {
+        let secs = u64::try_from(c.expiration_unix)
+            .ok()
+            .filter(|_| c.expiration_unix <= LAST_EXPIRATION_UNIX)
+            .ok_or(ExpirationOutOfRange(c.expiration_unix))?;
+        Ok(Self {
             access_key_id: c.access_key_id,
             secret_access_key: Secret::new(c.secret_access_key),
             session_token: Secret::new(c.session_token),
             expiration: UNIX_EPOCH + Duration::from_secs(secs),
-        }
+        })
     }
 }
 
@@ -299,8 +313,29 @@ mod tests {
         );
         let decoded = NodeUpdate::decode(update.encode_to_vec().as_slice()).unwrap();
         assert_eq!(decoded, update);
-        let back = protocol::Credentials::from(decoded.pods[0].credentials.clone().unwrap());
-        assert_eq!(back, creds);
+        let back = protocol::Credentials::try_from(decoded.pods[0].credentials.clone().unwrap());
+        assert_eq!(back, Ok(creds));
+    }
+
+    #[test]
+    fn expiry_out_of_range_is_an_error_not_a_panic() {
+        // Found by the feed_messages fuzz target: an expiry after 9999 made the agent's
+        // metadata document panic while formatting it.
+        let at = |expiration_unix| {
+            protocol::Credentials::try_from(FeedCredentials {
+                expiration_unix,
+                ..Default::default()
+            })
+            .map(|c| c.expiration)
+        };
+        for bad in [-1, LAST_EXPIRATION_UNIX + 1, i64::MAX, i64::MIN] {
+            assert_eq!(at(bad), Err(ExpirationOutOfRange(bad)));
+        }
+        let last = at(LAST_EXPIRATION_UNIX).unwrap();
+        assert_eq!(
+            humantime::format_rfc3339_seconds(last).to_string(),
+            "9999-12-31T23:59:59Z"
+        );
     }
 
     #[test]

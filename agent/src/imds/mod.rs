@@ -336,23 +336,17 @@ impl Imds {
         if headers.contains_key("x-forwarded-for") {
             return text(StatusCode::FORBIDDEN, "forbidden");
         }
-        let ttl = headers
-            .get(TTL_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .filter(|t| (1..=token::MAX_TTL.as_secs()).contains(t));
+        let ttl = token::requested_ttl(headers.get(TTL_HEADER).map(HeaderValue::as_bytes));
         let Some(ttl) = ttl else {
             return text(
                 StatusCode::BAD_REQUEST,
                 "bad request: X-aws-ec2-metadata-token-ttl-seconds must be 1 to 21600",
             );
         };
-        let token = self
-            .inner
-            .key
-            .mint(ip, Duration::from_secs(ttl), self.inner.clock.now());
+        let token = self.inner.key.mint(ip, ttl, self.inner.clock.now());
         let mut rsp = text(StatusCode::OK, &token);
-        rsp.headers_mut().insert(TTL_HEADER, HeaderValue::from(ttl));
+        rsp.headers_mut()
+            .insert(TTL_HEADER, HeaderValue::from(ttl.as_secs()));
         rsp
     }
 

@@ -45,7 +45,10 @@ impl Normal {
         if !decoded.bytes().all(allowed) {
             return Err(PathError::Characters);
         }
-        let trailing_slash = decoded.ends_with('/');
+        // A path ending in a dot segment names a directory, as RFC 3986's
+        // remove_dot_segments has it: `/latest/a/..` is `/latest/`.
+        let last = decoded.rsplit('/').next().unwrap_or_default();
+        let mut trailing_slash = matches!(last, "" | "." | "..");
         let mut segments: Vec<String> = Vec::new();
         for part in decoded.split('/') {
             match part {
@@ -62,6 +65,8 @@ impl Normal {
             return Err(PathError::Outside);
         }
         segments.remove(0);
+        // `/latest` is the directory `/latest/`.
+        trailing_slash |= segments.is_empty();
         Ok(Self {
             segments,
             trailing_slash,
@@ -153,6 +158,24 @@ mod tests {
         ];
         for (raw, want) in cases {
             assert_eq!(norm(raw).as_deref(), Ok(want), "{raw}");
+        }
+    }
+
+    #[test]
+    fn normal_forms_are_fixed_points() {
+        // Found by the imds_path fuzz target: a path ending in a dot segment is a
+        // directory, and `/latest` is `/latest/`.
+        for (raw, want) in [
+            ("/latest/a/%2e.", "/latest/"),
+            ("/latest/meta-data/..", "/latest/"),
+            ("/latest/meta-data/iam/.", "/latest/meta-data/iam/"),
+            ("/latest/meta-data/x/..", "/latest/meta-data/"),
+            ("/latest", "/latest/"),
+        ] {
+            let path = Normal::parse(raw).unwrap();
+            assert_eq!(path.to_path(), want, "{raw}");
+            assert!(path.trailing_slash, "{raw}");
+            assert_eq!(Normal::parse(want), Ok(path), "{raw}");
         }
     }
 

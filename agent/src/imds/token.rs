@@ -22,6 +22,17 @@ pub const MAX_TTL: Duration = Duration::from_secs(21_600);
 const KEY_LEN: usize = 32;
 const VERSION: &str = "v1";
 
+/// The TTL a token request asks for, from the value of
+/// `X-aws-ec2-metadata-token-ttl-seconds`: whole seconds from 1 to [`MAX_TTL`], surrounding
+/// ASCII white space allowed. `None` for anything else, a missing header included.
+pub fn requested_ttl(value: Option<&[u8]>) -> Option<Duration> {
+    let text = std::str::from_utf8(value?.trim_ascii()).ok()?;
+    let seconds: u64 = text.parse().ok()?;
+    (1..=MAX_TTL.as_secs())
+        .contains(&seconds)
+        .then(|| Duration::from_secs(seconds))
+}
+
 /// Mints and checks tokens with the node's key.
 pub struct TokenKey {
     key: hmac::Key,
@@ -167,6 +178,27 @@ mod tests {
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn ttl_header_is_whole_seconds_from_1_to_21600() {
+        let ttl = |v: &str| requested_ttl(Some(v.as_bytes())).map(|d| d.as_secs());
+        assert_eq!(ttl("21600"), Some(21_600));
+        assert_eq!(ttl(" 1\t"), Some(1));
+        for bad in [
+            "0",
+            "21601",
+            "-1",
+            "1.5",
+            "",
+            " ",
+            "60s",
+            "\u{a0}60",
+            "99999999999999999999",
+        ] {
+            assert_eq!(ttl(bad), None, "{bad:?}");
+        }
+        assert_eq!(requested_ttl(None), None);
     }
 
     #[test]
