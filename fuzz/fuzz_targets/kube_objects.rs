@@ -22,14 +22,13 @@ fn string_at<'a>(v: &'a Value, path: &[&str]) -> Option<&'a str> {
 }
 
 /// The whole document, when it is shaped as the API server sends objects. The lean
-/// parser is more lenient than that in two ways that do not matter for what it keeps: it
-/// skips what it does not read without checking that skipped strings are UTF-8, and, as
-/// serde's derived parsers do, it takes a struct written as a JSON array of its fields.
-/// What it keeps is compared only for UTF-8 documents whose structs are JSON objects.
+/// parser is more lenient than that in ways that do not matter for what it keeps: it skips
+/// what it does not read without checking that skipped strings are UTF-8 or that skipped
+/// numbers fit a float, and, as serde's derived parsers do, it takes a struct written as a
+/// JSON array of its fields. What it keeps is compared only for documents that a full
+/// reading takes and whose structs are JSON objects.
 fn full(data: &[u8]) -> Option<Value> {
-    let text = std::str::from_utf8(data).ok()?;
-    let full: Value =
-        serde_json::from_str(text).expect("the lean parser took a UTF-8 text that is no JSON");
+    let full: Value = serde_json::from_slice(data).ok()?;
     let objects = ["", "/metadata", "/metadata/annotations", "/spec", "/status"]
         .iter()
         .all(|at| {

@@ -9,7 +9,7 @@
 //! valid list never denies a role one of its globs matches.
 #![no_main]
 
-use std::sync::LazyLock;
+use std::{cell::RefCell, collections::HashMap, sync::LazyLock};
 
 use libfuzzer_sys::fuzz_target;
 use podiam_common::arn::{BaseRoleArn, Partition, RoleArn};
@@ -21,6 +21,11 @@ static BASE: LazyLock<BaseRoleArn> =
 /// Shared across inputs, as the server shares it across namespaces (bounded, evicting).
 static CACHE: LazyLock<PolicyCache> = LazyLock::new(|| PolicyCache::new(Some(BASE.clone())));
 
+thread_local! {
+    /// The oracle's compiled expressions by pattern (most inputs change another field).
+    static ORACLE: RefCell<HashMap<String, Option<regex::bytes::Regex>>> = RefCell::default();
+}
+
 /// Whether `arn` is wholly in the language of `pattern`, by the `regex` crate (ASCII
 /// classes, as podiam's `regex-lite`); `None` when that engine cannot read it alone.
 fn permitted_oracle(pattern: &str, arn: &str) -> Option<bool> {
@@ -31,8 +36,19 @@ fn permitted_oracle(pattern: &str, arn: &str) -> Option<bool> {
             .build()
             .ok()
     };
-    build(pattern)?;
-    Some(build(&format!("^(?:{pattern})$"))?.is_match(arn.as_bytes()))
+    let regex = ORACLE.with_borrow_mut(|cache| {
+        if cache.len() > 4096 {
+            cache.clear();
+        }
+        cache
+            .entry(pattern.to_string())
+            .or_insert_with(|| {
+                build(pattern)?;
+                build(&format!("^(?:{pattern})$"))
+            })
+            .clone()
+    })?;
+    Some(regex.is_match(arn.as_bytes()))
 }
 
 /// Whether one entry of the `allowed-roles` list, resolved as kube2iam does (an ARN as
