@@ -17,9 +17,9 @@ use podiam_tests::{
     http,
     imds_client::{self, Answer},
     kube_api::FakeKube,
-    objects::{namespace, pod},
+    objects::{TeamA, pod, team_a},
     process::Process,
-    stack::{ServerStack, agent_command, agent_identity, arn, metric, sibling},
+    stack::{ServerStack, agent_command, agent_identity, metric, sibling},
 };
 use serde_json::Value;
 
@@ -43,31 +43,13 @@ struct Node {
 
 async fn node(extra: &[&str]) -> Node {
     let kube = FakeKube::start().await.unwrap();
-    kube.apply(namespace(
-        "team-a",
-        &[("iam.amazonaws.com/permitted", &arn("web.*"))],
-    ));
-    kube.apply(
-        pod("team-a", "web-0")
-            .ip(WEB)
-            .role("web")
-            .node("node-a")
-            .build(),
-    );
-    kube.apply(
-        pod("team-a", "admin")
-            .ip(FORBIDDEN)
-            .role("admin")
-            .node("node-a")
-            .build(),
-    );
-    kube.apply(
-        pod("team-a", "web-b")
-            .ip(OTHER_NODE)
-            .role("web")
-            .node("node-b")
-            .build(),
-    );
+    for object in team_a(TeamA {
+        web: WEB,
+        denied: FORBIDDEN,
+        other_node: OTHER_NODE,
+    }) {
+        kube.apply(object);
+    }
     kube.apply(
         pod("team-a", "sdk")
             .ip(SDK)

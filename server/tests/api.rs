@@ -8,7 +8,7 @@ use std::time::{Duration, Instant, SystemTime};
 use podiam_tests::{
     api_client::{ApiClient, tls_config},
     kube_api::{FakeKube, TokenIdentity},
-    objects::{namespace, pod},
+    objects::{TeamA, namespace, pod, team_a},
     stack::{ServerStack, agent_identity, arn},
     sts_proxy::Mode,
 };
@@ -21,31 +21,13 @@ const POD_TOKEN: &str = "token-of-an-ordinary-pod";
 
 async fn start() -> ServerStack {
     let kube = FakeKube::start().await.unwrap();
-    kube.apply(namespace(
-        "team-a",
-        &[("iam.amazonaws.com/permitted", &arn("web.*"))],
-    ));
-    kube.apply(
-        pod("team-a", "web-0")
-            .ip("10.0.0.1")
-            .role("web")
-            .node("node-a")
-            .build(),
-    );
-    kube.apply(
-        pod("team-a", "admin")
-            .ip("10.0.0.2")
-            .role("admin")
-            .node("node-a")
-            .build(),
-    );
-    kube.apply(
-        pod("team-a", "web-b")
-            .ip("10.0.0.3")
-            .role("web")
-            .node("node-b")
-            .build(),
-    );
+    for object in team_a(TeamA {
+        web: "10.0.0.1",
+        denied: "10.0.0.2",
+        other_node: "10.0.0.3",
+    }) {
+        kube.apply(object);
+    }
     kube.apply(
         pod("team-a", "gone")
             .ip("10.0.0.4")

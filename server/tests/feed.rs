@@ -9,7 +9,7 @@ use podiam_common::feed::{Held, NodeUpdate, PodState};
 use podiam_tests::{
     api_client::{tls_config, watch_feed},
     kube_api::FakeKube,
-    objects::{namespace, pod},
+    objects::{TeamA, pod, team_a},
     stack::{ServerStack, agent_identity, arn},
 };
 
@@ -18,31 +18,13 @@ const AGENT_A: &str = "token-agent-node-a";
 
 async fn start() -> ServerStack {
     let kube = FakeKube::start().await.unwrap();
-    kube.apply(namespace(
-        "team-a",
-        &[("iam.amazonaws.com/permitted", &arn("web.*"))],
-    ));
-    kube.apply(
-        pod("team-a", "web-0")
-            .ip("10.0.0.1")
-            .role("web")
-            .node("node-a")
-            .build(),
-    );
-    kube.apply(
-        pod("team-a", "admin")
-            .ip("10.0.0.2")
-            .role("admin")
-            .node("node-a")
-            .build(),
-    );
-    kube.apply(
-        pod("team-a", "web-b")
-            .ip("10.0.0.3")
-            .role("web")
-            .node("node-b")
-            .build(),
-    );
+    for object in team_a(TeamA {
+        web: "10.0.0.1",
+        denied: "10.0.0.2",
+        other_node: "10.0.0.3",
+    }) {
+        kube.apply(object);
+    }
     kube.add_token(AGENT_A, agent_identity("node-a"));
     ServerStack::start(
         std::path::Path::new(BIN),

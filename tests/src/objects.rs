@@ -26,6 +26,43 @@ pub fn pod(namespace: &str, name: &str) -> PodBuilder {
     }
 }
 
+/// The addresses of [`team_a`]'s pods.
+#[derive(Clone, Copy, Debug)]
+pub struct TeamA<'a> {
+    /// `team-a/web-0`, on node-a, annotated with role `web` (permitted).
+    pub web: &'a str,
+    /// `team-a/admin`, on node-a, annotated with role `admin` (not permitted).
+    pub denied: &'a str,
+    /// `team-a/web-b`, on node-b, annotated with role `web`.
+    pub other_node: &'a str,
+}
+
+/// What most end-to-end tests start from: namespace `team-a`, whose `permitted` policy
+/// allows the roles `web*`, and its three pods at `ips`.
+pub fn team_a(ips: TeamA<'_>) -> Vec<Value> {
+    vec![
+        namespace(
+            "team-a",
+            &[("iam.amazonaws.com/permitted", &crate::stack::arn("web.*"))],
+        ),
+        pod("team-a", "web-0")
+            .ip(ips.web)
+            .role("web")
+            .node("node-a")
+            .build(),
+        pod("team-a", "admin")
+            .ip(ips.denied)
+            .role("admin")
+            .node("node-a")
+            .build(),
+        pod("team-a", "web-b")
+            .ip(ips.other_node)
+            .role("web")
+            .node("node-b")
+            .build(),
+    ]
+}
+
 /// A Namespace manifest with the given annotations.
 pub fn namespace(name: &str, annotations: &[(&str, &str)]) -> Value {
     let annotations: serde_json::Map<String, Value> = annotations

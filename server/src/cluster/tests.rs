@@ -1,32 +1,7 @@
-use std::{net::IpAddr, time::Duration};
+use std::time::Duration;
 
 use super::*;
-use crate::pods::{PodAnnotations, PodInfo, PodKey, PodPhase};
-
-fn ip(s: &str) -> IpAddr {
-    s.parse().unwrap()
-}
-
-fn key(ns: &str, name: &str) -> PodKey {
-    PodKey {
-        namespace: ns.into(),
-        name: name.into(),
-    }
-}
-
-fn mk_pod(ns: &str, name: &str, ips: &[&str]) -> PodInfo {
-    PodInfo {
-        key: key(ns, name),
-        uid: None,
-        node_name: Some("node-a".into()),
-        service_account: None,
-        ips: ips.iter().map(|s| ip(s)).collect(),
-        host_network: false,
-        mirror: false,
-        phase: PodPhase::Running,
-        annotations: PodAnnotations::default(),
-    }
-}
+use crate::pods::testing::{ip, key, mk_pod};
 
 #[tokio::test(start_paused = true)]
 async fn lookup_waits_for_the_index_then_gives_up() {

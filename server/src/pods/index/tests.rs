@@ -1,31 +1,7 @@
-use std::{collections::HashSet, net::IpAddr};
+use std::collections::HashSet;
 
 use super::*;
-
-fn ip(s: &str) -> IpAddr {
-    s.parse().unwrap()
-}
-
-fn key(ns: &str, name: &str) -> PodKey {
-    PodKey {
-        namespace: ns.into(),
-        name: name.into(),
-    }
-}
-
-fn mk_pod(ns: &str, name: &str, ips: &[&str]) -> PodInfo {
-    PodInfo {
-        key: key(ns, name),
-        uid: None,
-        node_name: Some("node-a".into()),
-        service_account: None,
-        ips: ips.iter().map(|s| ip(s)).collect(),
-        host_network: false,
-        mirror: false,
-        phase: PodPhase::Running,
-        annotations: PodAnnotations::default(),
-    }
-}
+use crate::pods::testing::{ip, key, mk_pod};
 
 fn found(idx: &PodIndex, addr: &str) -> Option<PodKey> {
     match idx.lookup_ip(ip(addr)) {
