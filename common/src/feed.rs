@@ -16,7 +16,7 @@ use std::{
     hash::{Hash, Hasher},
     pin::Pin,
     task::{Context, Poll},
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::{Duration, UNIX_EPOCH},
 };
 
 use crate::{protocol, protocol::ErrorCode, secret::Secret};
@@ -250,14 +250,6 @@ impl PodState {
     pub fn sealed(mut self) -> Self {
         self.version = self.digest();
         self
-    }
-
-    /// The expiry of the credentials, if any.
-    pub fn expiration(&self) -> Option<SystemTime> {
-        self.credentials
-            .as_ref()
-            .and_then(|c| u64::try_from(c.expiration_unix).ok())
-            .map(|s| UNIX_EPOCH + Duration::from_secs(s))
     }
 }
 
