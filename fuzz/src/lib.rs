@@ -126,7 +126,7 @@ impl podiam_common::clock::Clock for FixedClock {
     }
 }
 
-/// Splits fuzz input into pieces at a separator byte sequence, so that one input can
+/// Splits fuzz input into `n` pieces at NUL bytes (missing ones are empty), so that one input can
 /// carry several fields (`a\0b\0c`).
 pub fn fields(data: &[u8], n: usize) -> Vec<&[u8]> {
     let mut out: Vec<&[u8]> = data.splitn(n, |&b| b == 0).collect();
