@@ -473,6 +473,31 @@ impl Supervisor {
         Ok(())
     }
 
+    /// A pod applied again with the node, IP and kind of network it has: its network stays
+    /// (a real pod's does while its object changes), only its record follows. Whether it
+    /// was such a pod.
+    fn rewire(&mut self, pod: &LoadedPod) -> anyhow::Result<bool> {
+        let netns = if pod.host_network {
+            self.state.node(&pod.node).map(|n| n.netns.clone())
+        } else if pod.running {
+            Some(pod_netns(&self.state.name, &pod.namespace, &pod.name))
+        } else {
+            None
+        };
+        let Some(record) = self.state.pods.iter_mut().find(|p| {
+            p.namespace == pod.namespace
+                && p.name == pod.name
+                && p.node == pod.node
+                && p.ip == pod.ip
+                && p.netns == netns
+        }) else {
+            return Ok(false);
+        };
+        record.role.clone_from(&pod.role);
+        self.state.save()?;
+        Ok(true)
+    }
+
     /// A running pod's IP must not be another running pod's (the same pod, replaced, may
     /// keep its own).
     fn check_ip(&self, pod: &LoadedPod) -> anyhow::Result<()> {
@@ -511,6 +536,18 @@ impl Supervisor {
         let pod = self.state.pods.remove(i);
         let own = pod_netns(&self.state.name, namespace, name);
         if pod.netns.as_deref() == Some(own.as_str()) {
+            // As a CNI's DEL does, the host end goes first, and at once. Destroying the
+            // namespace alone frees its veth later, in the kernel's own time: the old
+            // interface could still hold the IP when the next pod is announced with it.
+            if let Some(node) = self.state.node(&pod.node) {
+                let _ = ip(&[
+                    "-n",
+                    &node.netns,
+                    "link",
+                    "del",
+                    &veth_name(namespace, name),
+                ]);
+            }
             netns::destroy(&own)?;
             self.state.netns.retain(|n| *n != own);
             let _ = ip(&[
@@ -567,16 +604,21 @@ impl Supervisor {
                     }
                 }
                 let mut lines = Vec::new();
-                for doc in parsed.docs {
-                    self.kube.apply(doc);
-                }
+                // As on a real node, a pod's network exists before the API server shows its
+                // IP (the CNI's ADD, then the kubelet's status update): an agent never hears
+                // of an IP before its interface is there.
                 for pod in &parsed.loaded.pods {
-                    self.unwire(&pod.namespace, &pod.name)?;
-                    self.wire(pod)?;
+                    if !self.rewire(pod)? {
+                        self.unwire(&pod.namespace, &pod.name)?;
+                        self.wire(pod)?;
+                    }
                     lines.push(format!(
                         "pod {}/{} on {} at {}",
                         pod.namespace, pod.name, pod.node, pod.ip
                     ));
+                }
+                for doc in parsed.docs {
+                    self.kube.apply(doc);
                 }
                 for ns in &parsed.loaded.namespaces {
                     lines.push(format!("namespace {ns}"));
