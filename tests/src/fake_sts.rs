@@ -53,6 +53,8 @@ pub struct FakeSts {
     pub calls: AtomicU64,
     /// While set, every call fails with Throttling.
     pub failing: AtomicBool,
+    /// While set, every call is refused with AccessDenied.
+    pub refusing: AtomicBool,
     delay: Duration,
 }
 
@@ -63,6 +65,7 @@ impl FakeSts {
             clock,
             calls: AtomicU64::new(0),
             failing: AtomicBool::new(false),
+            refusing: AtomicBool::new(false),
             delay,
         }
     }
@@ -77,11 +80,18 @@ impl AssumeRole for FakeSts {
     fn assume_role(&self, key: &SessionKey) -> BoxFuture<'static, Result<Credentials, StsError>> {
         let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
         let failing = self.failing.load(Ordering::SeqCst);
+        let refusing = self.refusing.load(Ordering::SeqCst);
         let clock = self.clock.clone();
         let delay = self.delay;
         let duration = key.duration;
         async move {
             tokio::time::sleep(delay).await;
+            if refusing {
+                return Err(StsError::Service {
+                    code: "AccessDenied".into(),
+                    message: "not authorized to perform sts:AssumeRole".into(),
+                });
+            }
             if failing {
                 return Err(StsError::Service {
                     code: "Throttling".into(),

@@ -194,3 +194,47 @@ async fn prefetch_never_drops_and_serves_new_pods_before_the_sweep() {
     assert_eq!(calls(&s), 51);
     assert_eq!(s.metrics.prefetch_queued.get(), 0);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_prefetch_that_fails_for_a_passing_reason_is_tried_again() {
+    let s = setup(Duration::ZERO, BrokerConfig::default());
+    let mut fetched = s.broker.subscribe();
+    // Throttled at start-up: the sweep's key is not lost.
+    s.sts.failing.store(true, Ordering::SeqCst);
+    s.broker.prefetch_later(key("web"));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(calls(&s), 1);
+    assert!(s.broker.held(&key("web")).is_none());
+    // Throttled again at the first retry, then STS recovers.
+    tokio::time::sleep(Duration::from_secs(9)).await;
+    assert_eq!(calls(&s), 2, "tried again after the backoff");
+    s.sts.failing.store(false, Ordering::SeqCst);
+    let k = tokio::time::timeout(Duration::from_secs(60), fetched.recv())
+        .await
+        .expect("fetched again within a minute")
+        .unwrap();
+    assert_eq!(k, key("web"));
+    assert!(s.broker.held(&key("web")).is_some());
+    assert_eq!(calls(&s), 3);
+    assert_eq!(s.metrics.prefetch_queued.get(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_prefetch_refused_or_failing_for_good_is_not_tried_forever() {
+    let s = setup(Duration::ZERO, BrokerConfig::default());
+    // A refusal is not retried by prefetch: the pod's own request will ask.
+    s.sts.refusing.store(true, Ordering::SeqCst);
+    s.broker.prefetch(key("denied"));
+    tokio::time::sleep(Duration::from_secs(3600)).await;
+    assert_eq!(calls(&s), 1);
+    // Throttling without end: a bounded number of attempts, then it gives up.
+    s.sts.refusing.store(false, Ordering::SeqCst);
+    s.sts.failing.store(true, Ordering::SeqCst);
+    s.broker.prefetch(key("throttled"));
+    tokio::time::sleep(Duration::from_secs(3600)).await;
+    assert_eq!(
+        calls(&s),
+        1 + u64::from(podiam_server::sts::PREFETCH_ATTEMPTS)
+    );
+    assert_eq!(s.metrics.prefetch_queued.get(), 0);
+}

@@ -12,7 +12,9 @@
 //!   served; a failed refresh is retried with jittered exponential backoff;
 //! - prefetch requests are never dropped, only delayed: a queue of distinct keys, pods
 //!   that just appeared (and node feeds' requests) before the start-up sweep, drained
-//!   with bounded concurrency at a bounded AssumeRole rate (STS quotas are per account).
+//!   with bounded concurrency at a bounded AssumeRole rate (STS quotas are per account);
+//!   a prefetch that fails for a reason that may pass (throttling, STS unreachable or at
+//!   fault) is queued again after a jittered backoff, up to [`PREFETCH_ATTEMPTS`] times.
 //!
 //! Expiry decisions read an injected [`Clock`]. The STS itself is behind [`AssumeRole`]
 //! ([`aws::AwsSts`] in production). Nothing here knows about Kubernetes.
@@ -142,10 +144,19 @@ struct Entry {
 #[derive(Debug, Default)]
 struct PrefetchQueue {
     /// Pods that just appeared or changed, and node feeds' requests: likely to ask soon.
-    urgent: VecDeque<SessionKey>,
+    urgent: VecDeque<Queued>,
     /// The start-up sweep of every known pod.
-    sweep: VecDeque<SessionKey>,
+    sweep: VecDeque<Queued>,
     queued: HashSet<SessionKey>,
+}
+
+/// One key waiting to be prefetched.
+#[derive(Debug)]
+struct Queued {
+    key: SessionKey,
+    urgent: bool,
+    /// Earlier prefetches of the key that failed for a reason that may pass.
+    failures: u32,
 }
 
 #[derive(Clone, Debug)]
@@ -160,6 +171,30 @@ const FETCHED_BACKLOG: usize = 4096;
 const MAX_RETRY_BACKOFF: Duration = Duration::from_secs(120);
 /// First wait between refresh retries.
 const FIRST_RETRY_BACKOFF: Duration = Duration::from_secs(2);
+/// Prefetches of one key, at most, while they fail for reasons that may pass: with the
+/// backoff (and the negative TTL before each), about five minutes of trying. After that the
+/// pod's first request fetches, and a node feed asks again at each heartbeat.
+pub const PREFETCH_ATTEMPTS: u32 = 8;
+
+/// The AWS SDKs' throttling and transient error codes (their standard retry classifier's
+/// lists, which STS uses), plus STS's own faults.
+const TRANSIENT_CODES: &[&str] = &[
+    "Throttling",
+    "ThrottlingException",
+    "ThrottledException",
+    "RequestThrottledException",
+    "TooManyRequestsException",
+    "RequestLimitExceeded",
+    "RequestThrottled",
+    "LimitExceededException",
+    "PriorRequestNotComplete",
+    "RequestTimeout",
+    "RequestTimeoutException",
+    "ServiceUnavailable",
+    "InternalFailure",
+    "InternalError",
+    "IDPCommunicationError",
+];
 
 impl Default for BrokerConfig {
     fn default() -> Self {
@@ -184,6 +219,16 @@ impl StsError {
             StsError::Unreachable(_) => "Unreachable",
             StsError::Malformed(_) => "Malformed",
             StsError::Internal(_) => "Internal",
+        }
+    }
+
+    /// Whether the same call may succeed later: throttling, STS's own faults, no answer.
+    /// A refusal (`AccessDenied`, say) or a malformed answer stays what it is.
+    pub fn transient(&self) -> bool {
+        match self {
+            StsError::Unreachable(_) | StsError::Internal(_) => true,
+            StsError::Malformed(_) => false,
+            StsError::Service { code, .. } => TRANSIENT_CODES.contains(&code.as_str()),
         }
     }
 }
@@ -259,34 +304,70 @@ impl Broker {
     }
 
     fn enqueue(&self, key: SessionKey, urgent: bool) {
-        if !self.wants_prefetch(&key) {
-            return;
+        if self.wants_prefetch(&key) {
+            self.push(Queued {
+                key,
+                urgent,
+                failures: 0,
+            });
         }
+    }
+
+    /// Queues `q` unless its key is already waiting.
+    fn push(&self, q: Queued) {
         let mut queue = self.inner.prefetch.lock();
-        if queue.queued.contains(&key) {
+        if !queue.queued.insert(q.key.clone()) {
             return;
         }
-        queue.queued.insert(key.clone());
-        if urgent {
-            queue.urgent.push_back(key);
+        if q.urgent {
+            queue.urgent.push_back(q);
         } else {
-            queue.sweep.push_back(key);
+            queue.sweep.push_back(q);
         }
         drop(queue);
         self.inner.metrics.prefetch_queued.inc();
         self.inner.prefetch_added.notify_one();
     }
 
-    fn next_prefetch(&self) -> Option<SessionKey> {
+    fn next_prefetch(&self) -> Option<Queued> {
         let mut queue = self.inner.prefetch.lock();
-        let key = queue
+        let q = queue
             .urgent
             .pop_front()
             .or_else(|| queue.sweep.pop_front())?;
-        queue.queued.remove(&key);
+        queue.queued.remove(&q.key);
         drop(queue);
         self.inner.metrics.prefetch_queued.dec();
-        Some(key)
+        Some(q)
+    }
+
+    /// After a prefetch of `q` failed with `error`: if it may pass, `q` is queued again
+    /// after the failure is forgotten and a jittered backoff, until [`PREFETCH_ATTEMPTS`].
+    fn prefetch_failed(&self, mut q: Queued, error: &StsError) {
+        q.failures += 1;
+        if !error.transient() {
+            return;
+        }
+        if q.failures >= PREFETCH_ATTEMPTS {
+            tracing::warn!(role.arn = %q.key.role_arn, session = %q.key.session_name, attempts = q.failures, "prefetch gave up; the session is fetched at its first request");
+            return;
+        }
+        let backoff = FIRST_RETRY_BACKOFF
+            .saturating_mul(1 << (q.failures - 1).min(16))
+            .min(MAX_RETRY_BACKOFF);
+        let wait =
+            self.inner.config.negative_ttl + backoff.mul_f64(rand::rng().random_range(0.5..1.5));
+        let broker = self.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = broker.inner.shutdown.cancelled() => return,
+                _ = tokio::time::sleep(wait) => {}
+            }
+            // Fetched meanwhile (a pod asked): nothing left to do.
+            if broker.inner.config.prefetch_concurrency > 0 && broker.peek(&q.key).is_none() {
+                broker.push(q);
+            }
+        });
     }
 
     /// Whether prefetching is on.
@@ -487,7 +568,7 @@ impl Broker {
         loop {
             // Armed before the queue is looked at, so that no key added in between is missed.
             let added = inner.prefetch_added.notified();
-            let Some(key) = self.next_prefetch() else {
+            let Some(q) = self.next_prefetch() else {
                 tokio::select! {
                     _ = inner.shutdown.cancelled() => return,
                     _ = added => continue,
@@ -497,7 +578,7 @@ impl Broker {
                 return;
             };
             // `peek`, not `cached`: a session is not "used" until a pod asks for it.
-            if self.peek(&key).is_some() {
+            if self.peek(&q.key).is_some() {
                 continue;
             }
             if let Some(rate) = &rate {
@@ -508,8 +589,11 @@ impl Broker {
             }
             let broker = self.clone();
             tokio::spawn(async move {
-                let _ = broker.fetch(key).await;
+                let result = broker.fetch(q.key.clone()).await;
                 drop(permit);
+                if let Err(error) = result {
+                    broker.prefetch_failed(q, &error);
+                }
             });
         }
     }
