@@ -9,6 +9,7 @@
 //! - [`fake_sts`]: a counting in-memory STS and a clock for the broker under paused time.
 //! - [`imds_client`]: a metadata client that picks its source address, and a raw mode.
 //! - [`certs`]: a test PKI (rcgen) for mutual TLS.
+//! - [`chaos`]: the fault matrix: load from sandbox pods, faults one at a time, answers checked.
 //! - [`code`]: what the binaries' code registers (metric names), read as text.
 //! - [`moto`]: moto, from the project's venv, as the STS.
 //! - [`stack`]: a real podiam server with moto, the proxy and a PKI, for end-to-end tests.
@@ -25,6 +26,7 @@
 
 pub mod api_client;
 pub mod certs;
+pub mod chaos;
 pub mod code;
 pub mod fake_imds;
 pub mod fake_sts;

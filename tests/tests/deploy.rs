@@ -227,17 +227,17 @@ async fn gen_certs_makes_a_pair_the_binaries_accept_for_mutual_tls() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let pki = Pki {
-        ca: dir.path().join("ca.crt"),
-        server: Pair {
+    let pki = Pki::from_files(
+        dir.path().join("ca.crt"),
+        Pair {
             cert: dir.path().join("podiam-server.crt"),
             key: dir.path().join("podiam-server.key"),
         },
-        client: Pair {
+        Pair {
             cert: dir.path().join("podiam-agent.crt"),
             key: dir.path().join("podiam-agent.key"),
         },
-    };
+    );
     // The real server with those files, and the real agent verifying it by the name the
     // shipped manifests give it: the agent is ready only after a health check over mTLS.
     let server_name = render("base")

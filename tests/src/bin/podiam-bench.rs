@@ -106,6 +106,27 @@ enum Bench {
         #[arg(long)]
         server: Option<PathBuf>,
     },
+    /// The fault matrix (root): a `podiam-sandbox` with two nodes, IMDSv2 load from its
+    /// permitted pods, each fault injected and removed in turn; per fault the answers
+    /// (every one checked against the pod's role in STS), the time back to full service,
+    /// and any process that exited.
+    Chaos {
+        /// Faults, comma-separated (default: all).
+        #[arg(long, value_delimiter = ',')]
+        faults: Vec<String>,
+        /// How long a server or agent stays down.
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        hold: Duration,
+        /// How long the API server stays unreachable.
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        api_hold: Duration,
+        /// Pods under load added on each node (besides the example's two).
+        #[arg(long, default_value_t = 2)]
+        per_node: usize,
+        /// The sandbox manifest.
+        #[arg(long, default_value = "examples/sandbox.yaml")]
+        manifest: PathBuf,
+    },
     /// AssumeRole calls for N pods over R roles across simulated hours (broker with a
     /// paused clock and an in-memory STS), against the ideal.
     Sts {
@@ -197,6 +218,17 @@ const ACCOUNT: &str = "123456789012";
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let Bench::Chaos {
+        faults,
+        hold,
+        api_hold,
+        per_node,
+        manifest,
+    } = &args.bench
+    {
+        // Threads of its own in the pods' namespaces; no runtime here.
+        return chaos(faults, *hold, *api_hold, *per_node, manifest);
+    }
     if let Bench::Sts { pods, roles, hours } = args.bench {
         // Simulated hours: tokio's clock is paused and jumps to the next timer.
         return tokio::runtime::Builder::new_current_thread()
@@ -274,6 +306,7 @@ async fn run(bench: Bench) -> anyhow::Result<()> {
             runs,
             server,
         } => agent(&server_path(server)?, &concurrency, duration, runs).await?,
+        Bench::Chaos { .. } => unreachable!("run before the runtime starts"),
         Bench::Index {
             sizes,
             runs,
@@ -830,6 +863,78 @@ async fn full_cache(server: &Path, pods: usize) -> anyhow::Result<()> {
             started.elapsed()
         );
     }
+    Ok(())
+}
+
+/// The fault matrix against a sandbox of its own.
+fn chaos(
+    faults: &[String],
+    hold: Duration,
+    api_hold: Duration,
+    per_node: usize,
+    manifest: &Path,
+) -> anyhow::Result<()> {
+    use podiam_tests::chaos::{self, Chaos, Fault, Up};
+    if !nix::unistd::geteuid().is_root() {
+        bail!("the fault matrix runs a sandbox: it needs root");
+    }
+    let faults = if faults.is_empty() {
+        Fault::ALL.to_vec()
+    } else {
+        faults
+            .iter()
+            .map(|f| Fault::parse(f))
+            .collect::<anyhow::Result<_>>()?
+    };
+    let bin = std::env::current_exe()?.with_file_name("podiam-sandbox");
+    let name = format!("chaos{}", std::process::id() % 100_000);
+    let up = Up::start(&bin, &name, manifest, per_node)?;
+    let roles: Vec<&str> = up.roles.iter().map(String::as_str).collect();
+    let mut load = Chaos::start(&bin, &name, &roles)?;
+    let started = Instant::now();
+    let Some(ready) = load.wait_served(started, Duration::from_secs(60)) else {
+        bail!("the pods did not all get their credentials within 60 s of the start");
+    };
+    load.self_check()?;
+    let rss0 = chaos::rss(&name)?;
+    println!(
+        "sandbox {name}: {} pods under load on 2 nodes (a round = PUT token, GET role list, GET credentials, every {:?}); all served after {:.1} s\n",
+        load.targets.len(),
+        chaos::PACE,
+        ready.as_secs_f64()
+    );
+    let mut rows = Vec::new();
+    for fault in faults {
+        let hold = if fault == Fault::ApiDown {
+            api_hold
+        } else {
+            hold
+        };
+        let row = load.run(fault, hold, Duration::from_secs(180))?;
+        eprintln!("{}", chaos::table(std::slice::from_ref(&row)));
+        if let Some(example) = &row.example {
+            eprintln!("{}: first wrong answer: {example}", fault.name());
+        }
+        rows.push(row);
+    }
+    let (ok, refused, failed) = load.totals();
+    load.stop();
+    let rss1 = chaos::rss(&name)?;
+    println!("{}", chaos::table(&rows));
+    println!(
+        "all rounds: {ok} ok, {refused} refused, {failed} failed, {} wrong; in {:.0} s",
+        rows.iter().map(|r| r.wrong).sum::<usize>(),
+        started.elapsed().as_secs_f64()
+    );
+    for (what, kib) in &rss1 {
+        let before = rss0.iter().find(|(w, _)| w == what).map(|(_, k)| *k);
+        println!(
+            "RSS {what}: {} KiB after the matrix (before: {})",
+            kib,
+            before.map_or("-".into(), |k| format!("{k} KiB"))
+        );
+    }
+    drop(up);
     Ok(())
 }
 

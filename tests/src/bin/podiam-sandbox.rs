@@ -96,6 +96,24 @@ enum Cmd {
         /// What to do.
         action: Action,
     },
+    /// What podiam-server's STS does (pods' own SDK calls reach moto unchanged):
+    /// `forward`, `throttle` (400 Throttling), `error` (500 InternalFailure) or `down`
+    /// (connections closed unanswered).
+    Sts {
+        /// The mode.
+        #[arg(value_parser = ["forward", "throttle", "error", "down"])]
+        mode: String,
+    },
+    /// Cut the stand-in API server's watches: `cut` (watchers resume where they were) or
+    /// `expire` (history compacted first: resuming gets 410 Gone, watchers list again).
+    Watches {
+        /// What to do.
+        #[arg(value_parser = ["cut", "expire"])]
+        action: String,
+    },
+    /// Issue new server and agent certificates from the sandbox CA over the files in use
+    /// (podiam reloads them within --tls-reload-interval).
+    Certs,
     /// Add or replace Namespaces and Pods in the running sandbox.
     Apply {
         /// Multi-document YAML.
@@ -156,6 +174,14 @@ fn main() -> ExitCode {
                 up: matches!(action, Action::Start),
             },
         ),
+        Cmd::Sts { mode } => control(&cli.name, &Request::Sts { mode }),
+        Cmd::Watches { action } => control(
+            &cli.name,
+            &Request::Watches {
+                expire: action == "expire",
+            },
+        ),
+        Cmd::Certs => control(&cli.name, &Request::Certs),
         Cmd::Apply { file } => control(
             &cli.name,
             &Request::Apply {

@@ -157,6 +157,22 @@ pub enum Request {
         /// Whether it answers.
         up: bool,
     },
+    /// What podiam-server's STS (a fault-injecting proxy in front of moto) does: forward,
+    /// throttle, error or down.
+    Sts {
+        /// `forward`, `throttle` (400 Throttling), `error` (500 InternalFailure) or
+        /// `down` (connections closed unanswered).
+        mode: String,
+    },
+    /// Cut every watch of the stand-in API server; with `expire`, its history is
+    /// compacted first, so that resuming gets 410 Gone and the watchers list again.
+    Watches {
+        /// Whether resuming gets 410 Gone.
+        expire: bool,
+    },
+    /// Issue new server and agent certificates (same CA) over the files they run with;
+    /// each reloads them within its --tls-reload-interval.
+    Certs,
     /// Tear everything down and exit.
     Down,
 }

@@ -33,6 +33,7 @@ use crate::{
     netns::{self, ip},
     process::Process,
     stack::agent_identity,
+    sts_proxy::{Mode, StsProxy},
 };
 
 /// The binaries the sandbox runs.
@@ -57,6 +58,8 @@ pub struct Supervisor {
     agents: HashMap<String, Process>,
     node_imds: Vec<FakeImds>,
     moto: Option<Moto>,
+    /// Between podiam-server and moto, for STS faults (pods' SDKs use moto directly).
+    sts_proxy: Option<StsProxy>,
     prometheus: Option<super::prometheus::Prometheus>,
 }
 
@@ -99,6 +102,7 @@ impl Supervisor {
             agents: HashMap::new(),
             node_imds: Vec::new(),
             moto: None,
+            sts_proxy: None,
             prometheus: None,
         };
         let built = supervisor.build(manifests).await;
@@ -125,6 +129,11 @@ impl Supervisor {
         step("moto (the STS) in the control namespace");
         let moto = Moto::start_on(CTL_IP).await.context("starting moto")?;
         self.state.sts = moto.url();
+        self.sts_proxy = Some(
+            StsProxy::start(moto.url())
+                .await
+                .context("starting the STS proxy")?,
+        );
         self.moto = Some(moto);
         self.state.save()?;
 
@@ -202,7 +211,12 @@ impl Supervisor {
             // Shorter than the default 60 s, so that `api stop` shows its effect soon.
             .args(["--watch-stale-after", "5s"])
             .args(&self.state.server_args)
-            .args(["--region", "us-east-1", "--sts-endpoint", &self.state.sts])
+            .args(["--region", "us-east-1", "--sts-endpoint"])
+            .arg(
+                self.sts_proxy
+                    .as_ref()
+                    .map_or_else(|| self.state.sts.clone(), StsProxy::url),
+            )
             .arg("--kubeconfig")
             .arg(&kubeconfig)
             .arg("--ca")
@@ -662,6 +676,44 @@ impl Supervisor {
             Request::Api { up: true } => {
                 self.kube.refuse_reads(None);
                 Ok("the API server answers again".into())
+            }
+            Request::Sts { mode } => {
+                let Some(proxy) = &self.sts_proxy else {
+                    bail!("the STS proxy is not running");
+                };
+                let (set, said) = match mode.as_str() {
+                    "forward" => (Mode::Forward, "podiam-server's STS calls reach moto again"),
+                    "throttle" => (
+                        Mode::Fail(400, "Throttling"),
+                        "every STS call of podiam-server is throttled (400 Throttling)",
+                    ),
+                    "error" => (
+                        Mode::Fail(500, "InternalFailure"),
+                        "every STS call of podiam-server fails (500 InternalFailure)",
+                    ),
+                    "down" => (
+                        Mode::Down,
+                        "podiam-server's STS closes every connection unanswered",
+                    ),
+                    other => bail!("STS mode {other:?}: forward, throttle, error or down"),
+                };
+                proxy.set_mode(set);
+                Ok(said.into())
+            }
+            Request::Watches { expire } => {
+                if expire {
+                    self.kube.compact();
+                }
+                self.kube.drop_watches();
+                Ok(if expire {
+                    "every watch was cut and the history compacted: resuming gets 410 Gone".into()
+                } else {
+                    "every watch was cut: watchers resume from their resourceVersion".into()
+                })
+            }
+            Request::Certs => {
+                self.pki.rotate()?;
+                Ok("new server and agent certificates are in place (same CA); each process reloads them within its --tls-reload-interval (10s)".into())
             }
             Request::Down => Ok("down".into()),
         }

@@ -1,0 +1,825 @@
+//! The fault matrix: steady IMDSv2 credential requests from pods of a `podiam-sandbox` on
+//! two nodes while faults are injected and removed one at a time. Every answer is checked
+//! against the pod's expected role: the role the agent lists, and the identity STS (moto)
+//! gives the credentials' access key. A harness for `podiam-bench chaos` and the CI test;
+//! none of it ships.
+//!
+//! Each pod has a thread inside its network namespace that asks as an SDK does (PUT a
+//! token, GET the role list, GET the credentials), paced at [`PACE`]. Outcomes:
+//! - `ok`: 200, the pod's own role, and (checked after the fault) the access key is the
+//!   pod's role's in STS;
+//! - `refused`: an HTTP answer that is not credentials (503 while the agent cannot vouch,
+//!   404, ...): what SDKs retry or report;
+//! - `failed`: no HTTP answer (connection refused, timeout);
+//! - `wrong`: credentials that are not the pod's own, or the node's. Must be 0.
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+    process::Command,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use http::Method;
+use parking_lot::Mutex;
+
+use crate::{
+    imds_client,
+    sandbox::{ACCOUNT, State},
+};
+
+/// Pause between one pod's request rounds.
+pub const PACE: Duration = Duration::from_millis(100);
+/// Longest a round may take before it counts as failed.
+const ROUND_TIMEOUT: Duration = Duration::from_secs(3);
+/// The metadata address pods ask.
+const IMDS: &str = "169.254.169.254:80";
+
+/// One fault: what is done, for how long, and what is undone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// The server is stopped and started again at once.
+    ServerRestart,
+    /// No server for the hold time.
+    ServerDown,
+    /// The API server refuses every read and its watches are cut for the hold time.
+    ApiDown,
+    /// The agent of the first node is stopped and started again at once.
+    AgentRestart,
+    /// The agent of the first node is stopped for the hold time: its pods must be refused
+    /// (the interception fails closed), never answered by the node's metadata service.
+    AgentDown,
+    /// Every STS call of the server is throttled for the hold time; a new pod appears
+    /// meanwhile.
+    StsThrottle,
+    /// Every STS call fails (500 InternalFailure) for the hold time; a new pod appears.
+    StsError,
+    /// STS closes every connection unanswered for the hold time; a new pod appears.
+    StsDown,
+    /// Every watch of the API server is cut (resumed where it was); a new pod appears.
+    WatchesCut,
+    /// Every watch is cut and the history compacted (resuming gets 410 Gone, so the
+    /// server lists again); a new pod appears.
+    WatchesExpired,
+    /// New server and agent certificates (same CA) over the files in use; held until the
+    /// server and every agent have reloaded them.
+    CertRotate,
+}
+
+impl Fault {
+    /// Every fault, in the order of the matrix.
+    pub const ALL: [Fault; 11] = [
+        Fault::CertRotate,
+        Fault::ServerRestart,
+        Fault::ServerDown,
+        Fault::ApiDown,
+        Fault::WatchesCut,
+        Fault::WatchesExpired,
+        Fault::StsThrottle,
+        Fault::StsError,
+        Fault::StsDown,
+        Fault::AgentRestart,
+        Fault::AgentDown,
+    ];
+
+    /// The name on the command line and in the table.
+    pub fn name(self) -> &'static str {
+        match self {
+            Fault::ServerRestart => "server-restart",
+            Fault::ServerDown => "server-down",
+            Fault::ApiDown => "api-down",
+            Fault::AgentRestart => "agent-restart",
+            Fault::AgentDown => "agent-down",
+            Fault::StsThrottle => "sts-throttle",
+            Fault::StsError => "sts-error",
+            Fault::StsDown => "sts-down",
+            Fault::WatchesCut => "watches-cut",
+            Fault::WatchesExpired => "watches-expired",
+            Fault::CertRotate => "cert-rotate",
+        }
+    }
+
+    /// The `podiam-sandbox sts` mode of an STS fault.
+    fn sts_mode(self) -> Option<&'static str> {
+        match self {
+            Fault::StsThrottle => Some("throttle"),
+            Fault::StsError => Some("error"),
+            Fault::StsDown => Some("down"),
+            _ => None,
+        }
+    }
+
+    /// Parses [`Fault::name`].
+    pub fn parse(name: &str) -> anyhow::Result<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|f| f.name() == name)
+            .with_context(|| {
+                let names: Vec<_> = Self::ALL.iter().map(|f| f.name()).collect();
+                format!("no fault {name:?} (faults: {})", names.join(", "))
+            })
+    }
+
+    /// Whether the fault lasts the hold time (the others are a restart).
+    fn held(self) -> bool {
+        matches!(
+            self,
+            Fault::ServerDown
+                | Fault::ApiDown
+                | Fault::AgentDown
+                | Fault::StsThrottle
+                | Fault::StsError
+                | Fault::StsDown
+        )
+    }
+}
+
+/// What happened to one round.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Outcome {
+    /// The pod's role listed and credentials answered (checked against STS later).
+    Ok(Answered),
+    /// An HTTP answer without credentials.
+    Refused,
+    /// No HTTP answer.
+    Failed,
+    /// Someone else's role, or the node's.
+    Wrong(String),
+}
+
+/// Credentials a pod was answered (moto's test credentials; never printed).
+#[derive(Clone, PartialEq, Eq)]
+struct Answered {
+    access_key: String,
+    secret: String,
+    token: String,
+}
+
+impl std::fmt::Debug for Answered {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Answered")
+            .field("access_key", &self.access_key)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Sample {
+    pod: usize,
+    at: Instant,
+    outcome: Outcome,
+}
+
+/// A pod under load.
+#[derive(Clone, Debug)]
+pub struct Target {
+    /// `NAMESPACE/NAME`.
+    pub pod: String,
+    /// Its node.
+    pub node: String,
+    netns: String,
+    ip: IpAddr,
+    /// The role name it must get.
+    pub role: String,
+}
+
+/// One row of the matrix.
+#[derive(Clone, Debug)]
+pub struct Row {
+    /// The fault.
+    pub fault: Fault,
+    /// How long it was in place.
+    pub held: Duration,
+    /// Rounds answered with the pod's own credentials while the fault was in place.
+    pub ok: usize,
+    /// Rounds refused while the fault was in place.
+    pub refused: usize,
+    /// Rounds without an answer while the fault was in place.
+    pub failed: usize,
+    /// Rounds with credentials that were not the pod's, from the fault's start to full
+    /// service after it.
+    pub wrong: usize,
+    /// From the fault's end until every pod had its own credentials again.
+    pub recovery: Option<Duration>,
+    /// Processes that exited without being told to (server, agents).
+    pub exited: Vec<String>,
+    /// The first wrong answer, for the report.
+    pub example: Option<String>,
+}
+
+/// The running load and the sandbox it runs against.
+#[derive(Debug)]
+pub struct Chaos {
+    bin: PathBuf,
+    name: String,
+    /// The pods under load.
+    pub targets: Vec<Target>,
+    samples: Arc<Mutex<Vec<Sample>>>,
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    /// Access key → the role STS says it belongs to.
+    identities: HashMap<String, String>,
+}
+
+impl Chaos {
+    /// Starts load from every running pod of sandbox `name` (controlled with the
+    /// `podiam-sandbox` binary `bin`) whose role is in `roles`.
+    pub fn start(bin: &Path, name: &str, roles: &[&str]) -> anyhow::Result<Self> {
+        let state = State::load(name)?;
+        let targets: Vec<Target> = state
+            .pods
+            .iter()
+            .filter_map(|p| {
+                let role = p.role.clone()?;
+                let netns = p.netns.clone()?;
+                if !roles.contains(&role.as_str()) || state.nodes.iter().any(|n| n.netns == netns) {
+                    return None;
+                }
+                Some(Target {
+                    pod: format!("{}/{}", p.namespace, p.name),
+                    node: p.node.clone(),
+                    netns,
+                    ip: p.ip.parse().ok()?,
+                    role,
+                })
+            })
+            .collect();
+        if targets.is_empty() {
+            bail!("sandbox {name}: no running pod has one of the roles {roles:?}");
+        }
+        let samples = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::new();
+        for (i, target) in targets.iter().enumerate() {
+            let (target, samples, stop) = (target.clone(), samples.clone(), stop.clone());
+            threads.push(std::thread::spawn(move || {
+                if let Err(error) = load(i, &target, &samples, &stop) {
+                    eprintln!("load from {}: {error:#}", target.pod);
+                }
+            }));
+        }
+        Ok(Self {
+            bin: bin.to_path_buf(),
+            name: name.to_string(),
+            targets,
+            samples,
+            stop,
+            threads,
+            identities: HashMap::new(),
+        })
+    }
+
+    /// Runs `podiam-sandbox --name NAME args...`; its output, or why it failed.
+    pub fn sandbox(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = Command::new(&self.bin)
+            .args(["--name", &self.name])
+            .args(args)
+            .output()?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        if !out.status.success() {
+            bail!("podiam-sandbox {args:?}: {text}");
+        }
+        Ok(text)
+    }
+
+    /// Waits until every pod has had its own credentials after `since`; how long after.
+    pub fn wait_served(&self, since: Instant, limit: Duration) -> Option<Duration> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let samples = self.samples.lock();
+            let mut last_ok: Vec<Option<Instant>> = vec![None; self.targets.len()];
+            let mut first_ok: Vec<Option<Instant>> = vec![None; self.targets.len()];
+            for s in samples.iter().filter(|s| s.at >= since) {
+                if matches!(s.outcome, Outcome::Ok(_)) {
+                    first_ok[s.pod].get_or_insert(s.at);
+                    last_ok[s.pod] = Some(s.at);
+                }
+            }
+            drop(samples);
+            if first_ok.iter().all(Option::is_some) {
+                return first_ok.into_iter().flatten().max().map(|t| t - since);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(PACE);
+        }
+    }
+
+    /// Injects `fault`, holds it for `hold` (restarts are immediate), removes it, and
+    /// waits (up to `recover`) for full service.
+    pub fn run(&mut self, fault: Fault, hold: Duration, recover: Duration) -> anyhow::Result<Row> {
+        let node = self.targets[0].node.clone();
+        let before = State::load(&self.name)?;
+        let started = Instant::now();
+        match fault {
+            Fault::ServerRestart | Fault::ServerDown => {
+                self.sandbox(&["server", "stop"])?;
+            }
+            Fault::ApiDown => {
+                self.sandbox(&["api", "stop"])?;
+            }
+            Fault::AgentRestart | Fault::AgentDown => {
+                self.sandbox(&["agent", "stop", &node])?;
+            }
+            Fault::StsThrottle | Fault::StsError | Fault::StsDown => {
+                self.sandbox(&["sts", fault.sts_mode().unwrap_or("forward")])?;
+                // A pod that needs a session while STS cannot give one.
+                let name = format!("new-{}", fault.name());
+                self.add_pod(&node, "payments", &name, &format!("payments-{name}"))?;
+            }
+            Fault::WatchesCut | Fault::WatchesExpired => {
+                let expire = fault == Fault::WatchesExpired;
+                self.sandbox(&["watches", if expire { "expire" } else { "cut" }])?;
+                // Only a watch that came back delivers this pod.
+                let name = format!("new-{}", fault.name());
+                self.add_pod(&node, "payments", &name, &format!("payments-{name}"))?;
+            }
+            Fault::CertRotate => {
+                let before = tls_reloads(&before)?;
+                self.sandbox(&["certs"])?;
+                let deadline = Instant::now() + Duration::from_secs(60);
+                loop {
+                    let now = tls_reloads(&State::load(&self.name)?)?;
+                    if now.iter().zip(&before).all(|(n, b)| n > b) {
+                        break;
+                    }
+                    if Instant::now() > deadline {
+                        bail!(
+                            "not every process reloaded its certificates within 60 s: {before:?} → {now:?}"
+                        );
+                    }
+                    std::thread::sleep(Duration::from_millis(250));
+                }
+            }
+        }
+        if fault.held() {
+            std::thread::sleep(hold.saturating_sub(started.elapsed()));
+        }
+        match fault {
+            Fault::ServerRestart | Fault::ServerDown => {
+                self.sandbox(&["server", "start"])?;
+            }
+            Fault::ApiDown => {
+                self.sandbox(&["api", "start"])?;
+            }
+            Fault::AgentRestart | Fault::AgentDown => {
+                self.sandbox(&["agent", "start", &node])?;
+            }
+            Fault::StsThrottle | Fault::StsError | Fault::StsDown => {
+                self.sandbox(&["sts", "forward"])?;
+            }
+            Fault::WatchesCut | Fault::WatchesExpired | Fault::CertRotate => {}
+        }
+        let ended = Instant::now();
+        let recovery = self.wait_served(ended, recover);
+        let after = State::load(&self.name)?;
+        let exited = exited(&before, &after, fault, &node);
+        let window: Vec<Sample> = self
+            .samples
+            .lock()
+            .iter()
+            .filter(|s| s.at >= started)
+            .cloned()
+            .collect();
+        let (mut ok, mut refused, mut failed, mut wrong) = (0, 0, 0, 0);
+        let mut example = None;
+        for s in &window {
+            let during = s.at < ended;
+            let target = self.targets[s.pod].clone();
+            let bad = match &s.outcome {
+                Outcome::Wrong(what) => Some(what.clone()),
+                Outcome::Ok(answered) => {
+                    let role = self.identity(answered)?;
+                    (role != target.role).then(|| {
+                        format!(
+                            "{}: access key {} belongs to {role}",
+                            target.pod, answered.access_key
+                        )
+                    })
+                }
+                _ => None,
+            };
+            if let Some(what) = bad {
+                wrong += 1;
+                example.get_or_insert(what);
+                continue;
+            }
+            if during {
+                match s.outcome {
+                    Outcome::Ok(_) => ok += 1,
+                    Outcome::Refused => refused += 1,
+                    _ => failed += 1,
+                }
+            }
+        }
+        Ok(Row {
+            fault,
+            held: ended - started,
+            ok,
+            refused,
+            failed,
+            wrong,
+            recovery,
+            exited,
+            example,
+        })
+    }
+
+    /// Checks the checker: the last credentials each pod got belong, in STS, to that pod's
+    /// role and to no other pod's, so that a swapped answer would count as wrong.
+    pub fn self_check(&mut self) -> anyhow::Result<()> {
+        let last: Vec<(usize, Answered)> = {
+            let samples = self.samples.lock();
+            let mut last = HashMap::new();
+            for s in samples.iter() {
+                if let Outcome::Ok(a) = &s.outcome {
+                    last.insert(s.pod, a.clone());
+                }
+            }
+            last.into_iter().collect()
+        };
+        if last.len() < 2 {
+            bail!("self-check: fewer than two pods have been answered");
+        }
+        for (pod, answered) in last {
+            let role = self.identity(&answered)?;
+            let target = &self.targets[pod];
+            if role != target.role {
+                bail!(
+                    "self-check: {}'s credentials are {role}'s in STS",
+                    target.pod
+                );
+            }
+        }
+        // Distinct roles: one pod's key in another's answer is another role in STS.
+        let roles: std::collections::HashSet<_> = self.targets.iter().map(|t| &t.role).collect();
+        if roles.len() != self.targets.len() {
+            bail!("self-check: two pods share a role; a swap between them would not show");
+        }
+        Ok(())
+    }
+
+    /// Applies a pod `namespace/name` with `role` on `node` and puts it under load.
+    pub fn add_pod(
+        &mut self,
+        node: &str,
+        namespace: &str,
+        name: &str,
+        role: &str,
+    ) -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let file = dir.path().join("pod.yaml");
+        std::fs::write(
+            &file,
+            format!(
+                "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {namespace}\n  \
+                 annotations:\n    iam.amazonaws.com/role: {role}\nspec:\n  nodeName: {node}\n"
+            ),
+        )?;
+        self.sandbox(&["apply", &file.to_string_lossy()])?;
+        let state = State::load(&self.name)?;
+        let pod = state
+            .pods
+            .iter()
+            .find(|p| p.namespace == namespace && p.name == name)
+            .with_context(|| format!("{namespace}/{name} is not in the sandbox after apply"))?;
+        let target = Target {
+            pod: format!("{namespace}/{name}"),
+            node: node.to_string(),
+            netns: pod.netns.clone().context("the new pod has no network")?,
+            ip: pod.ip.parse()?,
+            role: role.to_string(),
+        };
+        let i = self.targets.len();
+        self.targets.push(target.clone());
+        let (samples, stop) = (self.samples.clone(), self.stop.clone());
+        self.threads.push(std::thread::spawn(move || {
+            if let Err(error) = load(i, &target, &samples, &stop) {
+                eprintln!("load from {}: {error:#}", target.pod);
+            }
+        }));
+        Ok(())
+    }
+
+    /// The role STS gives the credentials (asked once per access key, with the
+    /// credentials themselves, from the control namespace where moto listens).
+    fn identity(&mut self, answered: &Answered) -> anyhow::Result<String> {
+        if let Some(role) = self.identities.get(&answered.access_key) {
+            return Ok(role.clone());
+        }
+        let state = State::load(&self.name)?;
+        const SCRIPT: &str = "import boto3, sys\n\
+            c = boto3.client('sts', endpoint_url=sys.argv[1], region_name='us-east-1',\n\
+                aws_access_key_id=sys.argv[2], aws_secret_access_key=sys.argv[3],\n\
+                aws_session_token=sys.argv[4])\n\
+            print(c.get_caller_identity()['Arn'])\n";
+        let python = crate::moto::venv().join("bin/python3");
+        let out = Command::new("ip")
+            .args(["netns", "exec", &state.ctl])
+            .arg(&python)
+            .args(["-c", SCRIPT, &state.sts])
+            .args([&answered.access_key, &answered.secret, &answered.token])
+            .env_clear()
+            .env("PATH", "/usr/bin:/bin")
+            .output()?;
+        let arn = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        // arn:aws:sts::ACCOUNT:assumed-role/ROLE/SESSION
+        let prefix = format!("arn:aws:sts::{ACCOUNT}:assumed-role/");
+        let role = arn
+            .strip_prefix(&prefix)
+            .and_then(|rest| rest.split('/').next())
+            .map(str::to_string)
+            .unwrap_or_else(|| {
+                format!(
+                    "(not an assumed role: {arn} {})",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                )
+            });
+        self.identities
+            .insert(answered.access_key.clone(), role.clone());
+        Ok(role)
+    }
+
+    /// Every round so far: (ok, refused, failed).
+    pub fn totals(&self) -> (usize, usize, usize) {
+        let samples = self.samples.lock();
+        let count = |f: fn(&Outcome) -> bool| samples.iter().filter(|s| f(&s.outcome)).count();
+        (
+            count(|o| matches!(o, Outcome::Ok(_))),
+            count(|o| matches!(o, Outcome::Refused)),
+            count(|o| matches!(o, Outcome::Failed | Outcome::Wrong(_))),
+        )
+    }
+
+    /// Stops the load.
+    pub fn stop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Chaos {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A sandbox brought up for the matrix, with more pods under load; `down` when dropped.
+#[derive(Debug)]
+pub struct Up {
+    bin: PathBuf,
+    /// Its name.
+    pub name: String,
+    /// The roles of the pods to load: the example's two permitted pods and the added ones.
+    pub roles: Vec<String>,
+}
+
+impl Up {
+    /// `podiam-sandbox --name NAME up MANIFEST` (the example's namespaces and pods), then
+    /// `per_node` more permitted pods on each of its two nodes.
+    pub fn start(bin: &Path, name: &str, manifest: &Path, per_node: usize) -> anyhow::Result<Self> {
+        let out = Command::new(bin)
+            .args(["--name", name, "up"])
+            .arg(manifest)
+            .output()?;
+        let up = Self {
+            bin: bin.to_path_buf(),
+            name: name.to_string(),
+            roles: vec!["payments-api".into(), "analytics-etl-nightly".into()],
+        };
+        if !out.status.success() {
+            bail!(
+                "sandbox up: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let mut up = up;
+        let mut yaml = String::new();
+        for n in 0..per_node {
+            for (node, namespace, role) in [
+                ("node-a", "payments", format!("payments-load-{n}")),
+                ("node-b", "analytics", format!("analytics-etl-load-{n}")),
+            ] {
+                yaml += &format!(
+                    "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: load-{n}\n  namespace: {namespace}\n  \
+                     annotations:\n    iam.amazonaws.com/role: {role}\nspec:\n  nodeName: {node}\n"
+                );
+                up.roles.push(role);
+            }
+        }
+        if per_node > 0 {
+            let dir = tempfile::tempdir()?;
+            let file = dir.path().join("load.yaml");
+            std::fs::write(&file, yaml)?;
+            let out = Command::new(bin)
+                .args(["--name", name, "apply"])
+                .arg(&file)
+                .output()?;
+            if !out.status.success() {
+                bail!("sandbox apply: {}", String::from_utf8_lossy(&out.stderr));
+            }
+        }
+        Ok(up)
+    }
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        let _ = Command::new(&self.bin)
+            .args(["--name", &self.name, "down"])
+            .output();
+    }
+}
+
+/// The RSS of the server and each agent, from their `/proc` entries: `(name, KiB)`.
+pub fn rss(name: &str) -> anyhow::Result<Vec<(String, u64)>> {
+    let state = State::load(name)?;
+    let mut out = Vec::new();
+    let mut add = |what: String, pid: Option<u32>| {
+        if let Some(kib) = pid.and_then(|p| crate::process::proc_status_kib(p, "VmRSS:")) {
+            out.push((what, kib));
+        }
+    };
+    add("podiam-server".into(), state.server_pid);
+    for n in &state.nodes {
+        add(format!("podiam-agent on {}", n.name), n.agent_pid);
+    }
+    Ok(out)
+}
+
+/// `podiam_tls_reloads_total{result="ok"}` of the server, then of each agent.
+fn tls_reloads(state: &State) -> anyhow::Result<Vec<f64>> {
+    let metric = |netns: &str, addr: &str| -> anyhow::Result<f64> {
+        let (_, text) = crate::netns::get(netns, addr.parse()?, "/metrics")?;
+        Ok(text
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("podiam_tls_reloads_total{result=\"ok\"} ")?
+                    .parse()
+                    .ok()
+            })
+            .unwrap_or(0.0))
+    };
+    let mut out = vec![metric(
+        &state.ctl,
+        state
+            .server_admin
+            .as_deref()
+            .context("no server admin address")?,
+    )?];
+    for n in &state.nodes {
+        out.push(metric(
+            &n.netns,
+            &format!("{}:{}", n.ip, crate::sandbox::AGENT_ADMIN_PORT),
+        )?);
+    }
+    Ok(out)
+}
+
+/// The processes that are gone without the fault stopping them.
+fn exited(before: &State, after: &State, fault: Fault, node: &str) -> Vec<String> {
+    let alive = |pid: Option<u32>| {
+        pid.is_some_and(|p| {
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(p as i32), None).is_ok()
+        })
+    };
+    let mut gone = Vec::new();
+    let server_restarted = matches!(fault, Fault::ServerRestart | Fault::ServerDown);
+    if !alive(after.server_pid) || (!server_restarted && before.server_pid != after.server_pid) {
+        gone.push("podiam-server".to_string());
+    }
+    for n in &after.nodes {
+        let restarted = n.name == node && matches!(fault, Fault::AgentRestart | Fault::AgentDown);
+        let was = before
+            .nodes
+            .iter()
+            .find(|b| b.name == n.name)
+            .and_then(|b| b.agent_pid);
+        if !alive(n.agent_pid) || (!restarted && was != n.agent_pid) {
+            gone.push(format!("podiam-agent on {}", n.name));
+        }
+    }
+    gone
+}
+
+/// One pod's load, inside its network namespace, until `stop`.
+fn load(
+    i: usize,
+    target: &Target,
+    samples: &Mutex<Vec<Sample>>,
+    stop: &AtomicBool,
+) -> anyhow::Result<()> {
+    crate::netns::enter(&target.netns)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let imds: SocketAddr = IMDS.parse()?;
+    rt.block_on(async {
+        while !stop.load(Ordering::SeqCst) {
+            let outcome = tokio::time::timeout(ROUND_TIMEOUT, round(target, imds))
+                .await
+                .unwrap_or(Outcome::Failed);
+            samples.lock().push(Sample {
+                pod: i,
+                at: Instant::now(),
+                outcome,
+            });
+            tokio::time::sleep(PACE).await;
+        }
+    });
+    Ok(())
+}
+
+/// One SDK-like round: token, role list, credentials.
+async fn round(target: &Target, imds: SocketAddr) -> Outcome {
+    let ask = |method, path: String, headers: Vec<(&'static str, String)>| async move {
+        let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        imds_client::request(target.ip, imds, method, &path, &headers).await
+    };
+    let token = match ask(
+        Method::PUT,
+        "/latest/api/token".into(),
+        vec![("x-aws-ec2-metadata-token-ttl-seconds", "21600".into())],
+    )
+    .await
+    {
+        Ok(a) if a.status == 200 => a.body,
+        Ok(_) => return Outcome::Refused,
+        Err(_) => return Outcome::Failed,
+    };
+    let auth = vec![("x-aws-ec2-metadata-token", token)];
+    let list = match ask(
+        Method::GET,
+        "/latest/meta-data/iam/security-credentials/".into(),
+        auth.clone(),
+    )
+    .await
+    {
+        Ok(a) if a.status == 200 => a.body,
+        Ok(_) => return Outcome::Refused,
+        Err(_) => return Outcome::Failed,
+    };
+    let role = list.trim();
+    if role != target.role {
+        return Outcome::Wrong(format!("{}: role list {role:?}", target.pod));
+    }
+    let path = format!("/latest/meta-data/iam/security-credentials/{role}");
+    let body = match ask(Method::GET, path, auth).await {
+        Ok(a) if a.status == 200 => a.body,
+        Ok(_) => return Outcome::Refused,
+        Err(_) => return Outcome::Failed,
+    };
+    let Ok(doc) = serde_json::from_str::<serde_json::Value>(&body) else {
+        return Outcome::Wrong(format!("{}: not a credentials document", target.pod));
+    };
+    let field = |k: &str| doc[k].as_str().unwrap_or_default().to_string();
+    let answered = Answered {
+        access_key: field("AccessKeyId"),
+        secret: field("SecretAccessKey"),
+        token: field("Token"),
+    };
+    if answered.access_key.is_empty() || answered.secret.contains("NODE") {
+        return Outcome::Wrong(format!("{}: {}", target.pod, doc["Code"]));
+    }
+    Outcome::Ok(answered)
+}
+
+/// The matrix as a markdown table.
+pub fn table(rows: &[Row]) -> String {
+    let mut out = String::from(
+        "| fault | held | ok during | refused during | failed during | wrong | back to full service after | processes exited |\n|---|---:|---:|---:|---:|---:|---:|---|\n",
+    );
+    for r in rows {
+        out += &format!(
+            "| {} | {:.1} s | {} | {} | {} | {} | {} | {} |\n",
+            r.fault.name(),
+            r.held.as_secs_f64(),
+            r.ok,
+            r.refused,
+            r.failed,
+            r.wrong,
+            r.recovery
+                .map_or("not within the limit".into(), |d| format!(
+                    "{:.1} s",
+                    d.as_secs_f64()
+                )),
+            if r.exited.is_empty() {
+                "none".into()
+            } else {
+                r.exited.join(", ")
+            },
+        );
+    }
+    out
+}
