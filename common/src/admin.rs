@@ -21,6 +21,48 @@ use crate::readiness::Readiness;
 /// How long in-flight admin requests may take after shutdown starts.
 const GRACE: Duration = Duration::from_secs(5);
 
+/// `podiam_runtime_tasks`: the tokio runtime's live tasks, read at each scrape (a task
+/// per connection and per stream, so a leak of either shows as a rising count).
+struct RuntimeTasks {
+    handle: tokio::runtime::Handle,
+    desc: prometheus::core::Desc,
+}
+
+impl RuntimeTasks {
+    fn for_current() -> Option<Self> {
+        let handle = tokio::runtime::Handle::try_current().ok()?;
+        let desc = prometheus::core::Desc::new(
+            "podiam_runtime_tasks".into(),
+            "Tasks alive in the process's tokio runtime".into(),
+            Vec::new(),
+            std::collections::HashMap::new(),
+        )
+        .ok()?;
+        Some(Self { handle, desc })
+    }
+}
+
+impl prometheus::core::Collector for RuntimeTasks {
+    fn desc(&self) -> Vec<&prometheus::core::Desc> {
+        vec![&self.desc]
+    }
+
+    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        let tasks = self.handle.metrics().num_alive_tasks();
+        let gauge = prometheus::IntGauge::with_opts(prometheus::Opts::new(
+            self.desc.fq_name.clone(),
+            self.desc.help.clone(),
+        ));
+        match gauge {
+            Ok(gauge) => {
+                gauge.set(i64::try_from(tasks).unwrap_or(i64::MAX));
+                prometheus::core::Collector::collect(&gauge)
+            }
+            Err(_) => Vec::new(),
+        }
+    }
+}
+
 /// Admin server flags.
 #[derive(Clone, Debug, clap::Args)]
 pub struct AdminArgs {
@@ -39,12 +81,18 @@ pub struct Admin {
 // === impl Admin ===
 
 impl Admin {
-    /// Serves `registry` (to which the process collector is added) and `readiness`.
+    /// Serves `registry` (to which the process collector and, inside a tokio runtime, the
+    /// runtime's task count are added) and `readiness`.
     pub fn new(registry: Registry, readiness: Readiness) -> Self {
         let process = prometheus::process_collector::ProcessCollector::for_self();
         if let Err(error) = registry.register(Box::new(process)) {
             // Only possible when the caller registered one already: harmless.
             tracing::debug!(%error, "process collector not registered");
+        }
+        if let Some(tasks) = RuntimeTasks::for_current()
+            && let Err(error) = registry.register(Box::new(tasks))
+        {
+            tracing::debug!(%error, "runtime task collector not registered");
         }
         Self {
             registry,

@@ -548,6 +548,46 @@ impl Chaos {
         Ok(role)
     }
 
+    /// Rounds between `from` and `to`: (ok, refused, failed or wrong).
+    pub fn counts(&self, from: Instant, to: Instant) -> (usize, usize, usize) {
+        let samples = self.samples.lock();
+        let window = || samples.iter().filter(|s| s.at >= from && s.at < to);
+        (
+            window()
+                .filter(|s| matches!(s.outcome, Outcome::Ok(_)))
+                .count(),
+            window()
+                .filter(|s| matches!(s.outcome, Outcome::Refused))
+                .count(),
+            window()
+                .filter(|s| matches!(s.outcome, Outcome::Failed | Outcome::Wrong(_)))
+                .count(),
+        )
+    }
+
+    /// Every answer so far checked against STS: how many were not the pod's own, and the
+    /// first of them.
+    pub fn wrong(&mut self) -> anyhow::Result<(usize, Option<String>)> {
+        let samples: Vec<Sample> = self.samples.lock().clone();
+        let (mut wrong, mut example) = (0, None);
+        for s in &samples {
+            let target = self.targets[s.pod].clone();
+            let bad = match &s.outcome {
+                Outcome::Wrong(what) => Some(what.clone()),
+                Outcome::Ok(answered) => {
+                    let role = self.identity(answered)?;
+                    (role != target.role).then(|| format!("{}: {role}'s credentials", target.pod))
+                }
+                _ => None,
+            };
+            if let Some(what) = bad {
+                wrong += 1;
+                example.get_or_insert(what);
+            }
+        }
+        Ok((wrong, example))
+    }
+
     /// Every round so far: (ok, refused, failed).
     pub fn totals(&self) -> (usize, usize, usize) {
         let samples = self.samples.lock();
@@ -588,9 +628,21 @@ impl Up {
     /// `podiam-sandbox --name NAME up MANIFEST` (the example's namespaces and pods), then
     /// `per_node` more permitted pods on each of its two nodes.
     pub fn start(bin: &Path, name: &str, manifest: &Path, per_node: usize) -> anyhow::Result<Self> {
+        Self::start_with(bin, name, manifest, per_node, &[])
+    }
+
+    /// Like [`Up::start`], with more podiam-server arguments.
+    pub fn start_with(
+        bin: &Path,
+        name: &str,
+        manifest: &Path,
+        per_node: usize,
+        server_args: &[&str],
+    ) -> anyhow::Result<Self> {
         let out = Command::new(bin)
             .args(["--name", name, "up"])
             .arg(manifest)
+            .args(server_args.iter().map(|a| format!("--server-arg={a}")))
             .output()?;
         let up = Self {
             bin: bin.to_path_buf(),
@@ -654,6 +706,58 @@ pub fn rss(name: &str) -> anyhow::Result<Vec<(String, u64)>> {
     add("podiam-server".into(), state.server_pid);
     for n in &state.nodes {
         add(format!("podiam-agent on {}", n.name), n.agent_pid);
+    }
+    Ok(out)
+}
+
+/// What a process's metrics say of its health over time.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Vitals {
+    /// `process_resident_memory_bytes`, in MiB.
+    pub rss_mib: f64,
+    /// `process_open_fds`.
+    pub fds: f64,
+    /// `process_threads`.
+    pub threads: f64,
+    /// `podiam_runtime_tasks`.
+    pub tasks: f64,
+}
+
+/// The [`Vitals`] of the server, then of each agent: `(name, vitals)`.
+pub fn vitals(name: &str) -> anyhow::Result<Vec<(String, Vitals)>> {
+    let state = State::load(name)?;
+    let read = |netns: &str, addr: &str| -> anyhow::Result<Vitals> {
+        let (_, text) = crate::netns::get(netns, addr.parse()?, "/metrics")?;
+        let value = |metric: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(metric)?.strip_prefix(' ')?.parse().ok())
+                .unwrap_or(f64::NAN)
+        };
+        Ok(Vitals {
+            rss_mib: value("process_resident_memory_bytes") / (1024.0 * 1024.0),
+            fds: value("process_open_fds"),
+            threads: value("process_threads"),
+            tasks: value("podiam_runtime_tasks"),
+        })
+    };
+    let mut out = vec![(
+        "podiam-server".to_string(),
+        read(
+            &state.ctl,
+            state
+                .server_admin
+                .as_deref()
+                .context("no server admin address")?,
+        )?,
+    )];
+    for n in &state.nodes {
+        out.push((
+            format!("agent {}", n.name),
+            read(
+                &n.netns,
+                &format!("{}:{}", n.ip, crate::sandbox::AGENT_ADMIN_PORT),
+            )?,
+        ));
     }
     Ok(out)
 }

@@ -127,6 +127,26 @@ enum Bench {
         #[arg(long, default_value = "examples/sandbox.yaml")]
         manifest: PathBuf,
     },
+    /// The soak (root): a sandbox under steady IMDSv2 load while pods are created and
+    /// deleted in the API server at --churn per second; every --sample, the server's and
+    /// agents' RSS, open files, threads and tokio tasks, and the rounds answered.
+    Soak {
+        /// How long.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        duration: Duration,
+        /// Pods created (and deleted) per second.
+        #[arg(long, default_value_t = 20)]
+        churn: u32,
+        /// Churn pods alive at once.
+        #[arg(long, default_value_t = 200)]
+        live: u32,
+        /// Sampling interval.
+        #[arg(long, default_value = "1m", value_parser = humantime::parse_duration)]
+        sample: Duration,
+        /// The sandbox manifest.
+        #[arg(long, default_value = "examples/sandbox.yaml")]
+        manifest: PathBuf,
+    },
     /// AssumeRole calls for N pods over R roles across simulated hours (broker with a
     /// paused clock and an in-memory STS), against the ideal.
     Sts {
@@ -229,6 +249,16 @@ fn main() -> anyhow::Result<()> {
         // Threads of its own in the pods' namespaces; no runtime here.
         return chaos(faults, *hold, *api_hold, *per_node, manifest);
     }
+    if let Bench::Soak {
+        duration,
+        churn,
+        live,
+        sample,
+        manifest,
+    } = &args.bench
+    {
+        return soak(*duration, *churn, *live, *sample, manifest);
+    }
     if let Bench::Sts { pods, roles, hours } = args.bench {
         // Simulated hours: tokio's clock is paused and jumps to the next timer.
         return tokio::runtime::Builder::new_current_thread()
@@ -306,7 +336,9 @@ async fn run(bench: Bench) -> anyhow::Result<()> {
             runs,
             server,
         } => agent(&server_path(server)?, &concurrency, duration, runs).await?,
-        Bench::Chaos { .. } => unreachable!("run before the runtime starts"),
+        Bench::Chaos { .. } | Bench::Soak { .. } => {
+            unreachable!("run before the runtime starts")
+        }
         Bench::Index {
             sizes,
             runs,
@@ -934,6 +966,101 @@ fn chaos(
             before.map_or("-".into(), |k| format!("{k} KiB"))
         );
     }
+    drop(up);
+    Ok(())
+}
+
+/// The soak against a sandbox of its own.
+fn soak(
+    duration: Duration,
+    churn: u32,
+    live: u32,
+    sample: Duration,
+    manifest: &Path,
+) -> anyhow::Result<()> {
+    use podiam_tests::chaos::{self, Chaos, Up};
+    if !nix::unistd::geteuid().is_root() {
+        bail!("the soak runs a sandbox: it needs root");
+    }
+    let bin = std::env::current_exe()?.with_file_name("podiam-sandbox");
+    let name = format!("soak{}", std::process::id() % 100_000);
+    // One session per role: the cache holds what pods use, and the soak looks for leaks,
+    // not for a per-pod cache filling to its session lifetime.
+    let up = Up::start_with(&bin, &name, manifest, 2, &["--session-scope=role"])?;
+    let roles: Vec<&str> = up.roles.iter().map(String::as_str).collect();
+    let mut load = Chaos::start(&bin, &name, &roles)?;
+    let started = Instant::now();
+    if load.wait_served(started, Duration::from_secs(60)).is_none() {
+        bail!("the pods did not all get their credentials within 60 s of the start");
+    }
+    load.sandbox(&["churn", &churn.to_string(), "--live", &live.to_string()])?;
+    let processes: Vec<String> = chaos::vitals(&name)?.into_iter().map(|(n, _)| n).collect();
+    println!(
+        "sandbox {name}: {} pods under load (a round every {:?} each), {churn} pods/s created and deleted in the API server ({live} alive), for {duration:?}; sampled every {sample:?}\n",
+        load.targets.len(),
+        chaos::PACE,
+    );
+    let mut header = String::from("| min |");
+    for p in &processes {
+        header += &format!(" {p} RSS MiB | fds | threads | tasks |");
+    }
+    header += " rounds ok | refused | failed |";
+    println!("{header}");
+    println!("|{}", "---:|".repeat(1 + processes.len() * 4 + 3));
+    let churn_started = Instant::now();
+    let mut from = churn_started;
+    let mut at = Duration::ZERO;
+    while at <= duration {
+        let mut line = format!("| {:.0} |", at.as_secs_f64() / 60.0);
+        for (_, v) in chaos::vitals(&name)? {
+            line += &format!(
+                " {:.1} | {:.0} | {:.0} | {:.0} |",
+                v.rss_mib, v.fds, v.threads, v.tasks
+            );
+        }
+        let now = Instant::now();
+        let (ok, refused, failed) = load.counts(from, now);
+        from = now;
+        line += &format!(" {ok} | {refused} | {failed} |");
+        println!("{line}");
+        at += sample;
+        if at > duration {
+            break;
+        }
+        std::thread::sleep((churn_started + at).saturating_duration_since(Instant::now()));
+    }
+    let made = load.sandbox(&["churn", "0"])?;
+    load.stop();
+    let (wrong, example) = load.wrong()?;
+    let (ok, refused, failed) = load.totals();
+    println!(
+        "\n{}; rounds: {ok} ok, {refused} refused, {failed} failed, {wrong} wrong{}",
+        made.trim(),
+        example.map_or(String::new(), |e| format!(" (first: {e})"))
+    );
+    let state = podiam_tests::sandbox::State::load(&name)?;
+    let alive = |pid: Option<u32>| {
+        pid.is_some_and(|p| {
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(p as i32), None).is_ok()
+        })
+    };
+    let mut gone: Vec<String> = Vec::new();
+    if !alive(state.server_pid) {
+        gone.push("podiam-server".into());
+    }
+    for n in &state.nodes {
+        if !alive(n.agent_pid) {
+            gone.push(format!("agent {}", n.name));
+        }
+    }
+    println!(
+        "processes exited: {}",
+        if gone.is_empty() {
+            "none".into()
+        } else {
+            gone.join(", ")
+        }
+    );
     drop(up);
     Ok(())
 }

@@ -111,6 +111,15 @@ enum Cmd {
         #[arg(value_parser = ["cut", "expire"])]
         action: String,
     },
+    /// Pod churn in the API server only (pods of namespace `churn`, never wired): create
+    /// PER_SECOND pods a second and delete the oldest beyond --live; 0 stops.
+    Churn {
+        /// Pods per second (0 stops).
+        per_second: u32,
+        /// Churn pods alive at once.
+        #[arg(long, default_value_t = 200)]
+        live: u32,
+    },
     /// Issue new server and agent certificates from the sandbox CA over the files in use
     /// (podiam reloads them within --tls-reload-interval).
     Certs,
@@ -182,6 +191,7 @@ fn main() -> ExitCode {
             },
         ),
         Cmd::Certs => control(&cli.name, &Request::Certs),
+        Cmd::Churn { per_second, live } => control(&cli.name, &Request::Churn { per_second, live }),
         Cmd::Apply { file } => control(
             &cli.name,
             &Request::Apply {

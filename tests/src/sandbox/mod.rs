@@ -173,6 +173,15 @@ pub enum Request {
     /// Issue new server and agent certificates (same CA) over the files they run with;
     /// each reloads them within its --tls-reload-interval.
     Certs,
+    /// Pod churn in the API server only (no network: the pods' addresses are never
+    /// wired): `per_second` pods of namespace `churn` created each second, the oldest
+    /// deleted once `live` exist; `per_second: 0` stops it.
+    Churn {
+        /// Pods created (and, once `live` exist, deleted) per second.
+        per_second: u32,
+        /// Churn pods kept at once.
+        live: u32,
+    },
     /// Tear everything down and exit.
     Down,
 }

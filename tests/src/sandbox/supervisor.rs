@@ -60,7 +60,59 @@ pub struct Supervisor {
     moto: Option<Moto>,
     /// Between podiam-server and moto, for STS faults (pods' SDKs use moto directly).
     sts_proxy: Option<StsProxy>,
+    /// Pod churn in the API server, while on.
+    churn: Option<Churn>,
     prometheus: Option<super::prometheus::Prometheus>,
+}
+
+/// Pod churn in the stand-in API server.
+#[derive(Debug)]
+struct Churn {
+    interval: tokio::time::Interval,
+    /// The next pod's number.
+    next: u64,
+    live: std::collections::VecDeque<String>,
+    keep: usize,
+    nodes: Vec<String>,
+}
+
+impl Churn {
+    /// One pod created, and the oldest deleted beyond `keep`.
+    fn step(&mut self, kube: &FakeKube) {
+        let n = self.next;
+        self.next += 1;
+        let name = format!("c-{n}");
+        // 100.100.0.0/16: never wired, never routed; the agents just hear of it.
+        let ip = format!("100.100.{}.{}", (n / 250) % 250, n % 250 + 1);
+        let node = self
+            .nodes
+            .get(usize::try_from(n).unwrap_or(0) % self.nodes.len().max(1))
+            .cloned()
+            .unwrap_or_default();
+        kube.apply(
+            crate::objects::pod("churn", &name)
+                .role(&format!("churn-{}", n % 10))
+                .node(&node)
+                .ip(&ip)
+                .build(),
+        );
+        self.live.push_back(name);
+        while self.live.len() > self.keep {
+            if let Some(old) = self.live.pop_front() {
+                kube.delete_pod("churn", &old);
+            }
+        }
+    }
+}
+
+/// Resolves at the churn's next tick; never while there is no churn.
+async fn churn_tick(churn: &mut Option<Churn>) {
+    match churn {
+        Some(c) => {
+            c.interval.tick().await;
+        }
+        None => std::future::pending().await,
+    }
 }
 
 /// Prints a progress line for `up`.
@@ -103,6 +155,7 @@ impl Supervisor {
             node_imds: Vec::new(),
             moto: None,
             sts_proxy: None,
+            churn: None,
             prometheus: None,
         };
         let built = supervisor.build(manifests).await;
@@ -715,6 +768,34 @@ impl Supervisor {
                 self.pki.rotate()?;
                 Ok("new server and agent certificates are in place (same CA); each process reloads them within its --tls-reload-interval (10s)".into())
             }
+            Request::Churn { per_second, live } => {
+                if per_second == 0 {
+                    let made = self.churn.take().map_or(0, |c| c.next);
+                    return Ok(format!("churn stopped after {made} pods"));
+                }
+                self.kube.apply(crate::objects::namespace(
+                    "churn",
+                    &[(
+                        "iam.amazonaws.com/permitted",
+                        &format!("arn:aws:iam::{}:role/churn-.*", super::ACCOUNT),
+                    )],
+                ));
+                let mut interval =
+                    tokio::time::interval(Duration::from_secs(1) / per_second.min(1000));
+                interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                let nodes = self.state.nodes.iter().map(|n| n.name.clone()).collect();
+                let next = self.churn.take().map_or(0, |c| c.next);
+                self.churn = Some(Churn {
+                    interval,
+                    next,
+                    live: std::collections::VecDeque::new(),
+                    keep: live as usize,
+                    nodes,
+                });
+                Ok(format!(
+                    "churn: {per_second} pods/s created in namespace churn (API only, no network), the oldest deleted beyond {live}"
+                ))
+            }
             Request::Down => Ok("down".into()),
         }
     }
@@ -742,6 +823,12 @@ impl Supervisor {
             let stream = tokio::select! {
                 _ = term.recv() => return Ok(()),
                 _ = tokio::signal::ctrl_c() => return Ok(()),
+                () = churn_tick(&mut self.churn) => {
+                    if let Some(churn) = &mut self.churn {
+                        churn.step(&self.kube);
+                    }
+                    continue;
+                }
                 accepted = listener.accept() => match accepted {
                     Ok((stream, _)) => stream,
                     Err(_) => continue,
