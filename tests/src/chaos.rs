@@ -294,12 +294,10 @@ impl Chaos {
         let deadline = Instant::now() + limit;
         loop {
             let samples = self.samples.lock();
-            let mut last_ok: Vec<Option<Instant>> = vec![None; self.targets.len()];
             let mut first_ok: Vec<Option<Instant>> = vec![None; self.targets.len()];
             for s in samples.iter().filter(|s| s.at >= since) {
                 if matches!(s.outcome, Outcome::Ok(_)) {
                     first_ok[s.pod].get_or_insert(s.at);
-                    last_ok[s.pod] = Some(s.at);
                 }
             }
             drop(samples);
@@ -791,13 +789,29 @@ fn tls_reloads(state: &State) -> anyhow::Result<Vec<f64>> {
     Ok(out)
 }
 
+/// Whether the process `pid` is alive.
+fn alive(pid: Option<u32>) -> bool {
+    pid.and_then(|p| i32::try_from(p).ok())
+        .is_some_and(|p| nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), None).is_ok())
+}
+
+/// The server and agents of sandbox `name` that are not running.
+pub fn gone(name: &str) -> anyhow::Result<Vec<String>> {
+    let state = State::load(name)?;
+    let mut gone = Vec::new();
+    if !alive(state.server_pid) {
+        gone.push("podiam-server".to_string());
+    }
+    for n in &state.nodes {
+        if !alive(n.agent_pid) {
+            gone.push(format!("podiam-agent on {}", n.name));
+        }
+    }
+    Ok(gone)
+}
+
 /// The processes that are gone without the fault stopping them.
 fn exited(before: &State, after: &State, fault: Fault, node: &str) -> Vec<String> {
-    let alive = |pid: Option<u32>| {
-        pid.is_some_and(|p| {
-            nix::sys::signal::kill(nix::unistd::Pid::from_raw(p as i32), None).is_ok()
-        })
-    };
     let mut gone = Vec::new();
     let server_restarted = matches!(fault, Fault::ServerRestart | Fault::ServerDown);
     if !alive(after.server_pid) || (!server_restarted && before.server_pid != after.server_pid) {

@@ -327,6 +327,11 @@ impl PodIndex {
         gone.len()
     }
 
+    /// Whether the pod `key` is in the index.
+    pub fn contains(&self, key: &PodKey) -> bool {
+        self.pods.contains_key(key)
+    }
+
     /// Every pod (a snapshot; the lock is not held while the caller uses it).
     pub fn all(&self) -> Vec<Arc<PodInfo>> {
         self.pods.values().cloned().collect()

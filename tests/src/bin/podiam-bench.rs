@@ -898,6 +898,33 @@ async fn full_cache(server: &Path, pods: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A sandbox of its own (root only) with `per_node` more pods on each node, and load from
+/// its permitted pods once every pod has been served (and how long that took).
+fn under_load(
+    kind: &str,
+    manifest: &Path,
+    per_node: usize,
+    server_args: &[&str],
+) -> anyhow::Result<(
+    podiam_tests::chaos::Up,
+    podiam_tests::chaos::Chaos,
+    Duration,
+)> {
+    use podiam_tests::chaos::{Chaos, Up};
+    if !nix::unistd::geteuid().is_root() {
+        bail!("the {kind} runs a sandbox: it needs root");
+    }
+    let bin = std::env::current_exe()?.with_file_name("podiam-sandbox");
+    let name = format!("{kind}{}", std::process::id() % 100_000);
+    let up = Up::start_with(&bin, &name, manifest, per_node, server_args)?;
+    let roles: Vec<&str> = up.roles.iter().map(String::as_str).collect();
+    let load = Chaos::start(&bin, &name, &roles)?;
+    let Some(ready) = load.wait_served(Instant::now(), Duration::from_secs(60)) else {
+        bail!("the pods did not all get their credentials within 60 s of the start");
+    };
+    Ok((up, load, ready))
+}
+
 /// The fault matrix against a sandbox of its own.
 fn chaos(
     faults: &[String],
@@ -906,10 +933,7 @@ fn chaos(
     per_node: usize,
     manifest: &Path,
 ) -> anyhow::Result<()> {
-    use podiam_tests::chaos::{self, Chaos, Fault, Up};
-    if !nix::unistd::geteuid().is_root() {
-        bail!("the fault matrix runs a sandbox: it needs root");
-    }
+    use podiam_tests::chaos::{self, Fault};
     let faults = if faults.is_empty() {
         Fault::ALL.to_vec()
     } else {
@@ -918,15 +942,8 @@ fn chaos(
             .map(|f| Fault::parse(f))
             .collect::<anyhow::Result<_>>()?
     };
-    let bin = std::env::current_exe()?.with_file_name("podiam-sandbox");
-    let name = format!("chaos{}", std::process::id() % 100_000);
-    let up = Up::start(&bin, &name, manifest, per_node)?;
-    let roles: Vec<&str> = up.roles.iter().map(String::as_str).collect();
-    let mut load = Chaos::start(&bin, &name, &roles)?;
-    let started = Instant::now();
-    let Some(ready) = load.wait_served(started, Duration::from_secs(60)) else {
-        bail!("the pods did not all get their credentials within 60 s of the start");
-    };
+    let (up, mut load, ready) = under_load("chaos", manifest, per_node, &[])?;
+    let (name, started) = (up.name.clone(), Instant::now());
     load.self_check()?;
     let rss0 = chaos::rss(&name)?;
     println!(
@@ -978,21 +995,11 @@ fn soak(
     sample: Duration,
     manifest: &Path,
 ) -> anyhow::Result<()> {
-    use podiam_tests::chaos::{self, Chaos, Up};
-    if !nix::unistd::geteuid().is_root() {
-        bail!("the soak runs a sandbox: it needs root");
-    }
-    let bin = std::env::current_exe()?.with_file_name("podiam-sandbox");
-    let name = format!("soak{}", std::process::id() % 100_000);
+    use podiam_tests::chaos;
     // One session per role: the cache holds what pods use, and the soak looks for leaks,
     // not for a per-pod cache filling to its session lifetime.
-    let up = Up::start_with(&bin, &name, manifest, 2, &["--session-scope=role"])?;
-    let roles: Vec<&str> = up.roles.iter().map(String::as_str).collect();
-    let mut load = Chaos::start(&bin, &name, &roles)?;
-    let started = Instant::now();
-    if load.wait_served(started, Duration::from_secs(60)).is_none() {
-        bail!("the pods did not all get their credentials within 60 s of the start");
-    }
+    let (up, mut load, _) = under_load("soak", manifest, 2, &["--session-scope=role"])?;
+    let name = up.name.clone();
     load.sandbox(&["churn", &churn.to_string(), "--live", &live.to_string()])?;
     let processes: Vec<String> = chaos::vitals(&name)?.into_iter().map(|(n, _)| n).collect();
     println!(
@@ -1038,21 +1045,7 @@ fn soak(
         made.trim(),
         example.map_or(String::new(), |e| format!(" (first: {e})"))
     );
-    let state = podiam_tests::sandbox::State::load(&name)?;
-    let alive = |pid: Option<u32>| {
-        pid.is_some_and(|p| {
-            nix::sys::signal::kill(nix::unistd::Pid::from_raw(p as i32), None).is_ok()
-        })
-    };
-    let mut gone: Vec<String> = Vec::new();
-    if !alive(state.server_pid) {
-        gone.push("podiam-server".into());
-    }
-    for n in &state.nodes {
-        if !alive(n.agent_pid) {
-            gone.push(format!("agent {}", n.name));
-        }
-    }
+    let gone = chaos::gone(&name)?;
     println!(
         "processes exited: {}",
         if gone.is_empty() {
