@@ -225,6 +225,8 @@ pub struct Chaos {
     threads: Vec<std::thread::JoinHandle<()>>,
     /// Access key → the role STS says it belongs to.
     identities: HashMap<String, String>,
+    /// When the load started.
+    started: Instant,
 }
 
 impl Chaos {
@@ -272,6 +274,7 @@ impl Chaos {
             stop,
             threads,
             identities: HashMap::new(),
+            started: Instant::now(),
         })
     }
 
@@ -391,21 +394,7 @@ impl Chaos {
         let mut example = None;
         for s in &window {
             let during = s.at < ended;
-            let target = self.targets[s.pod].clone();
-            let bad = match &s.outcome {
-                Outcome::Wrong(what) => Some(what.clone()),
-                Outcome::Ok(answered) => {
-                    let role = self.identity(answered)?;
-                    (role != target.role).then(|| {
-                        format!(
-                            "{}: access key {} belongs to {role}",
-                            target.pod, answered.access_key
-                        )
-                    })
-                }
-                _ => None,
-            };
-            if let Some(what) = bad {
+            if let Some(what) = self.verdict(s)? {
                 wrong += 1;
                 example.get_or_insert(what);
                 continue;
@@ -563,22 +552,32 @@ impl Chaos {
         )
     }
 
+    /// What is wrong with the answer of `s`, if anything: not the pod's role, or
+    /// credentials that STS says are another role's.
+    fn verdict(&mut self, s: &Sample) -> anyhow::Result<Option<String>> {
+        Ok(match &s.outcome {
+            Outcome::Wrong(what) => Some(what.clone()),
+            Outcome::Ok(answered) => {
+                let role = self.identity(answered)?;
+                let pod = &self.targets[s.pod];
+                (role != pod.role).then(|| {
+                    format!(
+                        "{}: access key {} belongs to {role}",
+                        pod.pod, answered.access_key
+                    )
+                })
+            }
+            Outcome::Refused | Outcome::Failed => None,
+        })
+    }
+
     /// Every answer so far checked against STS: how many were not the pod's own, and the
     /// first of them.
     pub fn wrong(&mut self) -> anyhow::Result<(usize, Option<String>)> {
         let samples: Vec<Sample> = self.samples.lock().clone();
         let (mut wrong, mut example) = (0, None);
         for s in &samples {
-            let target = self.targets[s.pod].clone();
-            let bad = match &s.outcome {
-                Outcome::Wrong(what) => Some(what.clone()),
-                Outcome::Ok(answered) => {
-                    let role = self.identity(answered)?;
-                    (role != target.role).then(|| format!("{}: {role}'s credentials", target.pod))
-                }
-                _ => None,
-            };
-            if let Some(what) = bad {
+            if let Some(what) = self.verdict(s)? {
                 wrong += 1;
                 example.get_or_insert(what);
             }
@@ -586,15 +585,9 @@ impl Chaos {
         Ok((wrong, example))
     }
 
-    /// Every round so far: (ok, refused, failed).
+    /// Every round so far: (ok, refused, failed or wrong).
     pub fn totals(&self) -> (usize, usize, usize) {
-        let samples = self.samples.lock();
-        let count = |f: fn(&Outcome) -> bool| samples.iter().filter(|s| f(&s.outcome)).count();
-        (
-            count(|o| matches!(o, Outcome::Ok(_))),
-            count(|o| matches!(o, Outcome::Refused)),
-            count(|o| matches!(o, Outcome::Failed | Outcome::Wrong(_))),
-        )
+        self.counts(self.started, Instant::now() + Duration::from_secs(1))
     }
 
     /// Stops the load.
@@ -690,22 +683,6 @@ impl Drop for Up {
             .args(["--name", &self.name, "down"])
             .output();
     }
-}
-
-/// The RSS of the server and each agent, from their `/proc` entries: `(name, KiB)`.
-pub fn rss(name: &str) -> anyhow::Result<Vec<(String, u64)>> {
-    let state = State::load(name)?;
-    let mut out = Vec::new();
-    let mut add = |what: String, pid: Option<u32>| {
-        if let Some(kib) = pid.and_then(|p| crate::process::proc_status_kib(p, "VmRSS:")) {
-            out.push((what, kib));
-        }
-    };
-    add("podiam-server".into(), state.server_pid);
-    for n in &state.nodes {
-        add(format!("podiam-agent on {}", n.name), n.agent_pid);
-    }
-    Ok(out)
 }
 
 /// What a process's metrics say of its health over time.

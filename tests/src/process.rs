@@ -203,8 +203,7 @@ impl Drop for Process {
     }
 }
 
-/// A `/proc/PID/status` field in KiB (`VmRSS:`, `VmHWM:`).
-pub fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
+fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|l| l.starts_with(field))?;
     line.split_whitespace().nth(1)?.parse().ok()

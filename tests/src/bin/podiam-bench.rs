@@ -945,7 +945,7 @@ fn chaos(
     let (up, mut load, ready) = under_load("chaos", manifest, per_node, &[])?;
     let (name, started) = (up.name.clone(), Instant::now());
     load.self_check()?;
-    let rss0 = chaos::rss(&name)?;
+    let vitals0 = chaos::vitals(&name)?;
     println!(
         "sandbox {name}: {} pods under load on 2 nodes (a round = PUT token, GET role list, GET credentials, every {:?}); all served after {:.1} s\n",
         load.targets.len(),
@@ -968,19 +968,23 @@ fn chaos(
     }
     let (ok, refused, failed) = load.totals();
     load.stop();
-    let rss1 = chaos::rss(&name)?;
+    let vitals1 = chaos::vitals(&name)?;
     println!("{}", chaos::table(&rows));
     println!(
         "all rounds: {ok} ok, {refused} refused, {failed} failed, {} wrong; in {:.0} s",
         rows.iter().map(|r| r.wrong).sum::<usize>(),
         started.elapsed().as_secs_f64()
     );
-    for (what, kib) in &rss1 {
-        let before = rss0.iter().find(|(w, _)| w == what).map(|(_, k)| *k);
+    for (what, after) in &vitals1 {
+        let before = vitals0.iter().find(|(w, _)| w == what).map(|(_, v)| *v);
         println!(
-            "RSS {what}: {} KiB after the matrix (before: {})",
-            kib,
-            before.map_or("-".into(), |k| format!("{k} KiB"))
+            "{what}: RSS {:.1} MiB, {} tasks after the matrix (before: {})",
+            after.rss_mib,
+            after.tasks,
+            before.map_or("-".into(), |v| format!(
+                "RSS {:.1} MiB, {} tasks",
+                v.rss_mib, v.tasks
+            ))
         );
     }
     drop(up);
