@@ -500,9 +500,12 @@ impl Issuer {
     /// Drops what is remembered of pods no longer in the index (their audit pairs and
     /// hostNetwork warnings): a deleted pod's entries would otherwise stay for hours.
     pub fn forget_gone_pods(&self) {
-        let pods = || self.inner.index.pods();
-        let pairs = sweep(&self.inner.audited, |(pod, _)| pods().contains(pod));
-        let warnings = sweep(&self.inner.host_network_warned, |pod| pods().contains(pod));
+        // One read of the index for the whole sweep (a few milliseconds at 100k pods,
+        // every 4,096 new pairs), not one lock per remembered entry.
+        let pods = self.inner.index.pods();
+        let pairs = sweep(&self.inner.audited, |(pod, _)| pods.contains(pod));
+        let warnings = sweep(&self.inner.host_network_warned, |pod| pods.contains(pod));
+        drop(pods);
         tracing::debug!(pairs, warnings, "forgot pods gone from the index");
     }
 
