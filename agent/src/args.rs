@@ -22,6 +22,7 @@ use crate::{
     imds::{Imds, ImdsConfig, ImdsMetrics, token::TokenKey},
     intercept::{InterceptArgs, InterceptMetrics, Interceptor},
     interfaces::Interfaces,
+    pod_identity::{PodIdentity, PodIdentityMetrics},
     proxy::{DEFAULT_ALLOW, MetadataProxy},
     servers::{ServerSettings, Servers, ServersMetrics},
     table::{NodeTable, TableMetrics},
@@ -37,6 +38,9 @@ pub struct Cli {
 
     #[command(flatten)]
     servers: ServerArgs,
+
+    #[command(flatten)]
+    pod_identity: PodIdentityArgs,
 
     #[command(flatten)]
     intercept: InterceptArgs,
@@ -98,6 +102,21 @@ struct ImdsArgs {
     /// Deadline of a request to the real metadata service.
     #[arg(long, env = "PODIAM_METADATA_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration)]
     metadata_timeout: Duration,
+}
+
+/// The container-credentials endpoint (EKS Pod Identity's, on any cluster).
+#[derive(Clone, Debug, clap::Args)]
+struct PodIdentityArgs {
+    /// Serve the container-credentials endpoint: pods' 169.254.170.23:80 (and, with
+    /// --ipv6, [fd00:ec2::23]:80) is redirected to --pod-identity-port on the addresses
+    /// the metadata endpoint listens on, and answered with the role of the pod's
+    /// ServiceAccount for its projected token (the servers need --pod-identity too).
+    #[arg(long, env = "PODIAM_POD_IDENTITY")]
+    pod_identity: bool,
+
+    /// The port of the container-credentials endpoint on the node's addresses.
+    #[arg(long, env = "PODIAM_POD_IDENTITY_PORT", default_value_t = 8182)]
+    pod_identity_port: u16,
 }
 
 /// How to reach the podiam servers.
@@ -188,6 +207,7 @@ impl Cli {
         let Cli {
             imds,
             servers,
+            pod_identity,
             intercept,
             tls,
             admin,
@@ -215,6 +235,11 @@ impl Cli {
             table_wait,
         } = servers;
         let AdminArgs { admin_addr } = admin;
+        let PodIdentityArgs {
+            pod_identity,
+            pod_identity_port,
+        } = pod_identity;
+        let pod_identity_port = pod_identity.then_some(pod_identity_port);
 
         // Flags first: a bad value fails before anything listens.
         let listen = match listen {
@@ -235,10 +260,14 @@ impl Cli {
         let interceptor = Interceptor::prepare(
             &intercept,
             listen,
+            pod_identity_port,
             InterceptMetrics::register(&registry, imds_metrics.refused())?,
         )
         .await
         .context("setting up interception")?;
+        if pod_identity_port.is_some_and(|port| port == listen.port() || port == 0) {
+            bail!("--pod-identity-port must be a port of its own (not 0, not that of --listen)");
+        }
         if let Some(interceptor) = &interceptor {
             interceptor
                 .install()
@@ -310,6 +339,17 @@ impl Cli {
             .as_ref()
             .map(|i| i.listen_v4().into_iter().chain(i.listen_v6()).collect())
             .unwrap_or_default();
+        let pod_identity_listens: Vec<SocketAddr> = match (pod_identity_port, &interceptor) {
+            (None, _) => Vec::new(),
+            (Some(port), Some(interceptor)) => interceptor.pod_identity_listens(port),
+            (Some(port), None) => vec![SocketAddr::new(listen.ip(), port)],
+        };
+        let pod_identity = PodIdentity::new(
+            servers.clone(),
+            pod_sources.clone(),
+            Arc::new(SystemClock),
+            PodIdentityMetrics::register(&registry)?,
+        );
         let imds = Imds::new(
             ImdsConfig {
                 node_ips: std::iter::once(listen.ip())
@@ -343,6 +383,14 @@ impl Cli {
                 .with_context(|| format!("binding the {family} metadata endpoint to {addr}"))?;
             tracing::info!(addr = %listener.local_addr()?, "{family} metadata endpoint listening");
             extra_listeners.push(listener);
+        }
+        let mut pod_identity_listeners = Vec::new();
+        for addr in pod_identity_listens {
+            let listener = TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding the container-credentials endpoint to {addr}"))?;
+            tracing::info!(addr = %listener.local_addr()?, "container-credentials endpoint listening");
+            pod_identity_listeners.push(listener);
         }
 
         let mut tasks = JoinSet::new();
@@ -384,6 +432,13 @@ impl Cli {
             tasks.spawn(
                 async move { imds.serve(listener, shutdown).await }
                     .instrument(tracing::info_span!("imds")),
+            );
+        }
+        for listener in pod_identity_listeners {
+            let (endpoint, shutdown) = (pod_identity.clone(), shutdown.clone());
+            tasks.spawn(
+                async move { endpoint.serve(listener, shutdown).await }
+                    .instrument(tracing::info_span!("pod_identity")),
             );
         }
         tasks.spawn({

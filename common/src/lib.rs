@@ -13,6 +13,7 @@
 //! - [`logging`]: `tracing` setup from `--log-format` and `--log-level`.
 //! - [`net`]: IPv4-mapped addresses compared as IPv4.
 //! - [`pattern`]: regular expressions anchored so that no pattern text can escape the anchors.
+//! - [`pod_identity`]: the container-credentials path's addresses, names and document.
 //! - [`protocol`]: the agent ↔ server messages and typed errors.
 //! - [`secret`]: strings that never format (keys, tokens).
 //! - [`tls`]: mutual-TLS configurations from PEM files, reloaded when they change.
@@ -27,6 +28,7 @@ pub mod listen;
 pub mod logging;
 pub mod net;
 pub mod pattern;
+pub mod pod_identity;
 pub mod protocol;
 pub mod readiness;
 pub mod secret;

@@ -18,6 +18,10 @@ pub const ROLE_PATH: &str = "/v1/role";
 pub const CREDENTIALS_PATH: &str = "/v1/credentials";
 /// `GET`: 200 when the server can answer (its caches are synced).
 pub const HEALTH_PATH: &str = "/v1/health";
+/// `POST`: credentials for the pod whose projected ServiceAccount token the agent
+/// forwards (the container-credentials path: [`PodIdentityRequest`] →
+/// [`CredentialsResponse`]).
+pub const POD_IDENTITY_PATH: &str = "/v1/pod-identity";
 
 /// Which role does the pod with this IP have?
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -42,6 +46,15 @@ pub struct CredentialsRequest {
     /// "whatever my role is". A role that is not the pod's own is refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub role: Option<String>,
+}
+
+/// Credentials for the pod this token was issued to (its projected ServiceAccount token,
+/// as the pod sent it to the container-credentials endpoint). The caller's address plays
+/// no part: the token, reviewed by the API server, is the identity.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodIdentityRequest {
+    /// The pod's token.
+    pub token: Secret,
 }
 
 /// A pod's credentials.
@@ -82,6 +95,9 @@ pub struct ErrorBody {
 pub enum ErrorCode {
     /// The request is malformed.
     InvalidRequest,
+    /// The pod's ServiceAccount token (container-credentials path) is missing, malformed,
+    /// expired, for another audience, or not bound to a pod.
+    InvalidToken,
     /// The agent's ServiceAccount token is missing, invalid, or not the agent's.
     Unauthenticated,
     /// No live pod has the IP (after the server's bounded wait).
@@ -106,7 +122,7 @@ impl ErrorCode {
     /// The HTTP status that goes with the code.
     pub fn status(self) -> u16 {
         match self {
-            ErrorCode::InvalidRequest => 400,
+            ErrorCode::InvalidRequest | ErrorCode::InvalidToken => 400,
             ErrorCode::Unauthenticated => 401,
             ErrorCode::Forbidden | ErrorCode::NodeMismatch => 403,
             ErrorCode::PodNotFound | ErrorCode::RoleMismatch => 404,
@@ -121,6 +137,7 @@ impl ErrorCode {
     pub fn parse(name: &str) -> Option<Self> {
         [
             ErrorCode::InvalidRequest,
+            ErrorCode::InvalidToken,
             ErrorCode::Unauthenticated,
             ErrorCode::PodNotFound,
             ErrorCode::AmbiguousIp,
@@ -139,6 +156,7 @@ impl ErrorCode {
     pub fn as_str(self) -> &'static str {
         match self {
             ErrorCode::InvalidRequest => "invalid_request",
+            ErrorCode::InvalidToken => "invalid_token",
             ErrorCode::Unauthenticated => "unauthenticated",
             ErrorCode::PodNotFound => "pod_not_found",
             ErrorCode::AmbiguousIp => "ambiguous_ip",

@@ -125,6 +125,17 @@ impl TlsArgs {
         self.reloading(Side::Server, metrics, shutdown, server_config)
     }
 
+    /// Builds a server-side configuration that asks for no client certificate (HTTP/2 and
+    /// HTTP/1.1), from the same files, and keeps reloading it until `shutdown`: for the
+    /// admission webhook, which the API server calls with the CA as its `caBundle`.
+    pub fn webhook_server(
+        &self,
+        metrics: TlsMetrics,
+        shutdown: CancellationToken,
+    ) -> Result<Reloading<ServerConfig>, TlsError> {
+        self.reloading(Side::Server, metrics, shutdown, webhook_config)
+    }
+
     /// Builds the client-side configuration (HTTP/2 only) and keeps reloading it until
     /// `shutdown`.
     pub fn client(
@@ -311,6 +322,15 @@ fn server_config(l: &Loaded) -> Result<ServerConfig, TlsError> {
         .with_client_cert_verifier(verifier)
         .with_single_cert(l.certs.clone(), l.key.clone_key())?;
     config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(config)
+}
+
+fn webhook_config(l: &Loaded) -> Result<ServerConfig, TlsError> {
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(l.certs.clone(), l.key.clone_key())?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(config)
 }
 

@@ -20,10 +20,11 @@ use hyper_util::{
     server::graceful::GracefulShutdown,
 };
 use podiam_common::{
+    arn::RoleArn,
     feed::{self, node_feed_server::NodeFeedServer},
     protocol::{
         CREDENTIALS_PATH, CredentialsRequest, CredentialsResponse, ErrorBody, ErrorCode,
-        HEALTH_PATH, ROLE_PATH, RoleRequest, RoleResponse,
+        HEALTH_PATH, POD_IDENTITY_PATH, PodIdentityRequest, ROLE_PATH, RoleRequest, RoleResponse,
     },
     readiness::Readiness,
     tls::Reloading,
@@ -36,7 +37,7 @@ use tokio_util::sync::CancellationToken;
 use tower::Service;
 
 use crate::{
-    auth::{AuthError, Authenticate},
+    auth::{AuthError, Authenticate, TokenReviewer},
     credentials::{Caller, IssueError, Issuer},
     feed::Feed,
 };
@@ -58,6 +59,8 @@ pub struct AgentApi {
 struct Inner {
     issuer: Issuer,
     auth: Arc<dyn Authenticate>,
+    /// Reviews pods' tokens on the container-credentials path (`None`: the path is off).
+    pod_tokens: Option<TokenReviewer>,
     readiness: Readiness,
     metrics: ApiMetrics,
     role_labels: bool,
@@ -76,6 +79,7 @@ pub struct ApiMetrics {
 enum Endpoint {
     Role,
     Credentials,
+    PodIdentity,
     Health,
 }
 
@@ -88,6 +92,7 @@ impl AgentApi {
     pub fn new(
         issuer: Issuer,
         auth: Arc<dyn Authenticate>,
+        pod_tokens: Option<TokenReviewer>,
         readiness: Readiness,
         metrics: ApiMetrics,
         role_labels: bool,
@@ -96,6 +101,7 @@ impl AgentApi {
             inner: Arc::new(Inner {
                 issuer,
                 auth,
+                pod_tokens,
                 readiness,
                 metrics,
                 role_labels,
@@ -187,6 +193,7 @@ impl AgentApi {
         let endpoint = match (req.method(), req.uri().path()) {
             (&Method::POST, ROLE_PATH) => Endpoint::Role,
             (&Method::POST, CREDENTIALS_PATH) => Endpoint::Credentials,
+            (&Method::POST, POD_IDENTITY_PATH) => Endpoint::PodIdentity,
             (&Method::GET, HEALTH_PATH) => Endpoint::Health,
             (method, path) => {
                 let message = format!("no endpoint {method} {path}");
@@ -197,6 +204,7 @@ impl AgentApi {
             Endpoint::Health => self.health(),
             Endpoint::Role => self.role(req).await,
             Endpoint::Credentials => self.credentials(req).await,
+            Endpoint::PodIdentity => self.pod_identity(req).await,
         };
         let (label, rsp) = match reply {
             Ok(rsp) => ("ok", rsp),
@@ -254,12 +262,7 @@ impl AgentApi {
             .credentials(request.ip, request.role.as_deref(), &caller)
             .await
             .map_err(refusal)?;
-        let role = if self.inner.role_labels {
-            issued.role_arn.as_str()
-        } else {
-            ""
-        };
-        self.inner.metrics.issued.with_label_values(&[role]).inc();
+        self.count_issued(&issued.role_arn);
         tracing::debug!(ip = %request.ip, pod = %issued.pod.key, role.arn = %issued.role_arn, "credentials");
         Ok(json(
             StatusCode::OK,
@@ -268,6 +271,54 @@ impl AgentApi {
                 credentials: issued.credentials,
             },
         ))
+    }
+
+    async fn pod_identity<B>(&self, req: Request<B>) -> Reply
+    where
+        B: Body,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let Some(reviewer) = self.inner.pod_tokens.clone() else {
+            return Err((
+                ErrorCode::InvalidRequest,
+                "the container-credentials path is off on this server (--pod-identity)".into(),
+            ));
+        };
+        let (caller, request): (Caller, PodIdentityRequest) = self.admit(req).await?;
+        let token = reviewer
+            .review(Some(request.token.expose()))
+            .await
+            .map_err(|error| match error {
+                AuthError::Unavailable(_) => (ErrorCode::NotReady, error.to_string()),
+                _ => {
+                    tracing::info!(%error, "pod token refused");
+                    (ErrorCode::InvalidToken, error.to_string())
+                }
+            })?;
+        let issued = self
+            .inner
+            .issuer
+            .pod_identity(&token, &caller)
+            .await
+            .map_err(refusal)?;
+        self.count_issued(&issued.role_arn);
+        tracing::debug!(pod = %issued.pod.key, role.arn = %issued.role_arn, "pod identity credentials");
+        Ok(json(
+            StatusCode::OK,
+            &CredentialsResponse {
+                role_arn: issued.role_arn,
+                credentials: issued.credentials,
+            },
+        ))
+    }
+
+    fn count_issued(&self, role: &RoleArn) {
+        let role = if self.inner.role_labels {
+            role.as_str()
+        } else {
+            ""
+        };
+        self.inner.metrics.issued.with_label_values(&[role]).inc();
     }
 
     /// Readiness, the agent's token, and the JSON body.
@@ -350,6 +401,7 @@ impl Endpoint {
         match self {
             Endpoint::Role => "role",
             Endpoint::Credentials => "credentials",
+            Endpoint::PodIdentity => "pod_identity",
             Endpoint::Health => "health",
         }
     }

@@ -12,17 +12,19 @@ use podiam_common::{
     annotations,
     arn::{BaseRoleArn, RoleArn},
     logging::LogArgs,
+    pod_identity,
     tls::TlsArgs,
 };
 
 use crate::{
-    auth::{self, TokenReviewer, Unbound},
+    auth::{self, AgentTokens, TokenReviewer, Unbound},
     credentials::{CHAINED_MAX, LookupSettings, SessionScope, SessionSettings},
     explain::ExplainArgs,
     feed::FeedSettings,
     policy::{MAX_SESSION, MIN_SESSION, PolicyConfig},
     run,
     sts::{BrokerConfig, aws::StsSettings},
+    webhook::WebhookSettings,
 };
 
 /// podiam server: maps pod IPs to pods and pods to IAM roles, checks each role against its
@@ -134,6 +136,9 @@ struct ServeArgs {
 
     #[command(flatten)]
     binding: BindingArgs,
+
+    #[command(flatten)]
+    pod_identity: PodIdentityArgs,
 
     /// Derive --base-role-arn from the server's own AWS account (sts:GetCallerIdentity)
     /// when it is not given (kiam: --role-base-arn-autodetect).
@@ -264,6 +269,41 @@ struct BindingArgs {
     token_review_cache: Duration,
 }
 
+/// The container-credentials path (EKS Pod Identity's, on any cluster).
+#[derive(Clone, Debug, clap::Args)]
+struct PodIdentityArgs {
+    /// Serve the container-credentials path: watch ServiceAccounts and
+    /// PodIdentityAssociation objects (the CRD from deploy/ must be installed, or the
+    /// server never becomes ready), and give pods their ServiceAccount's role for their
+    /// projected token.
+    #[arg(long, env = "PODIAM_POD_IDENTITY")]
+    pod_identity: bool,
+
+    /// The audience of pods' projected tokens on that path (EKS Pod Identity's, so pod
+    /// specs written for it work unchanged).
+    #[arg(long, env = "PODIAM_POD_IDENTITY_AUDIENCE", default_value = pod_identity::DEFAULT_AUDIENCE)]
+    pod_identity_audience: String,
+
+    /// The cluster's name, for the eks-cluster-name session tag. Empty: no such tag.
+    #[arg(long, env = "PODIAM_CLUSTER_NAME")]
+    cluster_name: Option<String>,
+
+    /// The value of the eks-cluster-arn session tag (any stable identifier of the cluster
+    /// that IAM policies may test). Empty: no such tag.
+    #[arg(long, env = "PODIAM_CLUSTER_ARN")]
+    cluster_arn: Option<String>,
+
+    /// Address of the mutating admission webhook (HTTPS with the --cert and --key of the
+    /// agent API, no client certificate), served with --pod-identity.
+    #[arg(long, env = "PODIAM_WEBHOOK_LISTEN", default_value = "0.0.0.0:9443")]
+    webhook_listen: SocketAddr,
+
+    /// The endpoint URI the webhook gives pods (http://[fd00:ec2::23]/v1/credentials on
+    /// IPv6-only clusters).
+    #[arg(long, env = "PODIAM_POD_IDENTITY_URI", default_value = pod_identity::FULL_URI_V4)]
+    pod_identity_uri: String,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 enum Binding {
     On,
@@ -340,6 +380,7 @@ impl ServeArgs {
             tls,
             sts,
             binding,
+            pod_identity,
             base_role_arn_autodetect,
             watch_stale_after,
             ip_lookup_wait,
@@ -361,7 +402,48 @@ impl ServeArgs {
             bail!("--max-waiting-lookups must be at least 1");
         }
         // Flags first, so that a bad value fails before anything connects.
-        let (sts_settings, broker, sessions) = sts.settings()?;
+        let (sts_settings, broker, mut sessions) = sts.settings()?;
+        let PodIdentityArgs {
+            pod_identity,
+            pod_identity_audience,
+            cluster_name,
+            cluster_arn,
+            webhook_listen,
+            pod_identity_uri,
+        } = pod_identity;
+        if ![pod_identity::FULL_URI_V4, pod_identity::FULL_URI_V6]
+            .contains(&pod_identity_uri.as_str())
+        {
+            bail!(
+                "--pod-identity-uri must be {} or {} (the addresses the SDKs accept and the agents serve)",
+                pod_identity::FULL_URI_V4,
+                pod_identity::FULL_URI_V6
+            );
+        }
+        sessions.cluster_name = non_empty(&cluster_name).map(str::to_string);
+        sessions.cluster_arn = non_empty(&cluster_arn).map(str::to_string);
+        for (flag, value) in [
+            ("--cluster-name", &sessions.cluster_name),
+            ("--cluster-arn", &sessions.cluster_arn),
+        ] {
+            if value.as_ref().is_some_and(|v| v.chars().count() > 256) {
+                bail!("{flag} must be at most 256 characters (an STS tag value)");
+            }
+        }
+        if pod_identity && pod_identity_audience.trim().is_empty() {
+            bail!("--pod-identity-audience must not be empty");
+        }
+        let token_review_cache = binding.token_review_cache;
+        let webhook = pod_identity.then(|| {
+            (
+                webhook_listen,
+                WebhookSettings {
+                    audience: pod_identity_audience.clone(),
+                    full_uri: pod_identity_uri,
+                    token_expiration: pod_identity::TOKEN_EXPIRATION_SECS,
+                },
+            )
+        });
         let autodetect = base_role_arn_autodetect && non_empty(&policy.base_role_arn).is_none();
         if !autodetect {
             policy.config(None)?;
@@ -374,6 +456,12 @@ impl ServeArgs {
             broker,
             sessions,
             authenticator: Box::new(move |client| binding.authenticator(client)),
+            pod_tokens: pod_identity.then(|| {
+                Box::new(move |client| {
+                    TokenReviewer::new(client, pod_identity_audience, token_review_cache)
+                }) as Box<dyn FnOnce(kube::Client) -> TokenReviewer + Send>
+            }),
+            webhook,
             kube,
             policy: Box::new(move |detected| policy.config(detected)),
             autodetect,
@@ -460,6 +548,8 @@ impl StsArgs {
             chained: sts.chained,
             tags: *session_tags,
             scope: *session_scope,
+            cluster_name: None,
+            cluster_arn: None,
         };
         Ok((sts, broker, sessions))
     }
@@ -487,13 +577,8 @@ impl BindingArgs {
         else {
             bail!("--agent-service-account must be NAMESPACE/NAME, got {agent_service_account:?}");
         };
-        Ok(auth::shared(TokenReviewer::new(
-            client,
-            token_audience.clone(),
-            namespace,
-            name,
-            *token_review_cache,
-        )))
+        let reviewer = TokenReviewer::new(client, token_audience.clone(), *token_review_cache);
+        Ok(auth::shared(AgentTokens::new(reviewer, namespace, name)))
     }
 }
 

@@ -1,18 +1,22 @@
-//! Agent authentication and node binding.
+//! Token authentication: agents (and node binding), and pods on the container-credentials
+//! path.
 //!
-//! Every agent request carries the agent's projected ServiceAccount token. The server
-//! checks it with a TokenReview (for its own audience), requires it to belong to the
-//! agent's ServiceAccount, and takes the agent's node from the token's
-//! `authentication.kubernetes.io/node-name` extra. Every projected token of every pod
-//! carries that extra, which is why the ServiceAccount must match too: without that check,
-//! any pod's token would pass for an agent. Results are cached briefly by token hash, and
-//! never past the token's own `exp`. One review is in flight per token however many
-//! requests carry it (on its own task, so a caller that gives up does not cancel it for
-//! the others). A review whose status does not list the audience asked for is refused:
-//! an authenticator that ignores audiences would otherwise pass any ServiceAccount token.
+//! [`TokenReviewer`] asks the API server about a projected ServiceAccount token (a
+//! TokenReview for one audience) and says whose it is: the ServiceAccount, and the pod and
+//! node it is bound to ([`Reviewed`]). Results are cached briefly by token hash, and never
+//! past the token's own `exp`. One review is in flight per token however many requests
+//! carry it (on its own task, so a caller that gives up does not cancel it for the others).
+//! A review whose status does not list the audience asked for is refused: an
+//! authenticator that ignores audiences would otherwise pass any ServiceAccount token.
 //! While the API server cannot be reached, a token accepted before keeps being accepted
 //! until it expires (at most [`STALE_LIMIT`] after its last review), so that an API server
-//! outage does not stop agents that were already known from being served.
+//! outage does not stop callers that were already known from being served.
+//!
+//! [`AgentTokens`] is agent authentication on top of it: the token must belong to the
+//! agent's ServiceAccount, and the agent's node is the token's
+//! `authentication.kubernetes.io/node-name` extra. Every projected token of every pod
+//! carries that extra, which is why the ServiceAccount must match too: without that check,
+//! any pod's token would pass for an agent.
 
 use std::{
     collections::HashMap,
@@ -46,6 +50,10 @@ pub const REVIEW_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The token extra that names the node of the pod the token was issued to.
 pub const NODE_NAME_EXTRA: &str = "authentication.kubernetes.io/node-name";
+/// The token extra that names the pod the token is bound to.
+pub const POD_NAME_EXTRA: &str = "authentication.kubernetes.io/pod-name";
+/// The token extra that carries the UID of the pod the token is bound to.
+pub const POD_UID_EXTRA: &str = "authentication.kubernetes.io/pod-uid";
 
 /// Decides who is asking from the request's bearer token.
 pub trait Authenticate: Send + Sync + fmt::Debug + 'static {
@@ -56,8 +64,8 @@ pub trait Authenticate: Send + Sync + fmt::Debug + 'static {
 /// Why a caller was refused.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum AuthError {
-    /// No bearer token.
-    #[error("no ServiceAccount token (Authorization: Bearer ...)")]
+    /// No token.
+    #[error("no ServiceAccount token")]
     Missing,
     /// The API server did not authenticate the token.
     #[error("token not accepted: {0}")]
@@ -75,32 +83,52 @@ pub enum AuthError {
     Unavailable(String),
 }
 
+/// Whose a token is, as the API server's TokenReview said.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reviewed {
+    /// `system:serviceaccount:NAMESPACE:NAME` for ServiceAccount tokens.
+    pub username: Arc<str>,
+    /// The node of the pod the token is bound to.
+    pub node: Option<Arc<str>>,
+    /// The pod the token is bound to.
+    pub pod_name: Option<Arc<str>>,
+    /// That pod's UID.
+    pub pod_uid: Option<Arc<str>>,
+}
+
 /// Node binding off: every mTLS-authenticated agent may ask for any pod.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Unbound;
 
-/// TokenReview-based authentication with a short cache.
+/// Agents' tokens: reviewed for the agents' audience, and accepted only from the agent's
+/// ServiceAccount, whose node is the caller's.
+#[derive(Clone)]
+pub struct AgentTokens {
+    reviewer: TokenReviewer,
+    /// `system:serviceaccount:NAMESPACE:NAME`.
+    agent_user: String,
+}
+
+/// TokenReviews for one audience, with a short cache.
 #[derive(Clone)]
 pub struct TokenReviewer {
     api: Api<TokenReview>,
     audience: String,
-    /// `system:serviceaccount:NAMESPACE:NAME`.
-    agent_user: String,
     /// Keyed by SHA-256 of the token, so the cache holds no tokens; with the time past
     /// which the token is not trusted (its `exp`), if it has one.
-    accepted: moka::sync::Cache<[u8; 32], (Caller, Option<SystemTime>)>,
+    accepted: moka::sync::Cache<[u8; 32], (Reviewed, Option<SystemTime>)>,
     /// The one review in flight per token.
     inflight: Arc<Mutex<HashMap<[u8; 32], Review>>>,
     rejected: moka::sync::Cache<[u8; 32], AuthError>,
     /// Accepted tokens with their expiry, for when the API server cannot be reached.
-    known: moka::sync::Cache<[u8; 32], (Caller, SystemTime)>,
+    known: moka::sync::Cache<[u8; 32], (Reviewed, SystemTime)>,
     /// When the fallback was last logged (Unix seconds).
     warned: Arc<AtomicU64>,
     /// The wall clock (tests move it).
     now: Arc<dyn Fn() -> SystemTime + Send + Sync>,
 }
 
-type Review = Shared<BoxFuture<'static, Result<Caller, AuthError>>>;
+type Review = Shared<BoxFuture<'static, Result<Reviewed, AuthError>>>;
 
 // === impl Unbound ===
 
@@ -110,21 +138,56 @@ impl Authenticate for Unbound {
     }
 }
 
+// === impl AgentTokens ===
+
+impl AgentTokens {
+    /// Accepts the tokens `reviewer` accepts that belong to `agent_namespace/agent_name`.
+    pub fn new(reviewer: TokenReviewer, agent_namespace: &str, agent_name: &str) -> Self {
+        Self {
+            reviewer,
+            agent_user: format!("system:serviceaccount:{agent_namespace}:{agent_name}"),
+        }
+    }
+
+    /// The reviewer underneath (for tests).
+    pub fn reviewer(&self) -> &TokenReviewer {
+        &self.reviewer
+    }
+}
+
+impl Authenticate for AgentTokens {
+    fn authenticate(&self, token: Option<&str>) -> BoxFuture<'static, Result<Caller, AuthError>> {
+        let review = self.reviewer.review(token);
+        let agent_user = self.agent_user.clone();
+        async move {
+            let reviewed = review.await?;
+            if *reviewed.username != *agent_user {
+                return Err(AuthError::NotAgent(reviewed.username.to_string()));
+            }
+            let node = reviewed.node.ok_or(AuthError::NoNode)?;
+            Ok(Caller { node: Some(node) })
+        }
+        .boxed()
+    }
+}
+
+impl fmt::Debug for AgentTokens {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AgentTokens")
+            .field("reviewer", &self.reviewer)
+            .field("agent_user", &self.agent_user)
+            .finish()
+    }
+}
+
 // === impl TokenReviewer ===
 
 impl TokenReviewer {
-    /// Reviews tokens for `audience`, accepting only `agent_namespace/agent_name`'s.
-    pub fn new(
-        client: Client,
-        audience: String,
-        agent_namespace: &str,
-        agent_name: &str,
-        ttl: Duration,
-    ) -> Self {
+    /// Reviews tokens for `audience`, remembering verdicts for `ttl`.
+    pub fn new(client: Client, audience: String, ttl: Duration) -> Self {
         Self {
             api: Api::all(client),
             audience,
-            agent_user: format!("system:serviceaccount:{agent_namespace}:{agent_name}"),
             accepted: moka::sync::Cache::builder()
                 .max_capacity(100_000)
                 .time_to_live(ttl)
@@ -150,9 +213,35 @@ impl TokenReviewer {
         self
     }
 
+    /// The audience tokens are reviewed for.
+    pub fn audience(&self) -> &str {
+        &self.audience
+    }
+
     /// TokenReviews under way.
     pub fn reviews_in_flight(&self) -> usize {
         self.inflight.lock().len()
+    }
+
+    /// Whose `token` is: from memory, or from a TokenReview.
+    pub fn review(&self, token: Option<&str>) -> BoxFuture<'static, Result<Reviewed, AuthError>> {
+        let Some(token) = token.map(str::trim).filter(|t| !t.is_empty()) else {
+            return futures::future::ready(Err(AuthError::Missing)).boxed();
+        };
+        let mut key = [0u8; 32];
+        key.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, token.as_bytes()).as_ref());
+        match self.accepted.get(&key) {
+            Some((reviewed, until)) if until.is_none_or(|t| (self.now)() < t) => {
+                return futures::future::ready(Ok(reviewed)).boxed();
+            }
+            // Past the token's `exp`: never from memory again.
+            Some(_) => self.accepted.invalidate(&key),
+            None => {}
+        }
+        if let Some(error) = self.rejected.get(&key) {
+            return futures::future::ready(Err(error)).boxed();
+        }
+        self.single_flight(token, key).boxed()
     }
 
     /// The review of `token` in flight, started if there is none.
@@ -164,7 +253,7 @@ impl TokenReviewer {
         let this = self.clone();
         let token = token.to_string();
         let task = tokio::spawn(async move {
-            let verdict = this.clone().review(token, key).await;
+            let verdict = this.clone().ask(token, key).await;
             // Removed here, once the caches hold the verdict, and whether or not anyone
             // still waits: a finished review must never answer a later request.
             this.inflight.lock().remove(&key);
@@ -184,7 +273,7 @@ impl TokenReviewer {
         review
     }
 
-    async fn review(self, token: String, key: [u8; 32]) -> Result<Caller, AuthError> {
+    async fn ask(self, token: String, key: [u8; 32]) -> Result<Reviewed, AuthError> {
         let expires = token_expiry(&token);
         if expires.is_some_and(|exp| exp <= (self.now)()) {
             return self.refuse(key, AuthError::Rejected("the token has expired".into()));
@@ -206,19 +295,19 @@ impl TokenReviewer {
             }
         };
         match self.judge(&result) {
-            Ok(caller) => {
-                self.accepted.insert(key, (caller.clone(), expires));
+            Ok(reviewed) => {
+                self.accepted.insert(key, (reviewed.clone(), expires));
                 let limit = (self.now)() + STALE_LIMIT;
                 let until = expires.map_or(limit, |e| e.min(limit));
-                self.known.insert(key, (caller.clone(), until));
-                Ok(caller)
+                self.known.insert(key, (reviewed.clone(), until));
+                Ok(reviewed)
             }
             Err(error) => self.refuse(key, error),
         }
     }
 
     /// Refused now: never again accepted from memory during an outage.
-    fn refuse(&self, key: [u8; 32], error: AuthError) -> Result<Caller, AuthError> {
+    fn refuse(&self, key: [u8; 32], error: AuthError) -> Result<Reviewed, AuthError> {
         self.accepted.invalidate(&key);
         self.known.invalidate(&key);
         self.rejected.insert(key, error.clone());
@@ -226,10 +315,10 @@ impl TokenReviewer {
     }
 
     /// The TokenReview failed: a token accepted before, and not expired, still passes.
-    fn fallback(&self, key: [u8; 32], error: String) -> Result<Caller, AuthError> {
+    fn fallback(&self, key: [u8; 32], error: String) -> Result<Reviewed, AuthError> {
         let now = (self.now)();
         match self.known.get(&key) {
-            Some((caller, until)) if until > now => {
+            Some((reviewed, until)) if until > now => {
                 let secs = now.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
                 let last = self.warned.load(Ordering::Relaxed);
                 if secs >= last + 30
@@ -238,18 +327,18 @@ impl TokenReviewer {
                         .compare_exchange(last, secs, Ordering::Relaxed, Ordering::Relaxed)
                         .is_ok()
                 {
-                    tracing::warn!(%error, "TokenReview failed: accepting agents' tokens reviewed before, until they expire");
+                    tracing::warn!(%error, audience = %self.audience, "TokenReview failed: accepting tokens reviewed before, until they expire");
                 }
                 // Not asked again (and waited for) until the review cache expires, unless
                 // the token expires first.
-                self.accepted.insert(key, (caller.clone(), Some(until)));
-                Ok(caller)
+                self.accepted.insert(key, (reviewed.clone(), Some(until)));
+                Ok(reviewed)
             }
             _ => Err(AuthError::Unavailable(error)),
         }
     }
 
-    fn judge(&self, review: &TokenReview) -> Result<Caller, AuthError> {
+    fn judge(&self, review: &TokenReview) -> Result<Reviewed, AuthError> {
         let status = review
             .status
             .as_ref()
@@ -275,41 +364,22 @@ impl TokenReviewer {
             )));
         }
         let user = status.user.as_ref();
-        let username = user.and_then(|u| u.username.as_deref()).unwrap_or_default();
-        if username != self.agent_user {
-            return Err(AuthError::NotAgent(username.to_string()));
-        }
-        let node = user
-            .and_then(|u| u.extra.as_ref())
-            .and_then(|extra| extra.get(NODE_NAME_EXTRA))
-            .and_then(|values| values.first())
-            .filter(|n| !n.is_empty())
-            .ok_or(AuthError::NoNode)?;
-        Ok(Caller {
-            node: Some(node.as_str().into()),
-        })
-    }
-}
-
-impl Authenticate for TokenReviewer {
-    fn authenticate(&self, token: Option<&str>) -> BoxFuture<'static, Result<Caller, AuthError>> {
-        let Some(token) = token.map(str::trim).filter(|t| !t.is_empty()) else {
-            return futures::future::ready(Err(AuthError::Missing)).boxed();
+        let extra = |name: &str| -> Option<Arc<str>> {
+            user.and_then(|u| u.extra.as_ref())
+                .and_then(|extra| extra.get(name))
+                .and_then(|values| values.first())
+                .filter(|v| !v.is_empty())
+                .map(|v| v.as_str().into())
         };
-        let mut key = [0u8; 32];
-        key.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, token.as_bytes()).as_ref());
-        match self.accepted.get(&key) {
-            Some((caller, until)) if until.is_none_or(|t| (self.now)() < t) => {
-                return futures::future::ready(Ok(caller)).boxed();
-            }
-            // Past the token's `exp`: never from memory again.
-            Some(_) => self.accepted.invalidate(&key),
-            None => {}
-        }
-        if let Some(error) = self.rejected.get(&key) {
-            return futures::future::ready(Err(error)).boxed();
-        }
-        self.single_flight(token, key).boxed()
+        Ok(Reviewed {
+            username: user
+                .and_then(|u| u.username.as_deref())
+                .unwrap_or_default()
+                .into(),
+            node: extra(NODE_NAME_EXTRA),
+            pod_name: extra(POD_NAME_EXTRA),
+            pod_uid: extra(POD_UID_EXTRA),
+        })
     }
 }
 
@@ -317,7 +387,6 @@ impl fmt::Debug for TokenReviewer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TokenReviewer")
             .field("audience", &self.audience)
-            .field("agent_user", &self.agent_user)
             .finish_non_exhaustive()
     }
 }

@@ -17,8 +17,10 @@ use podiam_common::{
 };
 
 use crate::{
+    accounts::AccountKey,
+    auth::Reviewed,
     cluster::ClusterIndex,
-    pods::{IpLookup, PodInfo, PodKey},
+    pods::{IpLookup, PodInfo, PodKey, PodPhase},
     policy::{Decision, Denial, Grant, PolicyConfig},
     sts::{Broker, SessionKey, StsError},
 };
@@ -37,6 +39,10 @@ pub struct SessionSettings {
     pub tags: bool,
     /// Who shares a session when the pod's annotation names none.
     pub scope: SessionScope,
+    /// The `eks-cluster-name` session tag on the container-credentials path.
+    pub cluster_name: Option<String>,
+    /// The `eks-cluster-arn` session tag on the container-credentials path.
+    pub cluster_arn: Option<String>,
 }
 
 /// Who shares an STS session (when no `iam.amazonaws.com/session-name` says otherwise).
@@ -90,6 +96,17 @@ pub trait Notifier: Send + Sync + fmt::Debug + 'static {
 /// Why a request gets no credentials.
 #[derive(Clone, Debug, thiserror::Error)]
 pub enum IssueError {
+    /// The pod's ServiceAccount token (container-credentials path) is not usable.
+    #[error("pod token refused: {0}")]
+    InvalidToken(String),
+    /// The pod a token is bound to is not in the index (deleted, recreated, or finished).
+    #[error("the pod {pod} this token is bound to is not running (uid {uid})")]
+    TokenPodGone {
+        /// The pod the token names.
+        pod: PodKey,
+        /// The UID the token names.
+        uid: String,
+    },
     /// No live pod has the IP.
     #[error("no live pod has IP {0}")]
     PodNotFound(IpAddr),
@@ -189,7 +206,8 @@ impl IssueError {
     /// The protocol error code: the one place refusals become codes (and so statuses).
     pub fn code(&self) -> ErrorCode {
         match self {
-            IssueError::PodNotFound(_) => ErrorCode::PodNotFound,
+            IssueError::InvalidToken(_) => ErrorCode::InvalidToken,
+            IssueError::PodNotFound(_) | IssueError::TokenPodGone { .. } => ErrorCode::PodNotFound,
             IssueError::AmbiguousIp { .. } => ErrorCode::AmbiguousIp,
             IssueError::NodeMismatch { .. } => ErrorCode::NodeMismatch,
             IssueError::RoleMismatch { .. } => ErrorCode::RoleMismatch,
@@ -286,6 +304,11 @@ impl Issuer {
                 requested: requested.to_string(),
             });
         }
+        self.issue(pod, grant).await
+    }
+
+    /// Credentials for `pod` under `grant`, audited; an STS failure is told to its Events.
+    async fn issue(&self, pod: Arc<PodInfo>, grant: Grant) -> Result<Issued, IssueError> {
         let key = self.session_key(&pod, &grant);
         match self.inner.broker.credentials(&key).await {
             Ok(credentials) => {
@@ -308,6 +331,83 @@ impl Issuer {
                 Err(err)
             }
         }
+    }
+
+    /// Credentials on the container-credentials path: for the pod `token` (reviewed by the
+    /// API server) is bound to, with its ServiceAccount's role. The pod must be live in
+    /// the index with the token's UID, on the caller's node, and run as the token's
+    /// ServiceAccount; its address plays no part.
+    pub async fn pod_identity(
+        &self,
+        token: &Reviewed,
+        caller: &Caller,
+    ) -> Result<Issued, IssueError> {
+        let pod = self.token_pod(token, caller).await?;
+        let account = AccountKey {
+            namespace: pod.key.namespace.clone(),
+            name: pod
+                .service_account
+                .clone()
+                .unwrap_or_else(|| "default".into()),
+        };
+        let role = self.inner.index.accounts().role_of(&account);
+        let namespace = self.inner.index.namespace(&pod.key.namespace);
+        let decision = Decision::for_service_account(
+            &pod,
+            &account,
+            &role,
+            namespace.as_deref(),
+            &self.inner.policy,
+        );
+        let grant = self.allowed(&pod, decision)?;
+        self.issue(pod, grant).await
+    }
+
+    /// The live pod `token` is bound to, if it is the caller's to ask for.
+    async fn token_pod(
+        &self,
+        token: &Reviewed,
+        caller: &Caller,
+    ) -> Result<Arc<PodInfo>, IssueError> {
+        let invalid = |why: &str| IssueError::InvalidToken(why.to_string());
+        let (namespace, account) = token
+            .username
+            .strip_prefix("system:serviceaccount:")
+            .and_then(|rest| rest.split_once(':'))
+            .filter(|(ns, sa)| !ns.is_empty() && !sa.is_empty())
+            .ok_or_else(|| invalid("not a ServiceAccount token"))?;
+        let (Some(name), Some(uid)) = (&token.pod_name, &token.pod_uid) else {
+            return Err(invalid("the token is not bound to a pod"));
+        };
+        let key = PodKey {
+            namespace: namespace.into(),
+            name: name.clone(),
+        };
+        let matches = |index: &ClusterIndex| {
+            index.pods().get(&key).filter(|pod| {
+                pod.uid.is_some_and(|u| u.to_string() == **uid)
+                    && !matches!(pod.phase, PodPhase::Succeeded | PodPhase::Failed)
+            })
+        };
+        // A pod's first request may come before the watch brings the pod.
+        let index = &self.inner.index;
+        let pod = match matches(index) {
+            Some(pod) => pod,
+            None => {
+                index
+                    .wait_until(self.inner.lookup.wait, |index| matches(index).is_some())
+                    .await;
+                matches(index).ok_or_else(|| IssueError::TokenPodGone {
+                    pod: key.clone(),
+                    uid: uid.to_string(),
+                })?
+            }
+        };
+        if pod.service_account.as_deref().unwrap_or("default") != account {
+            return Err(invalid("the token's ServiceAccount is not the pod's"));
+        }
+        self.check_node(&pod, caller)?;
+        Ok(pod)
     }
 
     /// A pod appeared or changed: prefetch its session, and tell a hostNetwork pod that
@@ -395,6 +495,12 @@ impl Issuer {
             }
             IpLookup::Ambiguous(pods) => return Err(IssueError::AmbiguousIp { ip, pods }),
         };
+        self.check_node(&pod, caller)?;
+        Ok(pod)
+    }
+
+    /// The pod must be on the asking agent's node (with node binding).
+    fn check_node(&self, pod: &PodInfo, caller: &Caller) -> Result<(), IssueError> {
         if let Some(node) = &caller.node
             && pod.node_name.as_deref() != Some(node.as_ref())
         {
@@ -404,13 +510,13 @@ impl Issuer {
                 caller_node: node.to_string(),
             };
             self.inner.notifier.pod_warning(
-                &pod,
+                pod,
                 "CredentialsRequestedFromOtherNode",
                 err.to_string(),
             );
             return Err(err);
         }
-        Ok(pod)
+        Ok(())
     }
 
     /// A place among the requests waiting for an unknown IP from `caller`'s node, if one
@@ -430,7 +536,13 @@ impl Issuer {
 
     fn grant(&self, pod: &Arc<PodInfo>) -> Result<Grant, IssueError> {
         let namespace = self.inner.index.namespace(&pod.key.namespace);
-        match Decision::for_pod(pod, namespace.as_deref(), &self.inner.policy) {
+        let decision = Decision::for_pod(pod, namespace.as_deref(), &self.inner.policy);
+        self.allowed(pod, decision)
+    }
+
+    /// The grant, or the denial counted and told to the pod's Events.
+    fn allowed(&self, pod: &PodInfo, decision: Decision) -> Result<Grant, IssueError> {
+        match decision {
             Decision::Allowed(grant) => Ok(grant),
             Decision::Denied(denial) => {
                 self.inner
@@ -530,10 +642,14 @@ impl Issuer {
         let session_name = match (&grant.session_name, settings.scope) {
             // Namespace-prefixed by the policy; may need shortening to STS's 64.
             (Some(name), _) => sts_name(name),
+            // Tagged with the pod: its own session whatever the scope.
+            (None, _) if grant.pod_identity_tags => session_name(&pod.key),
             (None, SessionScope::Pod) => session_name(&pod.key),
             (None, SessionScope::Role) => role_session_name(&grant.role_arn),
         };
-        let tags: Arc<[(&'static str, String)]> = if settings.tags {
+        let tags: Arc<[(&'static str, String)]> = if grant.pod_identity_tags {
+            self.pod_identity_tags(pod).into()
+        } else if settings.tags {
             let mut tags = vec![
                 ("kubernetes-namespace", tag_value(&pod.key.namespace)),
                 ("kubernetes-pod-name", tag_value(&pod.key.name)),
@@ -551,7 +667,31 @@ impl Issuer {
             session_name,
             duration,
             tags,
+            transitive_tags: grant.pod_identity_tags,
         }
+    }
+
+    /// The session tags EKS Pod Identity sets, so that ABAC policies written for it work
+    /// unchanged (the cluster's only when configured).
+    fn pod_identity_tags(&self, pod: &PodInfo) -> Vec<(&'static str, String)> {
+        let settings = &self.inner.sessions;
+        let mut tags = Vec::with_capacity(6);
+        if let Some(arn) = &settings.cluster_arn {
+            tags.push(("eks-cluster-arn", tag_value(arn)));
+        }
+        if let Some(name) = &settings.cluster_name {
+            tags.push(("eks-cluster-name", tag_value(name)));
+        }
+        tags.push(("kubernetes-namespace", tag_value(&pod.key.namespace)));
+        tags.push((
+            "kubernetes-service-account",
+            tag_value(pod.service_account.as_deref().unwrap_or("default")),
+        ));
+        tags.push(("kubernetes-pod-name", tag_value(&pod.key.name)));
+        if let Some(uid) = pod.uid {
+            tags.push(("kubernetes-pod-uid", uid.to_string()));
+        }
+        tags
     }
 
     fn audit(&self, pod: &PodInfo, role: &RoleArn, credentials: &Credentials) {

@@ -1,31 +1,44 @@
 //! `podiam-server explain`: the decision for one pod, and why, computed by the same code
 //! the server runs, from what the API server says now.
 
-use std::{io::Write, net::IpAddr};
+use std::{io::Write, net::IpAddr, sync::Arc};
 
 use kube::{Api, api::ListParams};
 use serde::Serialize;
 
 use crate::{
+    accounts::{
+        AccountIndex, AccountKey,
+        resources::{WatchedAssociation, WatchedServiceAccount},
+    },
     args::KubeArgs,
     pods::{
-        IpLookup, PodIndex, PodInfo,
+        IpLookup, PodAnnotations, PodIndex, PodInfo, PodIps, PodKey, PodPhase,
         resources::{WatchedNamespace, WatchedPod},
     },
-    policy::{Decision, Grant, PolicyConfig, namespace::NamespaceIndex},
+    policy::{
+        Decision, Grant, PolicyConfig,
+        namespace::{NamespaceIndex, NamespaceInfo},
+    },
 };
 
 /// Which pod to explain.
 #[derive(Clone, Debug, clap::Args)]
-#[command(group(clap::ArgGroup::new("target").required(true).args(["pod", "ip"])))]
+#[command(group(clap::ArgGroup::new("target").required(true).args(["pod", "ip", "service_account"])))]
 pub struct ExplainArgs {
-    /// The pod's namespace (with --pod).
-    #[arg(long, short = 'n', env = "PODIAM_EXPLAIN_NAMESPACE", requires = "pod")]
+    /// The namespace of the pod (with --pod) or ServiceAccount (with --service-account).
+    #[arg(long, short = 'n', env = "PODIAM_EXPLAIN_NAMESPACE")]
     namespace: Option<String>,
 
     /// The pod's name (with --namespace).
     #[arg(long, env = "PODIAM_EXPLAIN_POD", requires = "namespace")]
     pod: Option<String>,
+
+    /// The container-credentials path: the role a pod running as this ServiceAccount
+    /// gets for its token (with --namespace), from the PodIdentityAssociation objects and
+    /// the ServiceAccount's eks.amazonaws.com/role-arn, under the namespace's policy.
+    #[arg(long, env = "PODIAM_EXPLAIN_SERVICE_ACCOUNT", requires = "namespace", conflicts_with_all = ["pod", "ip"])]
+    service_account: Option<String>,
 
     /// Find the pod by IP, as the server does for a request from that address.
     #[arg(long, env = "PODIAM_EXPLAIN_IP", conflicts_with_all = ["pod", "namespace"])]
@@ -119,6 +132,9 @@ impl ExplainArgs {
                 );
             }
         };
+        if let (Some(namespace), Some(account)) = (&self.namespace, &self.service_account) {
+            return service_account_report(client, &url, namespace, account, policy).await;
+        }
         let pod = match self.find_pod(client.clone(), &url).await {
             Ok(pod) => pod,
             Err(report) => return report,
@@ -133,38 +149,13 @@ impl ExplainArgs {
                 },
             };
         }
-        let namespaces = Api::<WatchedNamespace>::all(client);
-        let namespace = match namespaces.get_opt(&pod.key.namespace).await {
-            Ok(ns) => ns,
-            Err(error) => {
-                return Report::undecided(
-                    "api_unreachable",
-                    format!(
-                        "reading namespace {} from the API server at {url}: {error}",
-                        pod.key.namespace
-                    ),
-                );
-            }
-        };
-        // The same compilation (and base ARN) as the server's namespace index.
-        let mut index = NamespaceIndex::new(policy.base_role_arn.clone());
-        if let Some(ns) = &namespace
-            && let Ok(name) = ns.name()
-        {
-            let (permitted, allowed) = ns.policy_annotations();
-            index.apply(name, permitted, allowed);
-        }
-        let info = index.get(&pod.key.namespace);
-        let verdict = match Decision::for_pod(&pod, info.as_deref(), policy) {
-            Decision::Allowed(grant) => Verdict::Allowed(grant),
-            Decision::Denied(denial) => Verdict::Denied {
-                reason: denial.code(),
-                message: denial.to_string(),
-            },
+        let info = match namespace_info(client, &url, &pod.key.namespace, policy).await {
+            Ok(info) => info,
+            Err(report) => return report,
         };
         Report {
             pod: summary,
-            verdict,
+            verdict: Decision::for_pod(&pod, info.as_deref(), policy).into(),
         }
     }
 
@@ -235,6 +226,113 @@ impl ExplainArgs {
     }
 }
 
+/// The namespace as the server's index holds it (`None`: it does not exist).
+async fn namespace_info(
+    client: kube::Client,
+    url: &str,
+    namespace: &str,
+    policy: &PolicyConfig,
+) -> Result<Option<Arc<NamespaceInfo>>, Report> {
+    let namespaces = Api::<WatchedNamespace>::all(client);
+    let found = namespaces.get_opt(namespace).await.map_err(|error| {
+        Report::undecided(
+            "api_unreachable",
+            format!("reading namespace {namespace} from the API server at {url}: {error}"),
+        )
+    })?;
+    // The same compilation (and base ARN) as the server's namespace index.
+    let mut index = NamespaceIndex::new(policy.base_role_arn.clone());
+    if let Some(ns) = &found
+        && let Ok(name) = ns.name()
+    {
+        let (permitted, allowed) = ns.policy_annotations();
+        index.apply(name, permitted, allowed);
+    }
+    Ok(index.get(namespace))
+}
+
+/// The container-credentials path's decision for the pods of one ServiceAccount.
+async fn service_account_report(
+    client: kube::Client,
+    url: &str,
+    namespace: &str,
+    account: &str,
+    policy: &PolicyConfig,
+) -> Report {
+    let unreachable = |what: &str, error: kube::Error| {
+        Report::undecided(
+            "api_unreachable",
+            format!("reading {what} from the API server at {url}: {error}"),
+        )
+    };
+    let key = AccountKey::new(namespace, account);
+    let accounts = Api::<WatchedServiceAccount>::namespaced(client.clone(), namespace);
+    let found = match accounts.get_opt(account).await {
+        Ok(Some(sa)) => sa,
+        Ok(None) => {
+            return Report::undecided(
+                "service_account_not_found",
+                format!("ServiceAccount {key} does not exist"),
+            );
+        }
+        Err(error) => return unreachable(&format!("ServiceAccount {key}"), error),
+    };
+    let mut index = AccountIndex::default();
+    index.apply_account(key.clone(), found.role().map(Into::into));
+    let associations = Api::<WatchedAssociation>::namespaced(client.clone(), namespace);
+    match associations.list(&ListParams::default()).await {
+        Ok(list) => {
+            for association in list
+                .items
+                .into_iter()
+                .filter_map(|a| a.into_association().ok())
+            {
+                index.apply_association(association);
+            }
+        }
+        // No CRD installed: no associations.
+        Err(kube::Error::Api(status)) if status.code == 404 => {}
+        Err(error) => return unreachable("PodIdentityAssociations", error),
+    }
+    let info = match namespace_info(client, url, namespace, policy).await {
+        Ok(info) => info,
+        Err(report) => return report,
+    };
+    // Any pod of the ServiceAccount: what tells pods apart (their token, node and UID) is
+    // checked per request.
+    let pod = PodInfo {
+        key: PodKey {
+            namespace: namespace.into(),
+            name: "".into(),
+        },
+        uid: None,
+        node_name: None,
+        service_account: Some(account.into()),
+        ips: PodIps::default(),
+        host_network: false,
+        mirror: false,
+        phase: PodPhase::Running,
+        annotations: PodAnnotations::default(),
+    };
+    let role = index.role_of(&key);
+    Report {
+        pod: None,
+        verdict: Decision::for_service_account(&pod, &key, &role, info.as_deref(), policy).into(),
+    }
+}
+
+impl From<Decision> for Verdict {
+    fn from(decision: Decision) -> Self {
+        match decision {
+            Decision::Allowed(grant) => Verdict::Allowed(grant),
+            Decision::Denied(denial) => Verdict::Denied {
+                reason: denial.code(),
+                message: denial.to_string(),
+            },
+        }
+    }
+}
+
 /// Pods whose IP never identifies them.
 fn not_served(pod: &PodInfo) -> Option<String> {
     if pod.host_network {
@@ -297,6 +395,12 @@ impl Report {
                 }
                 if let Some(d) = grant.session_duration {
                     writeln!(out, "duration:   {}s", d.as_secs())?;
+                }
+                if grant.pod_identity_tags {
+                    writeln!(
+                        out,
+                        "tags:       eks-cluster-name, kubernetes-namespace, kubernetes-service-account, kubernetes-pod-name, kubernetes-pod-uid (transitive)"
+                    )?;
                 }
                 writeln!(out, "decision:   allowed")?;
             }

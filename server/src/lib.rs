@@ -5,8 +5,11 @@
 //! (with its compiled [`policy::NamespacePolicy`]), fed by kube-runtime watchers. A
 //! request's source IP maps to at most one live pod; [`policy::Decision::for_pod`] turns
 //! that pod and its namespace into an allowed role with session parameters, or a denial
-//! with a reason a human can act on.
+//! with a reason a human can act on. On the container-credentials path the caller is the
+//! pod its ServiceAccount token is bound to ([`auth::TokenReviewer`]), and its role that of
+//! its ServiceAccount ([`accounts::AccountIndex`]), under the same namespace policy.
 
+pub mod accounts;
 pub mod api;
 pub mod args;
 pub mod auth;
@@ -19,3 +22,4 @@ pub mod pods;
 pub mod policy;
 pub mod run;
 pub mod sts;
+pub mod webhook;

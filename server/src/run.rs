@@ -20,7 +20,7 @@ use tracing::Instrument;
 use crate::{
     api::{AgentApi, ApiMetrics},
     args::KubeArgs,
-    auth::Authenticate,
+    auth::{Authenticate, TokenReviewer},
     cluster::{
         ClusterIndex,
         metrics::{IndexCollector, WatchMetrics},
@@ -35,6 +35,7 @@ use crate::{
         aws::{AwsSts, StsSettings},
         metrics::{BrokerMetrics, SessionsCollector},
     },
+    webhook::{Webhook, WebhookSettings},
 };
 
 /// What [`serve`] needs, validated.
@@ -48,6 +49,10 @@ pub(crate) struct Serve {
     /// Agent authentication over a Kubernetes client (node binding or not).
     pub authenticator:
         Box<dyn FnOnce(kube::Client) -> anyhow::Result<Arc<dyn Authenticate>> + Send>,
+    /// The container-credentials path, if on: the reviewer of pods' tokens.
+    pub pod_tokens: Option<Box<dyn FnOnce(kube::Client) -> TokenReviewer + Send>>,
+    /// The admission webhook's address and settings (with the container-credentials path).
+    pub webhook: Option<(SocketAddr, WebhookSettings)>,
     pub kube: KubeArgs,
     /// The policy, given the base role ARN detected at start-up (if asked to).
     pub policy: Box<dyn FnOnce(Option<String>) -> anyhow::Result<PolicyConfig> + Send>,
@@ -75,6 +80,8 @@ pub(crate) async fn serve(s: Serve) -> anyhow::Result<()> {
         broker,
         sessions,
         authenticator,
+        pod_tokens,
+        webhook,
         kube,
         policy,
         autodetect,
@@ -87,8 +94,16 @@ pub(crate) async fn serve(s: Serve) -> anyhow::Result<()> {
     let shutdown = shutdown::on_signals().context("installing signal handlers")?;
     let registry = Registry::new();
     let readiness = Readiness::new();
+    let tls_metrics = TlsMetrics::register(&registry)?;
+    let webhook_tls = match &webhook {
+        Some(_) => Some(
+            tls.webhook_server(tls_metrics.clone(), shutdown.clone())
+                .context("loading the webhook's TLS files")?,
+        ),
+        None => None,
+    };
     let tls = tls
-        .server(TlsMetrics::register(&registry)?, shutdown.clone())
+        .server(tls_metrics, shutdown.clone())
         .context("loading the API's TLS files")?;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let aws = AwsSts::new(&sts, clock.clone()).await;
@@ -126,6 +141,7 @@ pub(crate) async fn serve(s: Serve) -> anyhow::Result<()> {
         IssuerMetrics::register(&registry)?,
         Arc::new(notifier),
     );
+    let pod_tokens = pod_tokens.map(|reviewer| reviewer(client.clone()));
     let auth = authenticator(client)?;
     let feed = Feed::new(
         issuer.clone(),
@@ -139,6 +155,7 @@ pub(crate) async fn serve(s: Serve) -> anyhow::Result<()> {
     let api = AgentApi::new(
         issuer.clone(),
         auth,
+        pod_tokens.clone(),
         readiness.clone(),
         ApiMetrics::register(&registry)?,
         metrics_role_labels,
@@ -146,7 +163,20 @@ pub(crate) async fn serve(s: Serve) -> anyhow::Result<()> {
     let watch_metrics = WatchMetrics::register(&registry)?;
     let pods_ready = readiness.gate("pods");
     let namespaces_ready = readiness.gate("namespaces");
+    let accounts_ready = pod_tokens.as_ref().map(|_| {
+        (
+            readiness.gate("serviceaccounts"),
+            readiness.gate("podidentityassociations"),
+        )
+    });
 
+    let webhook = match webhook {
+        Some((addr, settings)) => Some((
+            addr,
+            Webhook::new(index.clone(), readiness.clone(), settings, &registry)?,
+        )),
+        None => None,
+    };
     let mut tasks = Tasks::new(shutdown.clone());
     let admin_listener = bind(admin_addr, "admin server").await?;
     let api_listener = bind(listen, "agent API").await?;
@@ -158,6 +188,14 @@ pub(crate) async fn serve(s: Serve) -> anyhow::Result<()> {
             Ok(())
         }
     });
+    if let (Some((addr, webhook)), Some(tls)) = (webhook, webhook_tls) {
+        let listener = bind(addr, "admission webhook").await?;
+        let shutdown = shutdown.clone();
+        tasks.spawn("admission webhook", "webhook", async move {
+            webhook.serve(listener, tls, shutdown).await;
+            Ok(())
+        });
+    }
     tasks.spawn("agent API", "api", {
         let shutdown = shutdown.clone();
         async move {
@@ -182,6 +220,22 @@ pub(crate) async fn serve(s: Serve) -> anyhow::Result<()> {
         settings(pods_ready),
     );
     tasks.spawn("pod watch", "watch_pods", async move { Ok(pods.await?) });
+    if let Some((accounts, associations)) = accounts_ready {
+        let watch =
+            watch::service_accounts(watch_client.clone(), index.clone(), settings(accounts));
+        tasks.spawn(
+            "ServiceAccount watch",
+            "watch_serviceaccounts",
+            async move { Ok(watch.await?) },
+        );
+        let watch =
+            watch::associations(watch_client.clone(), index.clone(), settings(associations));
+        tasks.spawn(
+            "PodIdentityAssociation watch",
+            "watch_associations",
+            async move { Ok(watch.await?) },
+        );
+    }
     let namespaces = watch::namespaces(watch_client, index, settings(namespaces_ready));
     tasks.spawn("namespace watch", "watch_namespaces", async move {
         Ok(namespaces.await?)

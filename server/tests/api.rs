@@ -43,6 +43,7 @@ async fn start() -> ServerStack {
             username: "system:serviceaccount:team-a:default".into(),
             node: Some("node-a".into()),
             audiences: vec!["podiam".into()],
+            ..TokenIdentity::default()
         },
     );
     ServerStack::start(std::path::Path::new(BIN), kube, &[])

@@ -12,7 +12,7 @@ use podiam_tests::{
     certs::Pki,
     http,
     kube_api::FakeKube,
-    objects::{namespace, pod},
+    objects::{association, namespace, pod, service_account},
     process::Process,
     stack,
 };
@@ -224,6 +224,59 @@ async fn explain_allowed_denied_undecided() {
     // Neither target given: a usage error from clap.
     let out = explain(&c.kubeconfig, &[]).await;
     assert_eq!(out.status.code(), Some(2));
+    drop(c.kube);
+}
+
+#[tokio::test]
+async fn explain_a_service_account_on_the_container_credentials_path() {
+    let c = cluster().await;
+    c.kube.apply(service_account(
+        "team-a",
+        "web",
+        Some(&format!("{BASE}web")),
+    ));
+    c.kube.apply(service_account("team-a", "ops", None));
+    c.kube.apply(association(
+        "team-a",
+        "ops-admin",
+        "ops",
+        &format!("{BASE}admin"),
+    ));
+
+    let out = explain(&c.kubeconfig, &["-n", "team-a", "--service-account", "web"]).await;
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.contains(&format!(
+            "{BASE}web (from the ServiceAccount's eks.amazonaws.com/role-arn annotation)"
+        )) && text.contains("kubernetes-pod-uid"),
+        "{text}"
+    );
+
+    // The association's role is one the namespace does not permit.
+    let out = explain(
+        &c.kubeconfig,
+        &["-n", "team-a", "--service-account", "ops", "-o", "json"],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let v = json(&out);
+    assert_eq!(v["reason"], "role_not_permitted");
+    assert!(
+        v["message"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("{BASE}admin")),
+        "{v}"
+    );
+
+    let out = explain(
+        &c.kubeconfig,
+        &["-n", "team-b", "--service-account", "nobody", "-o", "json"],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert_eq!(json(&out)["reason"], "service_account_not_found");
     drop(c.kube);
 }
 

@@ -12,7 +12,7 @@ use std::{
 };
 
 use base64::Engine;
-use podiam_server::auth::{AuthError, Authenticate, TokenReviewer};
+use podiam_server::auth::{AgentTokens, AuthError, Authenticate, TokenReviewer};
 use podiam_tests::{kube_api::FakeKube, stack::agent_identity};
 
 /// A JWT-shaped token whose payload carries `exp` (the stand-in does not check signatures).
@@ -22,9 +22,13 @@ fn jwt(exp: u64) -> String {
     format!("eyJhbGciOiJSUzI1NiJ9.{claims}.c2ln")
 }
 
-fn reviewer(kube: &FakeKube, ttl: Duration) -> TokenReviewer {
+fn token_reviewer(kube: &FakeKube, ttl: Duration) -> TokenReviewer {
     let client = kube::Client::try_from(kube::Config::new(kube.url().parse().unwrap())).unwrap();
-    TokenReviewer::new(client, "podiam".into(), "podiam", "podiam-agent", ttl)
+    TokenReviewer::new(client, "podiam".into(), ttl)
+}
+
+fn reviewer(kube: &FakeKube, ttl: Duration) -> AgentTokens {
+    AgentTokens::new(token_reviewer(kube, ttl), "podiam", "podiam-agent")
 }
 
 /// A clock the test moves, in seconds since the epoch.
@@ -42,7 +46,7 @@ struct Expiring {
     token: String,
     start: u64,
     secs: Arc<AtomicU64>,
-    auth: TokenReviewer,
+    auth: AgentTokens,
 }
 
 async fn expiring(exp_in: u64, cache: Duration) -> Expiring {
@@ -51,7 +55,11 @@ async fn expiring(exp_in: u64, cache: Duration) -> Expiring {
     let (secs, now) = clock(start);
     let token = jwt(start + exp_in);
     kube.add_token(&token, agent_identity("node-a"));
-    let auth = reviewer(&kube, cache).with_clock(now);
+    let auth = AgentTokens::new(
+        token_reviewer(&kube, cache).with_clock(now),
+        "podiam",
+        "podiam-agent",
+    );
     Expiring {
         kube,
         token,
@@ -166,7 +174,7 @@ async fn a_review_nobody_waits_for_any_more_never_answers_a_later_request() {
     drop(hold);
     // The review finishes on its own and leaves nothing in flight.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while kube.token_reviews() == 0 || auth.reviews_in_flight() > 0 {
+    while kube.token_reviews() == 0 || auth.reviewer().reviews_in_flight() > 0 {
         assert!(
             std::time::Instant::now() < deadline,
             "the review never finished"

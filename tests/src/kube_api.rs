@@ -51,6 +51,10 @@ pub enum Kind {
     Pod,
     /// `v1/Namespace`, cluster-scoped.
     Namespace,
+    /// `v1/ServiceAccount`, namespaced.
+    ServiceAccount,
+    /// `podiam.io/v1alpha1/PodIdentityAssociation`, namespaced.
+    Association,
 }
 
 /// A running stand-in API server; stops when dropped.
@@ -68,7 +72,7 @@ pub struct Hold {
 }
 
 /// What a registered ServiceAccount token authenticates as.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct TokenIdentity {
     /// `system:serviceaccount:NS:NAME`.
     pub username: String,
@@ -76,6 +80,11 @@ pub struct TokenIdentity {
     pub node: Option<String>,
     /// The audiences it was issued for.
     pub audiences: Vec<String>,
+    /// The pod the token is bound to: (name, uid), in the ServiceAccount's namespace. As a
+    /// real API server does, a review fails once that pod is gone or has another UID.
+    pub pod: Option<(String, String)>,
+    /// The token's `exp` (Unix seconds): as a real API server does, a review fails after it.
+    pub expires: Option<u64>,
 }
 
 #[derive(Debug)]
@@ -198,6 +207,8 @@ impl FakeKube {
         let kind = match object["kind"].as_str() {
             Some("Pod") => Kind::Pod,
             Some("Namespace") => Kind::Namespace,
+            Some("ServiceAccount") => Kind::ServiceAccount,
+            Some("PodIdentityAssociation") => Kind::Association,
             other => panic!("FakeKube::apply: unsupported kind {other:?}"),
         };
         let key = object_key(kind, &object);
@@ -236,8 +247,8 @@ impl FakeKube {
     /// Deletes an object; returns whether it existed.
     pub fn delete(&self, kind: Kind, namespace: &str, name: &str) -> bool {
         let key = match kind {
-            Kind::Pod => (namespace.to_string(), name.to_string()),
             Kind::Namespace => (String::new(), name.to_string()),
+            _ => (namespace.to_string(), name.to_string()),
         };
         let mut state = self.shared.state.lock();
         let Some(old) = state.objects.get_mut(&kind).and_then(|m| m.remove(&key)) else {
@@ -377,6 +388,71 @@ impl FakeKube {
             .insert(token.to_string(), identity);
     }
 
+    /// What the kubelet does for a projected token volume: a token for `audience`, bound
+    /// to the pod `namespace/name` as it is now (its ServiceAccount, UID and node), valid
+    /// for `lifetime`, registered for TokenReviews. JWT-shaped (its payload carries `aud`,
+    /// `exp`, `sub` and the pod) but unsigned: the stand-in vouches for it by its text.
+    /// `None` if there is no such pod.
+    pub fn issue_pod_token(
+        &self,
+        namespace: &str,
+        name: &str,
+        audience: &str,
+        lifetime: Duration,
+    ) -> Option<String> {
+        use base64::Engine;
+        let pod: Value = {
+            let state = self.shared.state.lock();
+            let bytes = state
+                .objects
+                .get(&Kind::Pod)?
+                .get(&(namespace.to_string(), name.to_string()))?
+                .clone();
+            serde_json::from_slice(&bytes).ok()?
+        };
+        let uid = pod["metadata"]["uid"].as_str()?.to_string();
+        let account = pod["spec"]["serviceAccountName"]
+            .as_str()
+            .unwrap_or("default")
+            .to_string();
+        let node = pod["spec"]["nodeName"].as_str().map(str::to_string);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let exp = (now + lifetime).as_secs();
+        let username = format!("system:serviceaccount:{namespace}:{account}");
+        let serial = self
+            .shared
+            .review_attempts
+            .load(std::sync::atomic::Ordering::SeqCst);
+        let claims = json!({
+            "aud": [audience], "exp": exp, "iat": now.as_secs(), "sub": username,
+            "kubernetes.io": {"namespace": namespace, "pod": {"name": name, "uid": uid},
+                              "serviceaccount": {"name": account}},
+            "jti": format!("{uid}-{audience}-{}-{serial}", now.as_nanos()),
+        });
+        let encode = |v: &Value| {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string().as_bytes())
+        };
+        let token = format!(
+            "{}.{}.{}",
+            encode(&json!({"alg": "RS256", "kid": "stand-in"})),
+            encode(&claims),
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b"unsigned")
+        );
+        self.add_token(
+            &token,
+            TokenIdentity {
+                username,
+                node,
+                audiences: vec![audience.to_string()],
+                pod: Some((name.to_string(), uid)),
+                expires: Some(exp),
+            },
+        );
+        Some(token)
+    }
+
     /// TokenReviews asked for so far, answered or not.
     pub fn token_review_attempts(&self) -> u64 {
         self.shared
@@ -472,8 +548,8 @@ fn object_key(kind: Kind, object: &Value) -> (String, String) {
         .as_str()
         .unwrap_or_else(|| panic!("FakeKube: object without metadata.name: {object}"));
     let namespace = match kind {
-        Kind::Pod => meta["namespace"].as_str().unwrap_or("default"),
         Kind::Namespace => "",
+        _ => meta["namespace"].as_str().unwrap_or("default"),
     };
     (namespace.to_string(), name.to_string())
 }
@@ -552,6 +628,33 @@ async fn route(shared: Arc<Shared>, req: Request<hyper::body::Incoming>) -> Resp
         ["api", "v1", "namespaces", ns, "pods", name] => (Kind::Pod, Some(*ns), Some(*name)),
         ["api", "v1", "namespaces"] => (Kind::Namespace, None, None),
         ["api", "v1", "namespaces", name] => (Kind::Namespace, None, Some(*name)),
+        ["api", "v1", "serviceaccounts"] => (Kind::ServiceAccount, None, None),
+        ["api", "v1", "namespaces", ns, "serviceaccounts"] => {
+            (Kind::ServiceAccount, Some(*ns), None)
+        }
+        ["api", "v1", "namespaces", ns, "serviceaccounts", name] => {
+            (Kind::ServiceAccount, Some(*ns), Some(*name))
+        }
+        ["apis", "podiam.io", "v1alpha1", "podidentityassociations"] => {
+            (Kind::Association, None, None)
+        }
+        [
+            "apis",
+            "podiam.io",
+            "v1alpha1",
+            "namespaces",
+            ns,
+            "podidentityassociations",
+        ] => (Kind::Association, Some(*ns), None),
+        [
+            "apis",
+            "podiam.io",
+            "v1alpha1",
+            "namespaces",
+            ns,
+            "podidentityassociations",
+            name,
+        ] => (Kind::Association, Some(*ns), Some(*name)),
         _ => {
             return status(
                 StatusCode::NOT_FOUND,
@@ -624,13 +727,29 @@ async fn token_review(shared: &Shared, req: Request<hyper::body::Incoming>) -> R
         })
         .unwrap_or_default();
     let identity = shared.tokens.lock().get(&token).cloned();
+    let refusal = identity.as_ref().and_then(|id| bound_refusal(shared, id));
     review["status"] = match identity {
+        Some(_) if refusal.is_some() => json!({"authenticated": false, "error": refusal}),
         Some(id) if wanted.is_empty() || wanted.iter().any(|w| id.audiences.contains(w)) => {
             let audiences: Vec<&String> =
                 wanted.iter().filter(|w| id.audiences.contains(w)).collect();
             let mut user = json!({"username": id.username, "uid": "sa-uid", "groups": ["system:serviceaccounts"]});
+            let mut extra = serde_json::Map::new();
             if let Some(node) = id.node {
-                user["extra"] = json!({"authentication.kubernetes.io/node-name": [node]});
+                extra.insert(
+                    "authentication.kubernetes.io/node-name".into(),
+                    json!([node]),
+                );
+            }
+            if let Some((name, uid)) = id.pod {
+                extra.insert(
+                    "authentication.kubernetes.io/pod-name".into(),
+                    json!([name]),
+                );
+                extra.insert("authentication.kubernetes.io/pod-uid".into(), json!([uid]));
+            }
+            if !extra.is_empty() {
+                user["extra"] = Value::Object(extra);
             }
             if shared
                 .reviews_without_audiences
@@ -646,6 +765,38 @@ async fn token_review(shared: &Shared, req: Request<hyper::body::Incoming>) -> R
     };
     shared.reviews.send_modify(|n| *n += 1);
     json_response(StatusCode::CREATED, &review)
+}
+
+/// Why a real API server would not authenticate a token any more: past its `exp`, or
+/// bound to a pod that is gone (or was replaced by one with another UID).
+fn bound_refusal(shared: &Shared, id: &TokenIdentity) -> Option<String> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    if id.expires.is_some_and(|exp| exp <= now) {
+        return Some("token has expired".into());
+    }
+    let (name, uid) = id.pod.as_ref()?;
+    let namespace = id
+        .username
+        .strip_prefix("system:serviceaccount:")
+        .and_then(|rest| rest.split_once(':'))
+        .map(|(ns, _)| ns.to_string())
+        .unwrap_or_default();
+    let state = shared.state.lock();
+    let pod = state
+        .objects
+        .get(&Kind::Pod)
+        .and_then(|pods| pods.get(&(namespace, name.clone())))
+        .and_then(|o| serde_json::from_slice::<Value>(o).ok());
+    match pod {
+        None => Some(format!("pod {name:?} does not exist")),
+        Some(pod) if pod["metadata"]["uid"].as_str() != Some(uid.as_str()) => Some(format!(
+            "the UID in the bound object reference ({uid}) does not match the pod's"
+        )),
+        Some(_) => None,
+    }
 }
 
 async fn record_event(shared: &Shared, req: Request<hyper::body::Incoming>) -> Response<Body> {
@@ -727,14 +878,18 @@ async fn list(
     if more && let Some(last) = last {
         metadata["continue"] = json!(format!("{rv}-{}", hex_encode(last.as_bytes())));
     }
-    let list_kind = match kind {
-        Kind::Pod => "PodList",
-        Kind::Namespace => "NamespaceList",
+    let (list_kind, api_version) = match kind {
+        Kind::Pod => ("PodList", "v1"),
+        Kind::Namespace => ("NamespaceList", "v1"),
+        Kind::ServiceAccount => ("ServiceAccountList", "v1"),
+        Kind::Association => ("PodIdentityAssociationList", "podiam.io/v1alpha1"),
     };
     let mut body = Vec::with_capacity(items.iter().map(|o| o.len() + 1).sum::<usize>() + 256);
     body.extend_from_slice(
-        format!(r#"{{"kind":"{list_kind}","apiVersion":"v1","metadata":{metadata},"items":["#)
-            .as_bytes(),
+        format!(
+            r#"{{"kind":"{list_kind}","apiVersion":"{api_version}","metadata":{metadata},"items":["#
+        )
+        .as_bytes(),
     );
     for (i, object) in items.iter().enumerate() {
         if i > 0 {
@@ -799,6 +954,8 @@ fn watch_stream(shared: &Arc<Shared>, req: WatchRequest) -> Response<Body> {
     let bookmark_kind = match kind {
         Kind::Pod => "Pod",
         Kind::Namespace => "Namespace",
+        Kind::ServiceAccount => "ServiceAccount",
+        Kind::Association => "PodIdentityAssociation",
     };
     tokio::spawn(async move {
         for event in backlog {

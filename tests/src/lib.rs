@@ -3,6 +3,7 @@
 //!
 //! - [`kube_api::FakeKube`]: a stand-in Kubernetes API server, driven from test code,
 //!   that the real kube client (in the real server) talks to over HTTP.
+//! - [`admission`]: the API server's side of a mutating webhook (AdmissionReview, JSON Patch).
 //! - [`http`]: a minimal HTTP client for admin endpoints.
 //! - [`api_client`]: an HTTP/2 mutual-TLS client of the server's agent API.
 //! - [`fake_imds`]: the node's real metadata service, with the node's secrets (a test double).
@@ -18,12 +19,13 @@
 //! - [`netns`]: network namespaces: `ip` commands, sockets made inside a namespace.
 //! - [`sandbox`]: the one-machine cluster of `podiam-sandbox` (state, control, supervisor).
 //! - [`process`]: podiam binaries as child processes (admin address, RSS, CPU).
-//! - [`objects`]: builders for the Pod and Namespace manifests tests feed it.
+//! - [`objects`]: builders for the Pod, Namespace, ServiceAccount and association manifests.
 //! - [`strict_json`]: JSON log lines read strictly (no key twice).
 
 // Test doubles and benchmarks measure and wait in real time, not the product's clock.
 #![allow(clippy::disallowed_methods)]
 
+pub mod admission;
 pub mod api_client;
 pub mod certs;
 pub mod chaos;

@@ -76,6 +76,29 @@ pub fn namespace(name: &str, annotations: &[(&str, &str)]) -> Value {
     })
 }
 
+/// A ServiceAccount manifest, with IRSA's `eks.amazonaws.com/role-arn` if `role` is set.
+pub fn service_account(namespace: &str, name: &str, role: Option<&str>) -> Value {
+    let mut sa = json!({
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": {"namespace": namespace, "name": name}
+    });
+    if let Some(role) = role {
+        sa["metadata"]["annotations"] = json!({"eks.amazonaws.com/role-arn": role});
+    }
+    sa
+}
+
+/// A `PodIdentityAssociation` giving ServiceAccount `namespace/service_account` `role`.
+pub fn association(namespace: &str, name: &str, service_account: &str, role: &str) -> Value {
+    json!({
+        "apiVersion": "podiam.io/v1alpha1",
+        "kind": "PodIdentityAssociation",
+        "metadata": {"namespace": namespace, "name": name},
+        "spec": {"serviceAccount": service_account, "roleArn": role}
+    })
+}
+
 impl PodBuilder {
     /// Sets `status.podIP` and `status.podIPs` to `ips` (the first is the primary).
     pub fn ips(mut self, ips: &[&str]) -> Self {
@@ -110,6 +133,12 @@ impl PodBuilder {
     /// Sets `status.phase`.
     pub fn phase(mut self, phase: &str) -> Self {
         self.value["status"]["phase"] = json!(phase);
+        self
+    }
+
+    /// Sets `spec.serviceAccountName`.
+    pub fn service_account(mut self, name: &str) -> Self {
+        self.value["spec"]["serviceAccountName"] = json!(name);
         self
     }
 

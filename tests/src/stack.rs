@@ -55,6 +55,7 @@ pub fn agent_identity(node: &str) -> TokenIdentity {
         username: AGENT_USER.into(),
         node: Some(node.into()),
         audiences: vec!["podiam".into()],
+        ..TokenIdentity::default()
     }
 }
 

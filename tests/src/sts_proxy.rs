@@ -44,6 +44,8 @@ struct Shared {
     upstream: String,
     mode: Mutex<Mode>,
     calls: watch::Sender<HashMap<String, u64>>,
+    /// The last request body of each `AssumeRole/<RoleSessionName>`.
+    bodies: Mutex<HashMap<String, String>>,
     client: Client<HttpConnector, Full<Bytes>>,
 }
 
@@ -56,6 +58,7 @@ impl StsProxy {
             upstream,
             mode: Mutex::new(Mode::Forward),
             calls: watch::channel(HashMap::new()).0,
+            bodies: Mutex::new(HashMap::new()),
             client: Client::builder(TokioExecutor::new()).build_http(),
         });
         let stop = CancellationToken::new();
@@ -77,6 +80,11 @@ impl StsProxy {
     /// `AssumeRole/<RoleSessionName>` for the calls of one session.
     pub fn calls(&self, action: &str) -> u64 {
         self.shared.calls.borrow().get(action).copied().unwrap_or(0)
+    }
+
+    /// The form body of the last call of `AssumeRole/<RoleSessionName>`, URL-decoded.
+    pub fn last_request(&self, session: &str) -> Option<String> {
+        self.shared.bodies.lock().get(session).cloned()
     }
 
     /// Waits until `action` has been called `n` times; `false` after `timeout`.
@@ -130,6 +138,15 @@ async fn handle(shared: Arc<Shared>, req: Request<hyper::body::Incoming>) -> Res
         .unwrap_or_default();
     let action = form_value(&body, "Action").unwrap_or_default();
     let session = form_value(&body, "RoleSessionName").map(|s| format!("{action}/{s}"));
+    if let Some(session) = &session {
+        let decoded: Vec<String> = form_urlencoded::parse(&body)
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        shared
+            .bodies
+            .lock()
+            .insert(session.clone(), decoded.join("&"));
+    }
     shared.calls.send_modify(|m| {
         *m.entry(action).or_default() += 1;
         if let Some(session) = session {

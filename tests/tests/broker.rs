@@ -52,6 +52,7 @@ fn key(name: &str) -> SessionKey {
         session_name: format!("ns.{name}").into(),
         duration: 60 * MIN,
         tags: Arc::new([]),
+        transitive_tags: false,
     }
 }
 

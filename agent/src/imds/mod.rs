@@ -526,6 +526,7 @@ fn refused(ip: IpAddr, error: &ServerError) -> Response<Full<Bytes>> {
         ),
         ErrorCode::Unauthenticated
         | ErrorCode::InvalidRequest
+        | ErrorCode::InvalidToken
         | ErrorCode::NotReady
         | ErrorCode::Internal => {
             tracing::warn!(%ip, code = body.code.as_str(), message = %body.message, "podiam server refused the agent");

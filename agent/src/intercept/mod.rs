@@ -1,5 +1,6 @@
-//! Interception: the DNAT that sends pods' traffic for 169.254.169.254:80 to the agent,
-//! and the rules that keep it closed whatever happens.
+//! Interception: the DNAT that sends pods' traffic for 169.254.169.254:80 to the agent
+//! (and, with `--pod-identity`, for the container-credentials address 169.254.170.23:80
+//! to its own listener), and the rules that keep it closed whatever happens.
 //!
 //! Rules live in chains of our own (see [`rules`]): the block of unredirected metadata
 //! traffic, the DNAT, and the guard of the agent's listener, each jumped to from the
@@ -211,6 +212,7 @@ impl Interceptor {
     pub async fn prepare(
         args: &InterceptArgs,
         listen: SocketAddr,
+        pod_identity: Option<u16>,
         metrics: InterceptMetrics,
     ) -> Result<Option<Self>, InterceptError> {
         if !args.iptables {
@@ -235,6 +237,7 @@ impl Interceptor {
                     v4,
                     target: None,
                     interfaces: interfaces.clone(),
+                    pod_identity,
                 },
                 iptables: format!("{program}-{backend}"),
                 restore: format!("{program}-{backend}-restore"),
@@ -326,6 +329,16 @@ impl Interceptor {
     /// a node with IPv4).
     pub fn listen_v4(&self) -> Option<SocketAddr> {
         self.listen_v4
+    }
+
+    /// Where the container-credentials endpoint must listen: every redirect target's
+    /// address, on `port`.
+    pub fn pod_identity_listens(&self, port: u16) -> Vec<SocketAddr> {
+        self.families
+            .iter()
+            .filter_map(|f| f.rules.target)
+            .map(|t| SocketAddr::new(t.ip(), port))
+            .collect()
     }
 
     /// The IPv6 address the metadata endpoint must also listen on (`--ipv6` with an IPv4

@@ -36,6 +36,10 @@ pub const GUARD_COMMENT: &str = "podiam: only redirected pod traffic reaches the
 pub const METADATA_V4: &str = "169.254.169.254";
 /// The IPv6 metadata address (Nitro instances).
 pub const METADATA_V6: &str = "fd00:ec2::254";
+/// The container-credentials address (EKS Pod Identity's).
+pub const POD_IDENTITY_V4: &str = "169.254.170.23";
+/// Its IPv6 address.
+pub const POD_IDENTITY_V6: &str = "fd00:ec2::23";
 
 /// One `--host-interface` entry: `cali+`, `eni+`, `eth0`, `!eth0`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -65,6 +69,10 @@ pub struct Rules {
     pub target: Option<SocketAddr>,
     /// Which interfaces are pods'.
     pub interfaces: Vec<InterfaceSpec>,
+    /// The container-credentials endpoint is served on this port of the target's address:
+    /// its address is redirected there (and refused when not redirected) like the
+    /// metadata address. `None`: that address is left alone.
+    pub pod_identity: Option<u16>,
 }
 
 /// One chain of ours: its table, its rules, and the jumps into built-in chains.
@@ -178,6 +186,24 @@ impl Rules {
         if self.v4 { METADATA_V4 } else { METADATA_V6 }
     }
 
+    /// The container-credentials address of this family.
+    pub fn pod_identity_address(&self) -> &'static str {
+        if self.v4 {
+            POD_IDENTITY_V4
+        } else {
+            POD_IDENTITY_V6
+        }
+    }
+
+    /// The addresses redirected (or refused), with the port each goes to on the target.
+    fn endpoints(&self, metadata_port: u16) -> Vec<(&'static str, u16)> {
+        let mut endpoints = vec![(self.metadata(), metadata_port)];
+        if let Some(port) = self.pod_identity {
+            endpoints.push((self.pod_identity_address(), port));
+        }
+        endpoints
+    }
+
     fn host_prefix(&self) -> u8 {
         if self.v4 { 32 } else { 128 }
     }
@@ -219,11 +245,16 @@ impl Rules {
         Chain {
             table: "filter",
             name: BLOCK,
-            rules: vec![format!(
-                "-d {}/{} -p tcp -m tcp --dport 80 -j REJECT --reject-with tcp-reset",
-                self.metadata(),
-                self.host_prefix()
-            )],
+            rules: self
+                .endpoints(0)
+                .into_iter()
+                .map(|(address, _)| {
+                    format!(
+                        "-d {address}/{} -p tcp -m tcp --dport 80 -j REJECT --reject-with tcp-reset",
+                        self.host_prefix()
+                    )
+                })
+                .collect(),
             jumps,
             comment: BLOCK_COMMENT,
         }
@@ -233,34 +264,39 @@ impl Rules {
         Chain {
             table: "nat",
             name: CHAIN,
-            rules: vec![format!(
-                "-d {}/{} -p tcp -m tcp --dport 80 -j DNAT --to-destination {}",
-                self.metadata(),
-                self.host_prefix(),
-                bracketed(target)
-            )],
+            rules: self
+                .endpoints(target.port())
+                .into_iter()
+                .map(|(address, port)| {
+                    format!(
+                        "-d {address}/{} -p tcp -m tcp --dport 80 -j DNAT --to-destination {}",
+                        self.host_prefix(),
+                        bracketed(SocketAddr::new(target.ip(), port))
+                    )
+                })
+                .collect(),
             jumps: self.per_interface("PREROUTING", CHAIN, COMMENT),
             comment: COMMENT,
         }
     }
 
     fn guard(&self, target: SocketAddr) -> Chain {
-        let listener = format!(
-            "-d {}/{} -p tcp -m tcp --dport {}",
-            target.ip(),
-            self.host_prefix(),
-            target.port()
-        );
+        let mut rules = Vec::new();
+        for (address, port) in self.endpoints(target.port()) {
+            let listener = format!(
+                "-d {}/{} -p tcp -m tcp --dport {port}",
+                target.ip(),
+                self.host_prefix(),
+            );
+            rules.push(format!(
+                "{listener} -m conntrack --ctstate DNAT --ctorigdst {address} --ctorigdstport 80 -j RETURN"
+            ));
+            rules.push(format!("{listener} -j REJECT --reject-with tcp-reset"));
+        }
         Chain {
             table: "filter",
             name: GUARD,
-            rules: vec![
-                format!(
-                    "{listener} -m conntrack --ctstate DNAT --ctorigdst {} --ctorigdstport 80 -j RETURN",
-                    self.metadata()
-                ),
-                format!("{listener} -j REJECT --reject-with tcp-reset"),
-            ],
+            rules,
             jumps: vec![(
                 "INPUT",
                 format!("-m comment --comment \"{GUARD_COMMENT}\" -j {GUARD}"),
@@ -368,6 +404,7 @@ mod tests {
             v4: true,
             target: Some("10.1.2.3:8181".parse().unwrap()),
             interfaces: parse("cali+,!eth0").unwrap(),
+            pod_identity: None,
         };
         let chains = rules.chains();
         let names: Vec<&str> = chains.iter().map(|c| c.name).collect();
@@ -399,6 +436,7 @@ mod tests {
             v4: false,
             target: Some("[fd00::1]:8181".parse().unwrap()),
             interfaces: parse("eni+").unwrap(),
+            pod_identity: None,
         };
         let dnat = v6.chains()[1].restore();
         assert!(
@@ -410,5 +448,45 @@ mod tests {
         let chains = blocked.chains();
         assert_eq!(chains.len(), 1);
         assert!(chains[0].rules[0].starts_with("-d fd00:ec2::254/128"));
+    }
+
+    #[test]
+    fn the_container_credentials_address_is_redirected_blocked_and_guarded_alike() {
+        let rules = Rules {
+            v4: true,
+            target: Some("10.1.2.3:8181".parse().unwrap()),
+            interfaces: parse("cali+").unwrap(),
+            pod_identity: Some(8182),
+        };
+        let chains = rules.chains();
+        assert_eq!(
+            chains[0].rules,
+            [
+                "-d 169.254.169.254/32 -p tcp -m tcp --dport 80 -j REJECT --reject-with tcp-reset",
+                "-d 169.254.170.23/32 -p tcp -m tcp --dport 80 -j REJECT --reject-with tcp-reset",
+            ]
+        );
+        assert_eq!(
+            chains[1].rules[1],
+            "-d 169.254.170.23/32 -p tcp -m tcp --dport 80 -j DNAT --to-destination 10.1.2.3:8182"
+        );
+        assert_eq!(
+            chains[2].rules,
+            [
+                "-d 10.1.2.3/32 -p tcp -m tcp --dport 8181 -m conntrack --ctstate DNAT --ctorigdst 169.254.169.254 --ctorigdstport 80 -j RETURN",
+                "-d 10.1.2.3/32 -p tcp -m tcp --dport 8181 -j REJECT --reject-with tcp-reset",
+                "-d 10.1.2.3/32 -p tcp -m tcp --dport 8182 -m conntrack --ctstate DNAT --ctorigdst 169.254.170.23 --ctorigdstport 80 -j RETURN",
+                "-d 10.1.2.3/32 -p tcp -m tcp --dport 8182 -j REJECT --reject-with tcp-reset",
+            ]
+        );
+        let v6 = Rules {
+            v4: false,
+            target: None,
+            ..rules
+        };
+        assert_eq!(
+            v6.chains()[0].rules[1],
+            "-d fd00:ec2::23/128 -p tcp -m tcp --dport 80 -j REJECT --reject-with tcp-reset"
+        );
     }
 }

@@ -1,4 +1,5 @@
-//! The cluster as the server sees it: pods and namespaces, kept current by watches.
+//! The cluster as the server sees it: pods and namespaces (and, for the
+//! container-credentials path, ServiceAccounts' roles), kept current by watches.
 //!
 //! Two kube-runtime watchers ([`watch`]: pods in all namespaces, namespaces) feed two
 //! plain indexes ([`PodIndex`], [`NamespaceIndex`]) behind locks in one [`ClusterIndex`].
@@ -15,6 +16,7 @@ use podiam_common::arn::BaseRoleArn;
 use tokio::{sync::watch as signal, time::Instant};
 
 use crate::{
+    accounts::AccountIndex,
     pods::{IpLookup, PodIndex},
     policy::namespace::{NamespaceIndex, NamespaceInfo},
 };
@@ -33,6 +35,8 @@ pub struct ClusterIndex {
 struct Inner {
     pods: RwLock<PodIndex>,
     namespaces: RwLock<NamespaceIndex>,
+    /// ServiceAccount roles (container-credentials path; empty unless it is on).
+    accounts: RwLock<AccountIndex>,
     changed: signal::Sender<()>,
     /// One signal per node with a feed subscribed: bumped when that node's pods change,
     /// and for every node when a namespace changes.
@@ -49,6 +53,7 @@ impl ClusterIndex {
             inner: Arc::new(Inner {
                 pods: RwLock::new(PodIndex::default()),
                 namespaces: RwLock::new(NamespaceIndex::new(base)),
+                accounts: RwLock::new(AccountIndex::default()),
                 changed,
                 nodes: Mutex::new(HashMap::new()),
             }),
@@ -100,6 +105,18 @@ impl ClusterIndex {
             .lock()
             .retain(|_, signal| signal.send(()).is_ok());
         r
+    }
+
+    /// Changes the ServiceAccount index, then wakes every waiting lookup.
+    pub fn update_accounts<R>(&self, f: impl FnOnce(&mut AccountIndex) -> R) -> R {
+        let r = f(&mut self.inner.accounts.write());
+        self.inner.changed.send_replace(());
+        r
+    }
+
+    /// Reads the ServiceAccount index. Hold the guard briefly: writers wait for it.
+    pub fn accounts(&self) -> RwLockReadGuard<'_, AccountIndex> {
+        self.inner.accounts.read()
     }
 
     /// Reads the pod index. Hold the guard briefly: writers wait for it.

@@ -35,9 +35,15 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::{ClusterIndex, metrics::WatchMetrics};
-use crate::pods::{
-    PodInfo, PodKey,
-    resources::{WatchedNamespace, WatchedPod},
+use crate::{
+    accounts::{
+        AccountKey,
+        resources::{WatchedAssociation, WatchedServiceAccount},
+    },
+    pods::{
+        PodInfo, PodKey,
+        resources::{WatchedNamespace, WatchedPod},
+    },
 };
 
 /// The watch stream ended, which kube-runtime's watcher never does on its own.
@@ -60,6 +66,8 @@ pub type PodHook = std::sync::Arc<dyn Fn(&PodInfo) + Send + Sync>;
 
 struct Pods(ClusterIndex, Option<PodHook>);
 struct Namespaces(ClusterIndex);
+struct ServiceAccounts(ClusterIndex);
+struct Associations(ClusterIndex);
 
 /// How a watcher runs.
 #[derive(Debug)]
@@ -95,6 +103,26 @@ pub async fn namespaces(
 ) -> Result<(), WatchEnded> {
     let api = Api::<WatchedNamespace>::all(client);
     run(api, Namespaces(index), settings).await
+}
+
+/// Watches ServiceAccounts (for their role annotation) into `index`.
+pub async fn service_accounts(
+    client: Client,
+    index: ClusterIndex,
+    settings: WatchSettings,
+) -> Result<(), WatchEnded> {
+    let api = Api::<WatchedServiceAccount>::all(client);
+    run(api, ServiceAccounts(index), settings).await
+}
+
+/// Watches `PodIdentityAssociation` objects into `index`.
+pub async fn associations(
+    client: Client,
+    index: ClusterIndex,
+    settings: WatchSettings,
+) -> Result<(), WatchEnded> {
+    let api = Api::<WatchedAssociation>::all(client);
+    run(api, Associations(index), settings).await
 }
 
 async fn run<K, I>(api: Api<K>, indexer: I, settings: WatchSettings) -> Result<(), WatchEnded>
@@ -317,5 +345,76 @@ impl Indexer<WatchedNamespace> for Namespaces {
 
     fn len(&self) -> usize {
         self.0.namespaces().len()
+    }
+}
+
+// === impl ServiceAccounts ===
+
+impl Indexer<WatchedServiceAccount> for ServiceAccounts {
+    type Key = AccountKey;
+    const RESOURCE: &'static str = "serviceaccounts";
+
+    fn apply(&self, sa: WatchedServiceAccount) -> Option<AccountKey> {
+        let Ok(key) = sa.key() else {
+            tracing::warn!("ignoring a ServiceAccount without a namespace or name");
+            return None;
+        };
+        let role = sa.role().map(Into::into);
+        self.0
+            .update_accounts(|idx| idx.apply_account(key.clone(), role));
+        Some(key)
+    }
+
+    fn delete(&self, sa: WatchedServiceAccount) {
+        if let Ok(key) = sa.key() {
+            self.0.update_accounts(|idx| idx.delete_account(&key));
+        }
+    }
+
+    fn retain(&self, keep: &HashSet<AccountKey>) -> usize {
+        self.0.update_accounts(|idx| idx.retain_accounts(keep))
+    }
+
+    fn len(&self) -> usize {
+        self.0.accounts().annotated_len()
+    }
+}
+
+// === impl Associations ===
+
+impl Indexer<WatchedAssociation> for Associations {
+    type Key = AccountKey;
+    const RESOURCE: &'static str = "podidentityassociations";
+
+    fn apply(&self, association: WatchedAssociation) -> Option<AccountKey> {
+        let key = association.key().ok();
+        match association.into_association() {
+            Ok(association) => {
+                self.0
+                    .update_accounts(|idx| idx.apply_association(association));
+            }
+            Err(error) => {
+                // An incomplete object gives no role; one it replaces gives none either.
+                tracing::warn!(%error, "ignoring PodIdentityAssociation");
+                if let Some(key) = &key {
+                    self.0.update_accounts(|idx| idx.delete_association(key));
+                }
+            }
+        }
+        key
+    }
+
+    fn delete(&self, association: WatchedAssociation) {
+        if let Ok(key) = association.key() {
+            self.0.update_accounts(|idx| idx.delete_association(&key));
+        }
+    }
+
+    fn retain(&self, keep: &HashSet<AccountKey>) -> usize {
+        self.0.update_accounts(|idx| idx.retain_associations(keep))
+    }
+
+    fn len(&self) -> usize {
+        self.0.accounts().associations_len()
     }
 }

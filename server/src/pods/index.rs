@@ -327,6 +327,11 @@ impl PodIndex {
         gone.len()
     }
 
+    /// The pod `key`.
+    pub fn get(&self, key: &PodKey) -> Option<Arc<PodInfo>> {
+        self.pods.get(key).cloned()
+    }
+
     /// Whether the pod `key` is in the index.
     pub fn contains(&self, key: &PodKey) -> bool {
         self.pods.contains_key(key)

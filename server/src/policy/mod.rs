@@ -17,7 +17,10 @@ use podiam_common::{
 use serde::Serialize;
 
 use self::namespace::NamespaceInfo;
-use crate::pods::PodInfo;
+use crate::{
+    accounts::{AccountKey, AccountRole},
+    pods::PodInfo,
+};
 
 pub mod namespace;
 mod session;
@@ -70,6 +73,10 @@ pub struct Grant {
         serialize_with = "session::serialize_secs"
     )]
     pub session_duration: Option<Duration>,
+    /// Tag the session as EKS Pod Identity does (container-credentials path, unless the
+    /// association turns tags off).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub pod_identity_tags: bool,
 }
 
 /// Where a role came from.
@@ -80,6 +87,10 @@ pub enum RoleSource {
     Annotation,
     /// `--default-role`.
     Default,
+    /// The ServiceAccount's `eks.amazonaws.com/role-arn` annotation.
+    ServiceAccount,
+    /// A `PodIdentityAssociation` object.
+    Association,
 }
 
 /// Why a pod gets no credentials: each says what to change.
@@ -105,6 +116,26 @@ pub enum Denial {
         value: String,
         /// Why it is invalid.
         source: ArnError,
+    },
+    /// The pod's ServiceAccount has no role (container-credentials path).
+    #[error(
+        "ServiceAccount {service_account} has no role: no PodIdentityAssociation names it and it has no {} annotation",
+        podiam_common::pod_identity::ROLE_ARN_ANNOTATION
+    )]
+    NoServiceAccountRole {
+        /// The ServiceAccount.
+        service_account: AccountKey,
+    },
+    /// Several associations name the ServiceAccount: none is trusted.
+    #[error(
+        "ServiceAccount {service_account} is named by several PodIdentityAssociations ({}): delete all but one",
+        .names.join(", ")
+    )]
+    ConflictingAssociations {
+        /// The ServiceAccount.
+        service_account: AccountKey,
+        /// The associations' names.
+        names: Vec<String>,
     },
     /// The pod's namespace is not (yet) known.
     #[error("namespace {namespace:?} is not known to the server")]
@@ -149,6 +180,21 @@ impl Decision {
         }
     }
 
+    /// Decides for `pod` on the container-credentials path: its role is `account`'s (the
+    /// ServiceAccount its token was issued for), under the same namespace policy.
+    pub fn for_service_account(
+        pod: &PodInfo,
+        account: &AccountKey,
+        role: &AccountRole,
+        namespace: Option<&NamespaceInfo>,
+        config: &PolicyConfig,
+    ) -> Self {
+        match decide_service_account(pod, account, role, namespace, config) {
+            Ok(grant) => Decision::Allowed(grant),
+            Err(denial) => Decision::Denied(denial),
+        }
+    }
+
     /// The grant, if allowed.
     pub fn allowed(&self) -> Option<&Grant> {
         match self {
@@ -183,6 +229,65 @@ fn decide(
         },
     };
 
+    permitted(pod, &role_arn, namespace)?;
+    Ok(Grant {
+        role_arn,
+        role_source,
+        external_id: session::external_id(ann.external_id.as_deref())?,
+        session_name: session::session_name(&pod.key.namespace, ann.session_name.as_deref())?,
+        session_duration: session::duration(ann.session_duration.as_deref())?,
+        pod_identity_tags: false,
+    })
+}
+
+fn decide_service_account(
+    pod: &PodInfo,
+    account: &AccountKey,
+    role: &AccountRole,
+    namespace: Option<&NamespaceInfo>,
+    config: &PolicyConfig,
+) -> Result<Grant, Denial> {
+    if pod.mirror && !config.allow_mirror_pods {
+        return Err(Denial::MirrorPod);
+    }
+    let (value, role_source, tags) = match role {
+        AccountRole::Association(a) => (&a.role_arn, RoleSource::Association, a.session_tags),
+        AccountRole::Annotation(value) => (value, RoleSource::ServiceAccount, true),
+        AccountRole::None => {
+            return Err(Denial::NoServiceAccountRole {
+                service_account: account.clone(),
+            });
+        }
+        AccountRole::Conflict(names) => {
+            return Err(Denial::ConflictingAssociations {
+                service_account: account.clone(),
+                names: names.iter().map(ToString::to_string).collect(),
+            });
+        }
+    };
+    let role_arn = RoleArn::resolve(value, config.base_role_arn.as_ref()).map_err(|source| {
+        Denial::InvalidRole {
+            value: value.to_string(),
+            source,
+        }
+    })?;
+    permitted(pod, &role_arn, namespace)?;
+    Ok(Grant {
+        role_arn,
+        role_source,
+        external_id: None,
+        session_name: None,
+        session_duration: None,
+        pod_identity_tags: tags,
+    })
+}
+
+/// The namespace's policy must permit `role_arn`, whatever named it.
+fn permitted(
+    pod: &PodInfo,
+    role_arn: &RoleArn,
+    namespace: Option<&NamespaceInfo>,
+) -> Result<(), Denial> {
     let Some(namespace) = namespace else {
         return Err(Denial::NamespaceNotFound {
             namespace: pod.key.namespace.to_string(),
@@ -190,20 +295,12 @@ fn decide(
     };
     namespace
         .policy
-        .check(&role_arn)
+        .check(role_arn)
         .map_err(|violation| Denial::NotPermitted {
             role: role_arn.clone(),
             namespace: namespace.name.to_string(),
             violation,
-        })?;
-
-    Ok(Grant {
-        role_arn,
-        role_source,
-        external_id: session::external_id(ann.external_id.as_deref())?,
-        session_name: session::session_name(&pod.key.namespace, ann.session_name.as_deref())?,
-        session_duration: session::duration(ann.session_duration.as_deref())?,
-    })
+        })
 }
 
 // === impl Denial ===
@@ -214,6 +311,8 @@ impl Denial {
         match self {
             Denial::MirrorPod => "mirror_pod",
             Denial::NoRole => "no_role",
+            Denial::NoServiceAccountRole { .. } => "no_service_account_role",
+            Denial::ConflictingAssociations { .. } => "conflicting_associations",
             Denial::InvalidRole { .. } => "invalid_role",
             Denial::NamespaceNotFound { .. } => "namespace_not_found",
             Denial::NotPermitted {
@@ -235,6 +334,12 @@ impl fmt::Display for RoleSource {
         match self {
             RoleSource::Annotation => write!(f, "annotation {}", annotations::keys().role),
             RoleSource::Default => f.write_str("--default-role"),
+            RoleSource::ServiceAccount => write!(
+                f,
+                "the ServiceAccount's {} annotation",
+                podiam_common::pod_identity::ROLE_ARN_ANNOTATION
+            ),
+            RoleSource::Association => f.write_str("a PodIdentityAssociation"),
         }
     }
 }

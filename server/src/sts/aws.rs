@@ -122,6 +122,10 @@ impl AssumeRole for AwsSts {
             .role_session_name(key.session_name.as_ref())
             .duration_seconds(i32::try_from(key.duration.as_secs()).unwrap_or(i32::MAX))
             .set_external_id(key.external_id.as_deref().map(Into::into))
+            .set_transitive_tag_keys(
+                (key.transitive_tags && !tags.is_empty())
+                    .then(|| key.tags.iter().map(|(k, _)| (*k).to_string()).collect()),
+            )
             .set_tags((!tags.is_empty()).then_some(tags));
         let clock = self.clock.clone();
         async move {

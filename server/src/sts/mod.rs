@@ -58,6 +58,9 @@ pub struct SessionKey {
     pub duration: Duration,
     /// Session tags, when enabled.
     pub tags: Arc<[(&'static str, String)]>,
+    /// Whether every tag is transitive (kept through role chaining, as EKS Pod Identity
+    /// sets them).
+    pub transitive_tags: bool,
 }
 
 pub use podiam_common::clock::{Clock, SystemClock};

@@ -1480,6 +1480,7 @@ async fn sts(pods: usize, roles: usize, hours: u64) -> anyhow::Result<()> {
             session_name: session.into(),
             duration,
             tags: Arc::new([]),
+            transitive_tags: false,
         })
     };
 

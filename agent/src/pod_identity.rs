@@ -1,0 +1,512 @@
+//! The container-credentials endpoint (EKS Pod Identity's contract, on any cluster).
+//!
+//! Pods reach it at `169.254.170.23:80` or `[fd00:ec2::23]:80` (redirected to this
+//! listener by [`crate::intercept`], like the metadata address); their SDKs send
+//! `GET /v1/credentials` with the pod's projected ServiceAccount token as `Authorization`.
+//! The token is the identity: the caller's address plays no part. The agent checks what it
+//! can alone, in the order EKS's agent does (the `Host` must be one of the endpoint's
+//! addresses, the token present, shaped like a JWT, and not expired), then forwards the
+//! token to a podiam server, which has the API server review it and finds the pod it is
+//! bound to, that pod's node (the asking agent's) and its ServiceAccount's role.
+//!
+//! Answers: `200` with the JSON document every SDK's container provider reads; errors are
+//! JSON `{"code","message"}` (Go SDK v2 cannot parse a text body): `400 InvalidToken`,
+//! `403 AccessDenied` (wrong host, or a role refused: the pod is told no more, the reasons
+//! go to its Events, the server's log and `explain`), `404 NotFound` for other paths, and
+//! `503 ServiceUnavailable` (SDKs retry) when no server or STS can answer.
+
+use std::{
+    convert::Infallible,
+    net::IpAddr,
+    sync::Arc,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use base64::Engine;
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::service::service_fn;
+use hyper_util::{
+    rt::{TokioIo, TokioTimer},
+    server::graceful::GracefulShutdown,
+};
+use podiam_common::{
+    clock::Clock,
+    net::canonical,
+    pod_identity::{self, CredentialsDocument},
+    protocol::{CredentialsResponse, ErrorCode, POD_IDENTITY_PATH, PodIdentityRequest},
+    secret::Secret,
+};
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::servers::{ServerError, Servers};
+
+/// Headers larger than this are refused (a projected token is 1–2 KB).
+const MAX_HEADERS_BYTES: usize = 16 * 1024;
+const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+const GRACE: Duration = Duration::from_secs(5);
+
+/// The endpoint; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct PodIdentity {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    servers: Servers,
+    /// `--pod-sources`: connections from elsewhere are closed unanswered (empty: all).
+    pod_sources: Vec<ipnet::IpNet>,
+    clock: Arc<dyn Clock>,
+    metrics: PodIdentityMetrics,
+}
+
+/// Requests by result, and latency.
+#[derive(Clone, Debug)]
+pub struct PodIdentityMetrics {
+    requests: IntCounterVec,
+    latency: HistogramVec,
+}
+
+/// Why a request is answered without credentials.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Refusal {
+    NotFound,
+    MethodNotAllowed,
+    WrongHost(String),
+    InvalidToken(&'static str),
+    AccessDenied,
+    Unavailable,
+}
+
+#[derive(Serialize)]
+struct ErrorDocument<'a> {
+    code: &'a str,
+    message: &'a str,
+}
+
+// === impl PodIdentity ===
+
+impl PodIdentity {
+    /// The endpoint, asking `servers`.
+    pub fn new(
+        servers: Servers,
+        pod_sources: Vec<ipnet::IpNet>,
+        clock: Arc<dyn Clock>,
+        metrics: PodIdentityMetrics,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                servers,
+                pod_sources,
+                clock,
+                metrics,
+            }),
+        }
+    }
+
+    /// Serves HTTP/1 on `listener` until `shutdown`, with header size and time limits.
+    pub async fn serve(self, listener: TcpListener, shutdown: CancellationToken) {
+        let graceful = GracefulShutdown::new();
+        loop {
+            let Some((tcp, peer)) = podiam_common::listen::accept(
+                &listener,
+                &shutdown,
+                "container-credentials endpoint",
+            )
+            .await
+            else {
+                break;
+            };
+            if !self.is_pod_source(peer.ip()) {
+                self.inner.metrics.count("not_a_pod_source", Duration::ZERO);
+                tracing::debug!(%peer, "connection from outside --pod-sources closed");
+                continue;
+            }
+            let _ = tcp.set_nodelay(true);
+            let this = self.clone();
+            let service = service_fn(move |req| {
+                let this = this.clone();
+                async move { Ok::<_, Infallible>(this.handle(req).await) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .max_buf_size(MAX_HEADERS_BYTES)
+                .serve_connection(TokioIo::new(tcp), service);
+            let conn = graceful.watch(conn);
+            tokio::spawn(async move {
+                if let Err(error) = conn.await {
+                    tracing::debug!(%peer, %error, "container-credentials connection ended with an error");
+                }
+            });
+        }
+        if tokio::time::timeout(GRACE, graceful.shutdown())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "container credentials: requests still in flight after the grace period"
+            );
+        }
+    }
+
+    fn is_pod_source(&self, ip: IpAddr) -> bool {
+        let sources = &self.inner.pod_sources;
+        let ip = canonical(ip);
+        sources.is_empty() || sources.iter().any(|net| net.contains(&ip))
+    }
+
+    /// Answers one request (bodies are never read).
+    pub async fn handle<B>(&self, req: Request<B>) -> Response<Full<Bytes>> {
+        let started = tokio::time::Instant::now();
+        let (result, rsp) = match self.answer(req.method(), req.uri(), req.headers()).await {
+            Ok(document) => ("ok", json(StatusCode::OK, &document)),
+            Err(refusal) => (refusal.label(), refusal.response()),
+        };
+        self.inner.metrics.count(result, started.elapsed());
+        tracing::debug!(
+            result,
+            status = rsp.status().as_u16(),
+            "container credentials"
+        );
+        rsp
+    }
+
+    async fn answer(
+        &self,
+        method: &Method,
+        uri: &http::Uri,
+        headers: &HeaderMap,
+    ) -> Result<CredentialsDocument, Refusal> {
+        if uri.path() != pod_identity::PATH {
+            return Err(Refusal::NotFound);
+        }
+        if method != Method::GET {
+            return Err(Refusal::MethodNotAllowed);
+        }
+        check_host(uri, headers)?;
+        let token = headers
+            .get(header::AUTHORIZATION)
+            .map(|v| v.to_str().map(str::trim))
+            .transpose()
+            .map_err(|_| Refusal::InvalidToken("the token is not text"))?
+            .filter(|t| !t.is_empty())
+            .ok_or(Refusal::InvalidToken(
+                "service account token cannot be empty",
+            ))?;
+        check_token(token, self.inner.clock.now())?;
+        let request = PodIdentityRequest {
+            token: Secret::new(token),
+        };
+        let rsp: CredentialsResponse = self
+            .inner
+            .servers
+            .call(POD_IDENTITY_PATH, &request)
+            .await
+            .map_err(|error| refused(&error))?;
+        Ok(CredentialsDocument {
+            access_key_id: rsp.credentials.access_key_id,
+            secret_access_key: rsp.credentials.secret_access_key,
+            token: rsp.credentials.session_token,
+            account_id: rsp.role_arn.account().to_string(),
+            expiration: rsp.credentials.expiration,
+        })
+    }
+}
+
+/// The `Host` must name the endpoint (EKS's agent checks the same): a request that reached
+/// the listener some other way is no SDK's.
+fn check_host(uri: &http::Uri, headers: &HeaderMap) -> Result<(), Refusal> {
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| uri.authority().map(http::uri::Authority::as_str))
+        .unwrap_or_default();
+    let bare = match host.rsplit_once(':') {
+        // `[v6]:port`, `v4:port`; a bare IPv6 address has several colons and no brackets.
+        Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) && !h.ends_with(':') => h,
+        _ => host,
+    };
+    let bare = bare.trim_start_matches('[').trim_end_matches(']');
+    match bare.parse::<IpAddr>() {
+        Ok(ip) if pod_identity::is_endpoint(ip) => Ok(()),
+        _ => Err(Refusal::WrongHost(host.chars().take(64).collect())),
+    }
+}
+
+/// What the agent can check of a token alone: three base64url segments, a JSON payload,
+/// and not expired (nor not yet valid). The signature is the API server's to check.
+fn check_token(token: &str, now: SystemTime) -> Result<(), Refusal> {
+    let malformed = Refusal::InvalidToken("service account token cannot be parsed");
+    let segments: Vec<&str> = token.split('.').collect();
+    let valid = |s: &str| {
+        !s.is_empty()
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'=')
+    };
+    if segments.len() != 3 || !segments.iter().all(|s| valid(s)) {
+        return Err(malformed);
+    }
+    let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(segments[1].trim_end_matches('='))
+        .map_err(|_| malformed.clone())?;
+    let claims: serde_json::Value =
+        serde_json::from_slice(&payload).map_err(|_| malformed.clone())?;
+    let secs = now
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64();
+    match claims.get("exp").map(serde_json::Value::as_f64) {
+        Some(Some(exp)) if exp <= secs => {
+            return Err(Refusal::InvalidToken("service account token is expired"));
+        }
+        Some(Some(_)) => {}
+        _ => return Err(Refusal::InvalidToken("service account token has no expiry")),
+    }
+    if let Some(Some(nbf)) = claims.get("nbf").map(serde_json::Value::as_f64)
+        && nbf > secs
+    {
+        return Err(Refusal::InvalidToken(
+            "service account token is not valid yet",
+        ));
+    }
+    Ok(())
+}
+
+/// A server's refusal as the pod may see it; the details stay in the logs.
+fn refused(error: &ServerError) -> Refusal {
+    let ServerError::Refused(body) = error else {
+        tracing::warn!(%error, "no podiam server answered a container-credentials request");
+        return Refusal::Unavailable;
+    };
+    match body.code {
+        ErrorCode::InvalidToken => {
+            tracing::debug!(message = %body.message, "pod token refused");
+            Refusal::InvalidToken("service account token is not valid")
+        }
+        ErrorCode::PodNotFound => {
+            tracing::debug!(message = %body.message, "pod token refused");
+            Refusal::InvalidToken("the pod this token was issued to is not running")
+        }
+        ErrorCode::Forbidden | ErrorCode::NodeMismatch | ErrorCode::RoleMismatch => {
+            tracing::debug!(code = body.code.as_str(), message = %body.message, "refused");
+            Refusal::AccessDenied
+        }
+        ErrorCode::StsError => Refusal::Unavailable,
+        ErrorCode::AmbiguousIp
+        | ErrorCode::Unauthenticated
+        | ErrorCode::InvalidRequest
+        | ErrorCode::NotReady
+        | ErrorCode::Internal => {
+            tracing::warn!(code = body.code.as_str(), message = %body.message, "podiam server refused the agent");
+            Refusal::Unavailable
+        }
+    }
+}
+
+fn json<T: Serialize>(status: StatusCode, body: &T) -> Response<Full<Bytes>> {
+    let bytes = serde_json::to_vec(body).unwrap_or_default();
+    let mut rsp = Response::new(Full::new(Bytes::from(bytes)));
+    *rsp.status_mut() = status;
+    rsp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    rsp
+}
+
+// === impl Refusal ===
+
+impl Refusal {
+    fn label(&self) -> &'static str {
+        match self {
+            Refusal::NotFound => "not_found",
+            Refusal::MethodNotAllowed => "method_not_allowed",
+            Refusal::WrongHost(_) => "wrong_host",
+            Refusal::InvalidToken(_) => "invalid_token",
+            Refusal::AccessDenied => "access_denied",
+            Refusal::Unavailable => "unavailable",
+        }
+    }
+
+    /// The one place a refusal becomes an HTTP answer.
+    fn response(&self) -> Response<Full<Bytes>> {
+        let wrong_host;
+        let (status, code, message) = match self {
+            Refusal::NotFound => (StatusCode::NOT_FOUND, "NotFound", "not found"),
+            Refusal::MethodNotAllowed => (
+                StatusCode::METHOD_NOT_ALLOWED,
+                "MethodNotAllowed",
+                "method not allowed",
+            ),
+            Refusal::WrongHost(host) => {
+                wrong_host = format!(
+                    "called through {host:?}: use http://{}{} or http://[{}]{}",
+                    pod_identity::ADDRESS_V4,
+                    pod_identity::PATH,
+                    pod_identity::ADDRESS_V6,
+                    pod_identity::PATH
+                );
+                (StatusCode::FORBIDDEN, "AccessDenied", wrong_host.as_str())
+            }
+            Refusal::InvalidToken(why) => (StatusCode::BAD_REQUEST, "InvalidToken", *why),
+            Refusal::AccessDenied => (
+                StatusCode::FORBIDDEN,
+                "AccessDenied",
+                "no credentials for this pod's service account: see the pod's events",
+            ),
+            Refusal::Unavailable => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "ServiceUnavailable",
+                "credentials temporarily unavailable",
+            ),
+        };
+        json(status, &ErrorDocument { code, message })
+    }
+}
+
+// === impl PodIdentityMetrics ===
+
+impl PodIdentityMetrics {
+    /// Registers the metrics in `registry`.
+    pub fn register(registry: &Registry) -> prometheus::Result<Self> {
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "podiam_pod_identity_requests_total",
+                "Container-credentials requests by result (ok, invalid_token, access_denied, wrong_host, unavailable, not_found, method_not_allowed, not_a_pod_source)",
+            ),
+            &["result"],
+        )?;
+        let latency = HistogramVec::new(
+            HistogramOpts::new(
+                "podiam_pod_identity_request_duration_seconds",
+                "Container-credentials request latency by result",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 3.0,
+            ]),
+            &["result"],
+        )?;
+        registry.register(Box::new(requests.clone()))?;
+        registry.register(Box::new(latency.clone()))?;
+        Ok(Self { requests, latency })
+    }
+
+    fn count(&self, result: &str, took: Duration) {
+        self.requests.with_label_values(&[result]).inc();
+        self.latency
+            .with_label_values(&[result])
+            .observe(took.as_secs_f64());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn jwt(claims: &str) -> String {
+        let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(claims);
+        format!("eyJhbGciOiJSUzI1NiJ9.{payload}.c2ln")
+    }
+
+    fn at(secs: u64) -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(secs)
+    }
+
+    #[test]
+    fn tokens_are_checked_for_shape_and_time() {
+        let now = at(2_000_000_000);
+        assert_eq!(check_token(&jwt(r#"{"exp":2000000100}"#), now), Ok(()));
+        for (token, why) in [
+            (
+                jwt(r#"{"exp":1999999999}"#),
+                "service account token is expired",
+            ),
+            (
+                jwt(r#"{"exp":2000000000}"#),
+                "service account token is expired",
+            ),
+            (jwt(r#"{"sub":"x"}"#), "service account token has no expiry"),
+            (
+                jwt(r#"{"exp":2000000100,"nbf":2000000050}"#),
+                "service account token is not valid yet",
+            ),
+            ("a.b".into(), "service account token cannot be parsed"),
+            (
+                format!("Bearer {}", jwt(r#"{"exp":2000000100}"#)),
+                "service account token cannot be parsed",
+            ),
+            ("a.!!!.c".into(), "service account token cannot be parsed"),
+            (jwt("not json"), "service account token cannot be parsed"),
+        ] {
+            assert_eq!(
+                check_token(&token, now),
+                Err(Refusal::InvalidToken(why)),
+                "{token}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_host_must_be_the_endpoint() {
+        let uri: http::Uri = "/v1/credentials".parse().unwrap();
+        let host = |h: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(header::HOST, HeaderValue::from_str(h).unwrap());
+            check_host(&uri, &headers)
+        };
+        for good in [
+            "169.254.170.23",
+            "169.254.170.23:80",
+            "[fd00:ec2::23]",
+            "[fd00:ec2::23]:80",
+        ] {
+            assert_eq!(host(good), Ok(()), "{good}");
+        }
+        for bad in [
+            "169.254.169.254",
+            "localhost",
+            "10.0.0.1:8182",
+            "[fd00:ec2::254]:80",
+            "",
+        ] {
+            assert!(matches!(host(bad), Err(Refusal::WrongHost(_))), "{bad}");
+        }
+        assert!(matches!(
+            check_host(&uri, &HeaderMap::new()),
+            Err(Refusal::WrongHost(_))
+        ));
+    }
+
+    #[test]
+    fn refusals_tell_the_pod_little() {
+        let body = |code, message: &str| {
+            ServerError::Refused(podiam_common::protocol::ErrorBody {
+                code,
+                message: message.into(),
+            })
+        };
+        let forbidden = refused(&body(
+            ErrorCode::Forbidden,
+            "role arn:aws:iam::1:role/admin is not permitted in namespace \"team\"",
+        ));
+        assert_eq!(forbidden, Refusal::AccessDenied);
+        let rsp = forbidden.response();
+        assert_eq!(rsp.status(), StatusCode::FORBIDDEN);
+        assert_eq!(
+            refused(&body(ErrorCode::StsError, "x")).response().status(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert_eq!(
+            refused(&body(ErrorCode::PodNotFound, "x"))
+                .response()
+                .status(),
+            StatusCode::BAD_REQUEST
+        );
+    }
+}

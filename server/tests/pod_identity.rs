@@ -1,0 +1,279 @@
+//! The container-credentials path through the server: the real binary with
+//! `--pod-identity`, pods' tokens reviewed by the stand-in API server (a test double that,
+//! like a real one, refuses a token whose pod is gone), roles from ServiceAccounts and
+//! PodIdentityAssociations under the namespace policy, session tags as EKS sets them, and
+//! the admission webhook over TLS.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)]
+
+use std::time::Duration;
+
+use podiam_tests::{
+    admission::{admit, patch_bytes},
+    api_client::{ApiClient, tls_config},
+    kube_api::FakeKube,
+    objects::{association, namespace, pod, service_account},
+    stack::{ServerStack, agent_identity, arn},
+};
+use serde_json::{Value, json};
+
+const BIN: &str = env!("CARGO_BIN_EXE_podiam-server");
+const AGENT_A: &str = "token-agent-node-a";
+const AUDIENCE: &str = "pods.eks.amazonaws.com";
+const HOUR: Duration = Duration::from_secs(3600);
+
+/// Namespace `team` permits `app*` roles. ServiceAccounts: `app` (IRSA annotation, role
+/// `app`), `admin` (association to `admin`, not permitted), `plain` (no role). Pods on
+/// node-a: `app-0` (app), `admin-0` (admin), `plain-0` (plain); on node-b: `app-b` (app).
+async fn start() -> ServerStack {
+    let kube = FakeKube::start().await.unwrap();
+    kube.apply(namespace(
+        "team",
+        &[("iam.amazonaws.com/permitted", &arn("app.*"))],
+    ));
+    kube.apply(service_account("team", "app", Some(&arn("app"))));
+    kube.apply(service_account("team", "admin", None));
+    kube.apply(service_account("team", "plain", None));
+    kube.apply(association("team", "admin-role", "admin", &arn("admin")));
+    for (name, sa, node) in [
+        ("app-0", "app", "node-a"),
+        ("admin-0", "admin", "node-a"),
+        ("plain-0", "plain", "node-a"),
+        ("app-b", "app", "node-b"),
+    ] {
+        kube.apply(
+            pod("team", name)
+                .service_account(sa)
+                .node(node)
+                .ip("10.9.0.1")
+                .build(),
+        );
+    }
+    kube.add_token(AGENT_A, agent_identity("node-a"));
+    let extra = [
+        "--pod-identity",
+        "--cluster-name",
+        "sandbox",
+        "--webhook-listen",
+        "127.0.0.1:0",
+    ];
+    ServerStack::start(std::path::Path::new(BIN), kube, &extra)
+        .await
+        .expect("server stack (moto: run scripts/setup)")
+}
+
+async fn client(env: &ServerStack) -> ApiClient {
+    let config = tls_config(&env.pki.ca, Some(&env.pki.client)).unwrap();
+    ApiClient::connect(env.api, config).await.unwrap()
+}
+
+fn token(env: &ServerStack, pod: &str) -> String {
+    env.kube
+        .issue_pod_token("team", pod, AUDIENCE, HOUR)
+        .unwrap()
+}
+
+async fn ask(c: &mut ApiClient, token: &str) -> (u16, Value) {
+    c.post("/v1/pod-identity", Some(AGENT_A), json!({"token": token}))
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_pod_gets_its_service_accounts_role_for_its_token_with_eks_session_tags() {
+    let env = start().await;
+    let mut c = client(&env).await;
+    let (code, v) = ask(&mut c, &token(&env, "app-0")).await;
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["role_arn"], arn("app"));
+    assert!(
+        v["credentials"]["access_key_id"]
+            .as_str()
+            .unwrap()
+            .starts_with("ASIA")
+    );
+
+    let body = env.proxy.last_request("AssumeRole/team.app-0").unwrap();
+    for tag in [
+        "Value=sandbox",
+        "Key=eks-cluster-name",
+        "Key=kubernetes-namespace",
+        "Value=team",
+        "Key=kubernetes-service-account",
+        "Value=app",
+        "Key=kubernetes-pod-name",
+        "Value=app-0",
+        "Key=kubernetes-pod-uid",
+        "TransitiveTagKeys.member.1=eks-cluster-name",
+    ] {
+        assert!(body.contains(tag), "{tag} missing from {body}");
+    }
+
+    // An association wins over the annotation, and two conflict.
+    env.kube
+        .apply(association("team", "app-role", "app", &arn("app-assoc")));
+    let wanted = arn("app-assoc");
+    let mut last = Value::Null;
+    for _ in 0..100 {
+        let (code, v) = ask(&mut c, &token(&env, "app-0")).await;
+        if code == 200 && v["role_arn"] == wanted.as_str() {
+            last = v;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(last["role_arn"], wanted);
+    env.kube
+        .apply(association("team", "app-role-2", "app", &arn("app-other")));
+    let mut refused = (0, Value::Null);
+    for _ in 0..100 {
+        refused = ask(&mut c, &token(&env, "app-0")).await;
+        if refused.0 != 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(refused.0, 403, "{}", refused.1);
+    assert!(
+        refused.1["message"]
+            .as_str()
+            .unwrap()
+            .contains("several PodIdentityAssociations"),
+        "{}",
+        refused.1
+    );
+}
+
+#[tokio::test]
+async fn tokens_that_are_not_a_live_pods_on_this_node_with_a_permitted_role_are_refused() {
+    let env = start().await;
+    let mut c = client(&env).await;
+    let code = |v: &Value| v["code"].as_str().unwrap_or_default().to_string();
+
+    // The namespace policy forbids the association's role.
+    let (status, v) = ask(&mut c, &token(&env, "admin-0")).await;
+    assert_eq!((status, code(&v)), (403, "forbidden".into()), "{v}");
+    assert!(
+        v["message"].as_str().unwrap().contains("not permitted"),
+        "{v}"
+    );
+    // No role for the ServiceAccount.
+    let (status, v) = ask(&mut c, &token(&env, "plain-0")).await;
+    assert_eq!((status, code(&v)), (403, "forbidden".into()), "{v}");
+    assert!(
+        v["message"].as_str().unwrap().contains("has no role"),
+        "{v}"
+    );
+    // A pod on another node than the asking agent's.
+    let (status, v) = ask(&mut c, &token(&env, "app-b")).await;
+    assert_eq!((status, code(&v)), (403, "node_mismatch".into()), "{v}");
+    // A token for another audience (the agents').
+    let other = env
+        .kube
+        .issue_pod_token("team", "app-0", "podiam", HOUR)
+        .unwrap();
+    let (status, v) = ask(&mut c, &other).await;
+    assert_eq!((status, code(&v)), (400, "invalid_token".into()), "{v}");
+    // An unknown token, and an expired one.
+    let (status, v) = ask(&mut c, "aaa.bbb.ccc").await;
+    assert_eq!((status, code(&v)), (400, "invalid_token".into()), "{v}");
+    let expired = env
+        .kube
+        .issue_pod_token("team", "app-0", AUDIENCE, Duration::ZERO)
+        .unwrap();
+    let (status, v) = ask(&mut c, &expired).await;
+    assert_eq!((status, code(&v)), (400, "invalid_token".into()), "{v}");
+    // An agent's own token is no pod's.
+    let (status, v) = ask(&mut c, AGENT_A).await;
+    assert_eq!(status, 400, "{v}");
+
+    // A deleted pod's token: refused even while its review is still remembered (the
+    // index no longer has the pod), and by the API server after that.
+    let app = token(&env, "app-0");
+    assert_eq!(ask(&mut c, &app).await.0, 200);
+    env.kube.delete_pod("team", "app-0");
+    let mut gone = (0, Value::Null);
+    for _ in 0..100 {
+        gone = ask(&mut c, &app).await;
+        if gone.0 != 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        (gone.0, code(&gone.1)),
+        (404, "pod_not_found".into()),
+        "{}",
+        gone.1
+    );
+    // A new pod of the same name has another UID: the old token is still not its.
+    env.kube.apply(
+        pod("team", "app-0")
+            .service_account("app")
+            .node("node-a")
+            .build(),
+    );
+    let (status, _) = ask(&mut c, &app).await;
+    assert_ne!(status, 200);
+    assert_eq!(ask(&mut c, &token(&env, "app-0")).await.0, 200);
+}
+
+#[tokio::test]
+async fn the_webhook_mutates_only_pods_whose_service_account_has_a_role() {
+    let env = start().await;
+    // Announced after the agent API, which is what the stack waits for.
+    let addr = env
+        .server
+        .logs()
+        .iter()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .find(|v| v["message"] == "admission webhook listening")
+        .and_then(|v| v["addr"].as_str()?.parse::<std::net::SocketAddr>().ok())
+        .unwrap();
+    let config = tls_config(&env.pki.ca, None).unwrap();
+    let mut c = ApiClient::connect(addr, config).await.unwrap();
+    let review = |sa: &str| {
+        json!({
+            "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+            "request": {
+                "uid": format!("uid-{sa}"),
+                "kind": {"group": "", "version": "v1", "kind": "Pod"},
+                "resource": {"group": "", "version": "v1", "resource": "pods"},
+                "namespace": "team", "operation": "CREATE",
+                "userInfo": {"username": "tester"},
+                "object": {"apiVersion": "v1", "kind": "Pod",
+                    "metadata": {"generateName": "x-", "namespace": "team"},
+                    "spec": {"serviceAccountName": sa, "containers": [{"name": "c", "image": "i"}]}}
+            }
+        })
+    };
+    let (status, v) = c.post("/mutate", None, review("app")).await.unwrap();
+    assert_eq!(status, 200, "{v}");
+    let response = &v["response"];
+    assert_eq!(response["uid"], "uid-app");
+    assert_eq!(response["allowed"], true);
+    assert_eq!(response["patchType"], "JSONPatch");
+    let patch = String::from_utf8(patch_bytes(&response["patch"]).unwrap()).unwrap();
+    assert!(
+        patch.contains("AWS_CONTAINER_CREDENTIALS_FULL_URI"),
+        "{patch}"
+    );
+    assert!(patch.contains("eks-pod-identity-token"), "{patch}");
+
+    // Applied as the API server applies it: the pod gets the volume and the environment.
+    let pod = review("app")["request"]["object"].clone();
+    let admitted = admit(addr, &env.pki.ca, "team", &pod).await.unwrap();
+    let env_vars = admitted["spec"]["containers"][0]["env"].to_string();
+    assert!(
+        env_vars.contains("http://169.254.170.23/v1/credentials"),
+        "{admitted}"
+    );
+    assert_eq!(
+        admitted["spec"]["volumes"][0]["name"],
+        "eks-pod-identity-token"
+    );
+
+    let (status, v) = c.post("/mutate", None, review("plain")).await.unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(v["response"]["allowed"], true);
+    assert!(v["response"].get("patch").is_none(), "{v}");
+}
