@@ -388,6 +388,16 @@ impl FakeKube {
             .insert(token.to_string(), identity);
     }
 
+    /// The stored object `namespace/name` of `kind` (namespace `""` for a Namespace).
+    pub fn object(&self, kind: Kind, namespace: &str, name: &str) -> Option<Value> {
+        let state = self.shared.state.lock();
+        let bytes = state
+            .objects
+            .get(&kind)?
+            .get(&(namespace.to_string(), name.to_string()))?;
+        serde_json::from_slice(bytes).ok()
+    }
+
     /// What the kubelet does for a projected token volume: a token for `audience`, bound
     /// to the pod `namespace/name` as it is now (its ServiceAccount, UID and node), valid
     /// for `lifetime`, registered for TokenReviews. JWT-shaped (its payload carries `aud`,

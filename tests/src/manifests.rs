@@ -33,6 +33,8 @@ pub struct LoadedPod {
     pub host_network: bool,
     /// `status.phase` is Running (the default).
     pub running: bool,
+    /// `spec.serviceAccountName` (default `default`).
+    pub service_account: String,
 }
 
 /// Why a manifest file could not be loaded.
@@ -54,7 +56,8 @@ pub enum ManifestError {
         /// The parser's message.
         message: String,
     },
-    /// A document is not a Namespace or Pod, or lacks required fields.
+    /// A document is not a Namespace, Pod, ServiceAccount or PodIdentityAssociation, or
+    /// lacks required fields.
     #[error("{path}, document {index}: {message}")]
     Invalid {
         /// The file.
@@ -102,7 +105,7 @@ pub struct Parsed {
     pub loaded: Loaded,
 }
 
-/// Loads the Namespace and Pod documents of `path` into `kube` (see [`Loader::parse`]).
+/// Loads the documents of `path` into `kube` (see [`Loader::parse`]).
 pub fn load(kube: &FakeKube, path: &Path) -> Result<Loaded, ManifestError> {
     let parsed = Loader::default().parse(path)?;
     for doc in parsed.docs {
@@ -127,7 +130,8 @@ impl Loader {
         nodes.into_iter().map(|(name, _)| name.clone()).collect()
     }
 
-    /// Reads the Namespace and Pod documents of `path`. Pods without `status.podIP` get
+    /// Reads the Namespace, Pod, ServiceAccount and PodIdentityAssociation documents of
+    /// `path`. Pods without `status.podIP` get
     /// `100.64.<node>.<n>` (one /24 per node, in order of first appearance); pods without
     /// a phase are Running; pods without a node go to `node-a`. Nothing is applied.
     pub fn parse(&mut self, path: &Path) -> Result<Parsed, ManifestError> {
@@ -228,11 +232,35 @@ impl Loader {
                         .map(str::to_string),
                         host_network: doc["spec"]["hostNetwork"].as_bool() == Some(true),
                         running: doc["status"]["phase"].as_str() == Some("Running"),
+                        service_account: doc["spec"]["serviceAccountName"]
+                            .as_str()
+                            .unwrap_or("default")
+                            .into(),
                     });
+                }
+                Some("ServiceAccount") => {
+                    if doc["metadata"]["namespace"].as_str().is_none() {
+                        doc["metadata"]["namespace"] = json!("default");
+                    }
+                }
+                Some("PodIdentityAssociation") => {
+                    if doc["metadata"]["namespace"].as_str().is_none() {
+                        doc["metadata"]["namespace"] = json!("default");
+                    }
+                    if doc["apiVersion"].as_str() != Some("podiam.io/v1alpha1") {
+                        return Err(invalid(
+                            "a PodIdentityAssociation is apiVersion podiam.io/v1alpha1".into(),
+                        ));
+                    }
+                    for field in ["serviceAccount", "roleArn"] {
+                        if doc["spec"][field].as_str().is_none_or(str::is_empty) {
+                            return Err(invalid(format!("spec.{field} is required")));
+                        }
+                    }
                 }
                 other => {
                     return Err(invalid(format!(
-                        "kind {other:?} is not supported (Namespace and Pod are)"
+                        "kind {other:?} is not supported (Namespace, Pod, ServiceAccount and PodIdentityAssociation are)"
                     )));
                 }
             }

@@ -15,6 +15,8 @@ use podiam_tests::netns::root_or_skip;
 use podiam_tests::sandbox::State;
 
 const BIN: &str = env!("CARGO_BIN_EXE_podiam-sandbox");
+/// The AWS SDK for Rust's default chain, as a pod's process.
+const SDK_IDENTITY: &str = env!("CARGO_BIN_EXE_podiam-sdk-identity");
 const NODE_ROLE: &str = "sandbox-node-";
 static NEXT: AtomicU32 = AtomicU32::new(1);
 
@@ -474,8 +476,8 @@ fn a_pod_deleted_while_the_api_server_is_away_leaves_nothing_to_its_ip() {
             .lines()
             .find(|l| l.contains("podiam-server"))
             .unwrap_or_default();
-        if server.contains("not ready") {
-            assert!(server.contains("pods"), "{server}");
+        // Every watch goes stale; the pod watch's is the one that matters here.
+        if server.contains("not ready") && server.contains("pods") {
             break;
         }
         assert!(std::time::Instant::now() < deadline, "{status}");
@@ -596,6 +598,181 @@ fn through_a_server_outage_known_pods_keep_their_credentials_and_nothing_else() 
         ok as usize + failed.len(),
         failed.first()
     );
+}
+
+/// A request to the container-credentials endpoint from a pod: `Authorization` from the
+/// file `argv[1]` (`-` for none, `expired` for a well-formed token past its `exp`);
+/// prints the status and the body.
+const POD_IDENTITY_RAW: &str = r#"
+import base64, json, sys, time, urllib.request, urllib.error
+arg = sys.argv[1]
+headers = {}
+if arg == "expired":
+    enc = lambda d: base64.urlsafe_b64encode(json.dumps(d).encode()).decode().rstrip("=")
+    headers["Authorization"] = enc({"alg": "RS256"}) + "." + enc({"exp": int(time.time()) - 60, "aud": ["pods.eks.amazonaws.com"]}) + ".c2ln"
+elif arg != "-":
+    headers["Authorization"] = open(arg).read()
+r = urllib.request.Request("http://169.254.170.23/v1/credentials", headers=headers)
+try:
+    with urllib.request.urlopen(r, timeout=5) as rsp:
+        print(rsp.status, json.loads(rsp.read())["AccessKeyId"][:4])
+except urllib.error.HTTPError as e:
+    print(e.code, e.read().decode())
+"#;
+
+const TOKEN: &str = "/var/run/secrets/pods.eks.amazonaws.com/serviceaccount/eks-pod-identity-token";
+
+#[test]
+fn pod_identity_gives_pods_their_service_accounts_role_and_refuses_every_other_token() {
+    let test = "pod_identity_gives_pods_their_service_accounts_role_and_refuses_every_other_token";
+    if !root_or_skip(test) {
+        return;
+    }
+    let sb = Sandbox::up(&example());
+    let line = |pod: &str| {
+        sb.up
+            .lines()
+            .find(|l| l.trim_start().starts_with(pod))
+            .unwrap_or_else(|| panic!("{pod} missing from:\n{}", sb.up))
+            .to_string()
+    };
+    assert!(
+        line("payments/ledger").contains("assumed-role/payments-ledger/"),
+        "{}",
+        sb.up
+    );
+    assert!(
+        line("analytics/report").contains("assumed-role/analytics-reader/"),
+        "{}",
+        sb.up
+    );
+
+    // Three SDKs, through AWS_CONTAINER_CREDENTIALS_FULL_URI: no role annotation, so the
+    // metadata service has nothing for these pods.
+    let ledger = sb.boto3("payments/ledger");
+    assert!(ledger.contains("provider container-role"), "{ledger}");
+    assert!(
+        ledger.contains("assumed-role/payments-ledger/payments.ledger"),
+        "{ledger}"
+    );
+    let report = sb.cli_identity("analytics/report");
+    assert!(
+        report.contains("assumed-role/analytics-reader/analytics.report"),
+        "{report}"
+    );
+    let rust = text(&sb.exec("analytics/report", &[SDK_IDENTITY]));
+    assert!(
+        rust.contains("arn arn:aws:sts::123456789012:assumed-role/analytics-reader/"),
+        "{rust}"
+    );
+    let raw = sb.raw("payments/ledger");
+    assert!(
+        !raw.contains("AccessKeyId"),
+        "IMDS gave the pod credentials: {raw}"
+    );
+    assert!(
+        sb.agent_metric(
+            "node-a",
+            r#"podiam_pod_identity_requests_total{result="ok"}"#
+        ) >= 1.0
+    );
+
+    let pi =
+        |pod: &str, token: &str| text(&sb.exec(pod, &["python3", "-c", POD_IDENTITY_RAW, token]));
+    assert!(
+        pi("payments/ledger", TOKEN).starts_with("200 ASIA"),
+        "{}",
+        pi("payments/ledger", TOKEN)
+    );
+    // No token; a well-formed token past its expiry.
+    let none = pi("payments/ledger", "-");
+    assert!(
+        none.starts_with("400") && none.contains("InvalidToken"),
+        "{none}"
+    );
+    let expired = pi("payments/ledger", "expired");
+    assert!(
+        expired.starts_with("400") && expired.contains("expired"),
+        "{expired}"
+    );
+
+    // The token of a pod on node-b, sent from a pod on node-a: not this node's pod.
+    let dir = tempfile::tempdir().unwrap();
+    let stolen = dir.path().join("report-token");
+    let out = sb.exec("analytics/report", &["cat", TOKEN]);
+    std::fs::write(&stolen, &out.stdout).unwrap();
+    let other_node = pi("payments/ledger", stolen.to_str().unwrap());
+    assert!(
+        other_node.starts_with("403") && other_node.contains("AccessDenied"),
+        "{other_node}"
+    );
+    assert!(
+        !other_node.contains("analytics"),
+        "the pod is told nothing of others: {other_node}"
+    );
+
+    // A token for another audience (an IRSA-style projected volume of the same pod).
+    let irsa = dir.path().join("irsa.yaml");
+    std::fs::write(
+        &irsa,
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: irsa, namespace: payments}\n\
+         spec:\n  nodeName: node-a\n  serviceAccountName: ledger\n  containers:\n  - name: app\n    \
+         volumeMounts: [{name: aws-iam-token, mountPath: /var/run/secrets/eks.amazonaws.com/serviceaccount}]\n  \
+         volumes:\n  - name: aws-iam-token\n    projected:\n      sources:\n      - serviceAccountToken: \
+         {audience: sts.amazonaws.com, expirationSeconds: 86400, path: token}\n",
+    )
+    .unwrap();
+    sb.ok(&["apply", irsa.to_str().unwrap()]);
+    let audience = pi(
+        "payments/irsa",
+        "/var/run/secrets/eks.amazonaws.com/serviceaccount/token",
+    );
+    assert!(
+        audience.starts_with("400") && audience.contains("InvalidToken"),
+        "{audience}"
+    );
+    let own = pi("payments/irsa", TOKEN);
+    assert!(
+        own.starts_with("200 ASIA"),
+        "the webhook's token works: {own}"
+    );
+
+    // A role the namespace forbids, whatever the association says.
+    let thief = dir.path().join("thief.yaml");
+    std::fs::write(
+        &thief,
+        "apiVersion: v1\nkind: ServiceAccount\nmetadata: {name: thief, namespace: payments}\n---\n\
+         apiVersion: podiam.io/v1alpha1\nkind: PodIdentityAssociation\nmetadata: {name: thief, namespace: payments}\n\
+         spec: {serviceAccount: thief, roleArn: arn:aws:iam::123456789012:role/analytics-reader}\n---\n\
+         apiVersion: v1\nkind: Pod\nmetadata: {name: thief, namespace: payments}\n\
+         spec: {nodeName: node-b, serviceAccountName: thief, containers: [{name: app}]}\n",
+    )
+    .unwrap();
+    sb.ok(&["apply", thief.to_str().unwrap()]);
+    let forbidden = pi("payments/thief", TOKEN);
+    assert!(
+        forbidden.starts_with("403") && forbidden.contains("AccessDenied"),
+        "{forbidden}"
+    );
+    assert!(
+        sb.boto3("payments/thief").contains("Error"),
+        "{}",
+        sb.boto3("payments/thief")
+    );
+    let why = text(&sb.cli(&["explain", "payments/thief"]));
+    assert!(why.contains("role_not_permitted"), "{why}");
+
+    // The token of a deleted pod.
+    let kept = dir.path().join("ledger-token");
+    let out = sb.exec("payments/ledger", &["cat", TOKEN]);
+    std::fs::write(&kept, &out.stdout).unwrap();
+    sb.ok(&["delete", "payments/ledger"]);
+    let deleted = pi("payments/api", kept.to_str().unwrap());
+    assert!(
+        deleted.starts_with("400") && deleted.contains("InvalidToken"),
+        "{deleted}"
+    );
+    assert!(!(ledger + &report + &rust + &other_node + &forbidden).contains(NODE_ROLE));
 }
 
 #[test]

@@ -399,7 +399,10 @@ fn start_supervisor(name: &str, file: &Path, dir: &Path, started: Instant) -> an
             format!("{}/{}", pod.namespace, pod.name),
             pod.node,
             pod.ip,
-            pod.role.as_deref().unwrap_or("(none)"),
+            match &pod.pod_identity {
+                Some(account) => format!("of sa/{account}"),
+                None => pod.role.clone().unwrap_or_else(|| "(none)".into()),
+            },
         );
     }
     println!(
@@ -442,15 +445,40 @@ fn caller_identity(state: &State, pod: &str) -> String {
     }
 }
 
-/// `ip netns exec <pod's netns> env -i ... COMMAND`.
+/// `ip netns exec <pod's netns> [unshare -m ... mount --bind TOKEN DIR] env -i ... COMMAND`:
+/// the pod's network, its projected tokens where its container has them (bind mounts in a
+/// mount namespace of the command's own, as a kubelet mounts them), and its environment
+/// as admitted (what the webhook injected).
 fn pod_command(state: &State, pod: &str, command: &[&str]) -> anyhow::Result<Command> {
     let record = state.pod(pod)?;
     let Some(ns) = &record.netns else {
         bail!("{pod} is not running (no network namespace)");
     };
     let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", ns, "env", "-i"]);
-    for (k, v) in sandbox::pod_env(state, &venv()) {
+    cmd.args(["netns", "exec", ns]);
+    if !record.mounts.is_empty() {
+        cmd.args([
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-ec",
+        ]);
+        cmd.arg(
+            "while [ \"$1\" != -- ]; do mkdir -p \"$2\"; mount --bind \"$1\" \"$2\"; shift 2; done; shift; exec \"$@\"",
+        );
+        cmd.arg("sh");
+        for (host, container) in &record.mounts {
+            cmd.args([host, container]);
+        }
+        cmd.arg("--");
+    }
+    cmd.args(["env", "-i"]);
+    for (k, v) in sandbox::pod_env(state, &venv())
+        .into_iter()
+        .chain(record.env.clone())
+    {
         cmd.arg(format!("{k}={v}"));
     }
     cmd.args(command);
@@ -598,6 +626,11 @@ fn explain(name: &str, pod: &str, args: &[String]) -> anyhow::Result<()> {
         bail!("{pod:?}: give NAMESPACE/NAME");
     };
     let kubeconfig = dir(name).join("kubeconfig");
+    // A pod on the container-credentials path is explained by its ServiceAccount.
+    let target = match state.pod(pod).ok().and_then(|p| p.pod_identity.clone()) {
+        Some(account) => ["--service-account".to_string(), account],
+        None => ["--pod".to_string(), pod_name.to_string()],
+    };
     // The stand-in API server listens inside the control namespace.
     let status = std::process::Command::new("ip")
         .args(["netns", "exec", &state.ctl])
@@ -609,14 +642,9 @@ fn explain(name: &str, pod: &str, args: &[String]) -> anyhow::Result<()> {
             "--base-role-arn",
             &format!("arn:aws:iam::{}:role/", sandbox::ACCOUNT),
         ])
-        .args([
-            "--namespace",
-            namespace,
-            "--pod",
-            pod_name,
-            "--log-level",
-            "warn",
-        ])
+        .args(["--namespace", namespace])
+        .args(&target)
+        .args(["--log-level", "warn"])
         .args(&state.server_args)
         .args(args)
         .status()

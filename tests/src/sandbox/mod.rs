@@ -40,6 +40,8 @@ pub const SERVER_PORT: u16 = 8443;
 pub const AGENT_PORT: u16 = 8181;
 /// The agents' admin port.
 pub const AGENT_ADMIN_PORT: u16 = 9620;
+/// The server's admission webhook, in the control namespace.
+pub const WEBHOOK_PORT: u16 = 9443;
 /// The account of the sandbox's roles.
 pub const ACCOUNT: &str = "123456789012";
 
@@ -120,6 +122,16 @@ pub struct PodState {
     /// The network namespace commands run in (the node's for hostNetwork pods; none for
     /// finished pods).
     pub netns: Option<String>,
+    /// The environment of its first container, as admitted (what the webhook injected).
+    #[serde(default)]
+    pub env: Vec<(String, String)>,
+    /// Its projected ServiceAccount tokens: (directory on the host, directory in the
+    /// container), bind-mounted for its commands as a kubelet mounts them.
+    #[serde(default)]
+    pub mounts: Vec<(String, String)>,
+    /// Its ServiceAccount, when the webhook gave it the container-credentials path.
+    #[serde(default)]
+    pub pod_identity: Option<String>,
 }
 
 /// A request to the supervisor.

@@ -14,6 +14,7 @@ use std::{
 };
 
 use anyhow::{Context, bail};
+use serde_json::Value;
 use tokio::{
     io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
     net::UnixListener,
@@ -21,9 +22,10 @@ use tokio::{
 
 use super::{
     ACCOUNT, AGENT_ADMIN_PORT, AGENT_PORT, CTL_IP, NodeState, PodState, Reply, Request,
-    SERVER_PORT, State, dir, veth_name,
+    SERVER_PORT, State, WEBHOOK_PORT, dir, veth_name,
 };
 use crate::{
+    admission,
     certs::Pki,
     fake_imds::{FakeImds, NodeIdentity},
     http,
@@ -35,6 +37,39 @@ use crate::{
     stack::agent_identity,
     sts_proxy::{Mode, StsProxy},
 };
+
+/// The label that keeps a pod from the webhook (as the webhook configuration's
+/// objectSelector does).
+const SKIP_LABEL: &str = "podiam.io/skip-pod-identity-webhook";
+
+/// The ServiceAccounts (namespace, name) that `docs` give a role: annotated ones, and
+/// those an association names.
+fn accounts_given_roles(docs: &[Value]) -> Vec<(String, String)> {
+    let mut accounts: Vec<(String, String)> = docs
+        .iter()
+        .filter_map(|d| {
+            let namespace = d["metadata"]["namespace"].as_str().unwrap_or("default");
+            let account = match d["kind"].as_str()? {
+                "ServiceAccount" => {
+                    d["metadata"]["annotations"][podiam_common::pod_identity::ROLE_ARN_ANNOTATION]
+                        .as_str()?;
+                    d["metadata"]["name"].as_str()?
+                }
+                "PodIdentityAssociation" => d["spec"]["serviceAccount"].as_str()?,
+                _ => return None,
+            };
+            Some((namespace.to_string(), account.to_string()))
+        })
+        .collect();
+    accounts.sort();
+    accounts.dedup();
+    accounts
+}
+
+/// The webhook's address in the control namespace.
+fn webhook_addr() -> anyhow::Result<SocketAddr> {
+    Ok(format!("{CTL_IP}:{WEBHOOK_PORT}").parse()?)
+}
 
 /// The binaries the sandbox runs.
 #[derive(Clone, Debug)]
@@ -191,10 +226,12 @@ impl Supervisor {
         self.state.save()?;
 
         step("the stand-in Kubernetes API server, loaded with the manifests");
-        for doc in parsed.docs {
+        let (pods, others): (Vec<Value>, Vec<Value>) =
+            parsed.docs.into_iter().partition(|d| d["kind"] == "Pod");
+        for doc in others {
             self.kube.apply(doc);
         }
-        step("podiam-server");
+        step("podiam-server (and its admission webhook)");
         self.start_server().await?;
 
         let nodes = self.loader.nodes();
@@ -205,8 +242,18 @@ impl Supervisor {
             ));
             self.add_node(index, node, identity).await?;
         }
+        // As on a real cluster: the webhook sees each pod as it is created, the CNI wires
+        // it, the API server shows it, and the kubelet projects its tokens.
+        let mut admitted = Vec::new();
+        for doc in pods {
+            admitted.push(self.admit(doc).await.0);
+        }
         for pod in &parsed.loaded.pods {
             self.wire(pod)?;
+        }
+        for doc in admitted {
+            self.kube.apply(doc.clone());
+            self.project_tokens(&doc)?;
         }
         self.state.save()?;
         step("Prometheus, scraping the server and the agents, with the shipped alert rules");
@@ -263,6 +310,10 @@ impl Supervisor {
             .args(["--base-role-arn", &format!("arn:aws:iam::{ACCOUNT}:role/")])
             // Shorter than the default 60 s, so that `api stop` shows its effect soon.
             .args(["--watch-stale-after", "5s"])
+            // The container-credentials path, with the webhook the sandbox calls as an
+            // API server would.
+            .args(["--pod-identity", "--cluster-name", &self.state.name])
+            .args(["--webhook-listen", &format!("{CTL_IP}:{WEBHOOK_PORT}")])
             .args(&self.state.server_args)
             .args(["--region", "us-east-1", "--sts-endpoint"])
             .arg(
@@ -401,6 +452,7 @@ impl Supervisor {
                 "--host-interface",
                 "cali+",
                 "--require-imdsv2",
+                "--pod-identity",
             ])
             // The node's own link to the control namespace is a veth too, and no pod's.
             .args(["--ignore-interface", "eth0"])
@@ -472,6 +524,9 @@ impl Supervisor {
             ip: pod.ip.clone(),
             role: pod.role.clone(),
             netns: None,
+            env: Vec::new(),
+            mounts: Vec::new(),
+            pod_identity: None,
         };
         if pod.host_network {
             record.netns = Some(node.netns.clone());
@@ -511,7 +566,11 @@ impl Supervisor {
                 "scope",
                 "link",
             ])?;
-            for dest in ["169.254.169.254/32", &format!("{CTL_IP}/32")] {
+            for dest in [
+                "169.254.169.254/32",
+                "169.254.170.23/32",
+                &format!("{CTL_IP}/32"),
+            ] {
                 ip(&[
                     "-n", &netns, "route", "add", dest, "via", &node.ip, "dev", "eth0",
                 ])?;
@@ -628,6 +687,160 @@ impl Supervisor {
         self.state.save()
     }
 
+    /// What the API server does at a pod's creation: an AdmissionReview to podiam's
+    /// webhook, whose patch is applied (`failurePolicy: Ignore`: if the call fails, the
+    /// pod is created unchanged). Namespaces the webhook configuration leaves out are
+    /// not sent. A note for the operator when the pod was changed or the call failed.
+    async fn admit(&self, pod: Value) -> (Value, Option<String>) {
+        let namespace = pod["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or("default")
+            .to_string();
+        let name = pod["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let skipped = ["kube-system", "podiam"].contains(&namespace.as_str())
+            || !pod["metadata"]["labels"][SKIP_LABEL].is_null();
+        if skipped {
+            return (pod, None);
+        }
+        let admitted = match webhook_addr() {
+            Ok(addr) => admission::admit(addr, &self.pki.ca, &namespace, &pod).await,
+            Err(error) => Err(error),
+        };
+        match admitted {
+            Ok(admitted) if admitted != pod => {
+                let account = pod["spec"]["serviceAccountName"]
+                    .as_str()
+                    .unwrap_or("default");
+                let note = format!(
+                    "pod {namespace}/{name}: the webhook gave it the container-credentials path (ServiceAccount {account})"
+                );
+                (admitted, Some(note))
+            }
+            Ok(_) => (pod, None),
+            Err(error) => {
+                let note = format!(
+                    "pod {namespace}/{name}: admission webhook failed ({error:#}); created unchanged (failurePolicy: Ignore)"
+                );
+                (pod, Some(note))
+            }
+        }
+    }
+
+    /// Waits until the webhook mutates a pod of each of `accounts` (namespace, name): the
+    /// server has seen the roles just applied. A note for each it still did not after
+    /// 10 s (its pods are then created as the webhook answers).
+    async fn wait_for_webhook(&self, accounts: &[(String, String)]) -> Vec<String> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let mut notes = Vec::new();
+        for (namespace, account) in accounts {
+            let probe = serde_json::json!({
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": "podiam-sandbox-probe", "namespace": namespace},
+                "spec": {"serviceAccountName": account, "containers": [{"name": "probe"}]}
+            });
+            loop {
+                if self.admit(probe.clone()).await.0 != probe {
+                    break;
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    notes.push(format!(
+                        "ServiceAccount {namespace}/{account}: the webhook does not know its role yet"
+                    ));
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        notes
+    }
+
+    /// What the kubelet does for a pod's projected ServiceAccount token volumes: a token
+    /// bound to the pod (as stored, with its UID) in a file of its own, and mounted where
+    /// the pod's first container mounts the volume; that container's environment, for the
+    /// pod's commands.
+    fn project_tokens(&mut self, pod: &Value) -> anyhow::Result<()> {
+        let namespace = pod["metadata"]["namespace"].as_str().unwrap_or("default");
+        let Some(name) = pod["metadata"]["name"].as_str() else {
+            return Ok(());
+        };
+        let container = &pod["spec"]["containers"][0];
+        let env: Vec<(String, String)> = container["env"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|e| Some((e["name"].as_str()?.into(), e["value"].as_str()?.into())))
+            .collect();
+        let mut mounts = Vec::new();
+        for volume in pod["spec"]["volumes"].as_array().into_iter().flatten() {
+            let Some(volume_name) = volume["name"].as_str() else {
+                continue;
+            };
+            let dir = self
+                .dir
+                .join("pods")
+                .join(namespace)
+                .join(name)
+                .join(volume_name);
+            let mut projected = false;
+            for source in volume["projected"]["sources"]
+                .as_array()
+                .into_iter()
+                .flatten()
+            {
+                let token = &source["serviceAccountToken"];
+                let Some(path) = token["path"].as_str() else {
+                    continue;
+                };
+                let audience = token["audience"]
+                    .as_str()
+                    .unwrap_or("https://kubernetes.default.svc");
+                let lifetime =
+                    Duration::from_secs(token["expirationSeconds"].as_u64().unwrap_or(3600));
+                let jwt = self
+                    .kube
+                    .issue_pod_token(namespace, name, audience, lifetime)
+                    .with_context(|| format!("a token for {namespace}/{name}"))?;
+                std::fs::create_dir_all(&dir)?;
+                let file = dir.join(path);
+                std::fs::write(&file, jwt)?;
+                std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600))?;
+                projected = true;
+            }
+            let mount = container["volumeMounts"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|m| m["name"] == volume_name)
+                .and_then(|m| m["mountPath"].as_str());
+            if let (true, Some(mount)) = (projected, mount) {
+                mounts.push((dir.display().to_string(), mount.to_string()));
+            }
+        }
+        let pod_identity = env
+            .iter()
+            .any(|(k, _)| k == podiam_common::pod_identity::ENV_FULL_URI)
+            .then(|| {
+                pod["spec"]["serviceAccountName"]
+                    .as_str()
+                    .unwrap_or("default")
+                    .to_string()
+            });
+        if let Some(record) = self
+            .state
+            .pods
+            .iter_mut()
+            .find(|p| p.namespace == namespace && p.name == name)
+        {
+            record.env = env;
+            record.mounts = mounts;
+            record.pod_identity = pod_identity;
+        }
+        Ok(())
+    }
+
     async fn handle(&mut self, request: Request) -> anyhow::Result<String> {
         match request {
             Request::AgentStop { node } => {
@@ -684,8 +897,21 @@ impl Supervisor {
                         pod.namespace, pod.name, pod.node, pod.ip
                     ));
                 }
-                for doc in parsed.docs {
+                // Everything else first, as `kubectl apply` creates objects in file order
+                // and people put a pod's ServiceAccount before it; then the pods, once the
+                // webhook knows the roles this file gives.
+                let (pods, others): (Vec<Value>, Vec<Value>) =
+                    parsed.docs.into_iter().partition(|d| d["kind"] == "Pod");
+                let given = accounts_given_roles(&others);
+                for doc in others {
                     self.kube.apply(doc);
+                }
+                lines.extend(self.wait_for_webhook(&given).await);
+                for doc in pods {
+                    let (doc, note) = self.admit(doc).await;
+                    lines.extend(note);
+                    self.kube.apply(doc.clone());
+                    self.project_tokens(&doc)?;
                 }
                 for ns in &parsed.loaded.namespaces {
                     lines.push(format!("namespace {ns}"));
