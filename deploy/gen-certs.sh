@@ -5,7 +5,8 @@
 # tls.key), as deploy/base expects. The binaries reload rotated files by themselves: to
 # rotate, rerun it before --days runs out (new certificates from the same CA). --new-ca
 # makes a new CA, trusted next to the old one; rerun once more after every pod has
-# reloaded to drop the old one.
+# reloaded to drop the old one. With components/pod-identity applied, it also sets the
+# admission webhook's caBundle (rerun it once after the first apply).
 #
 #   deploy/gen-certs.sh                    # into the cluster of the current kubectl context
 #   deploy/gen-certs.sh --out DIR          # only write the files
@@ -87,7 +88,7 @@ svc=podiam-server
 leaf podiam-server "basicConstraints=CA:FALSE
 keyUsage=critical,digitalSignature
 extendedKeyUsage=serverAuth
-subjectAltName=DNS:$svc,DNS:$svc.$namespace,DNS:$svc.$namespace.svc,DNS:$svc.$namespace.svc.cluster.local"
+subjectAltName=DNS:$svc,DNS:$svc.$namespace,DNS:$svc.$namespace.svc,DNS:$svc.$namespace.svc.cluster.local,DNS:podiam-webhook.$namespace.svc"
 leaf podiam-agent "basicConstraints=CA:FALSE
 keyUsage=critical,digitalSignature
 extendedKeyUsage=clientAuth"
@@ -110,3 +111,12 @@ kubectl -n "$namespace" create secret tls podiam-ca --cert="$dir/ca.crt" --key="
 secret podiam-server-tls "$dir/podiam-server.crt" "$dir/podiam-server.key"
 secret podiam-agent-tls "$dir/podiam-agent.crt" "$dir/podiam-agent.key"
 echo "secrets podiam-server-tls and podiam-agent-tls are in namespace $namespace (valid $days days)"
+# components/pod-identity's webhook: the API server must trust the server's certificate.
+if kubectl get mutatingwebhookconfiguration podiam-pod-identity >/dev/null 2>&1; then
+  bundle=$(base64 -w0 < "$work/trust.crt")
+  kubectl patch mutatingwebhookconfiguration podiam-pod-identity --type=json \
+    -p "[{\"op\": \"add\", \"path\": \"/webhooks/0/clientConfig/caBundle\", \"value\": \"$bundle\"}]" >/dev/null
+  echo "the caBundle of mutatingwebhookconfiguration podiam-pod-identity is the CA"
+else
+  echo "(no mutatingwebhookconfiguration podiam-pod-identity yet: with components/pod-identity, rerun this script after applying)"
+fi

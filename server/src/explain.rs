@@ -399,7 +399,7 @@ impl Report {
                 if grant.pod_identity_tags {
                     writeln!(
                         out,
-                        "tags:       eks-cluster-name, kubernetes-namespace, kubernetes-service-account, kubernetes-pod-name, kubernetes-pod-uid (transitive)"
+                        "tags:       kubernetes-namespace, kubernetes-service-account, kubernetes-pod-name, kubernetes-pod-uid, and eks-cluster-name / eks-cluster-arn if the server sets them (all transitive)"
                     )?;
                 }
                 writeln!(out, "decision:   allowed")?;

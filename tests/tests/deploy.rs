@@ -23,11 +23,12 @@ use podiam_tests::{
 use serde_json::Value;
 
 const SERVER: &str = env!("CARGO_BIN_EXE_podiam-fake-kube");
-const OVERLAYS: [&str; 6] = [
+const OVERLAYS: [&str; 7] = [
     "base",
     "overlays/cert-manager",
     "overlays/prometheus-operator",
     "overlays/instance-profile",
+    "overlays/pod-identity",
     // The components combined, as docs/install.md shows them.
     "examples/production",
     "examples/production-instance-profile",
@@ -202,6 +203,58 @@ fn manifests_render_and_every_argument_parses_with_the_binary() {
                 find(&docs, "Certificate", "podiam-agent")["spec"]["secretName"],
                 "podiam-agent-tls"
             );
+        }
+        // The container-credentials path: both binaries on, the webhook reachable through
+        // its Service on the server's port, fail-open for pod creation and never for
+        // kube-system, and the server's rights to what it watches.
+        if let Some(webhook) = docs
+            .iter()
+            .find(|d| d["kind"] == "MutatingWebhookConfiguration")
+        {
+            assert!(server_args.contains(&"--pod-identity".to_string()), "{dir}");
+            assert!(agent_args.contains(&"--pod-identity".to_string()), "{dir}");
+            let hook = &webhook["webhooks"][0];
+            assert_eq!(hook["failurePolicy"], "Ignore", "{dir}");
+            assert!(
+                hook["namespaceSelector"]
+                    .to_string()
+                    .contains("kube-system"),
+                "{dir}"
+            );
+            let service = &hook["clientConfig"]["service"];
+            assert_eq!(service["path"], podiam_server::webhook::PATH);
+            let svc = find(&docs, "Service", service["name"].as_str().unwrap());
+            assert_eq!(svc["spec"]["ports"][0]["port"], service["port"]);
+            let target = svc["spec"]["ports"][0]["targetPort"].as_str().unwrap();
+            let port = server_c["ports"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|p| p["name"] == target)
+                .unwrap_or_else(|| panic!("{dir}: no server port {target}"));
+            let listen = flag(&server_args, "webhook-listen").unwrap();
+            assert!(
+                listen.ends_with(&format!(":{}", port["containerPort"])),
+                "{dir}: {listen}"
+            );
+            let rules = find(&docs, "ClusterRole", "podiam-server-pod-identity").to_string();
+            assert!(
+                rules.contains("serviceaccounts") && rules.contains("podidentityassociations"),
+                "{dir}"
+            );
+            find(
+                &docs,
+                "CustomResourceDefinition",
+                "podidentityassociations.podiam.io",
+            );
+            if docs.iter().any(|d| d["kind"] == "Certificate") {
+                let host = format!("{}.podiam.svc", service["name"].as_str().unwrap());
+                let names = find(&docs, "Certificate", "podiam-server")["spec"]["dnsNames"].clone();
+                assert!(
+                    names.as_array().unwrap().contains(&Value::from(host)),
+                    "{dir}"
+                );
+            }
         }
         // The agents' server address is the headless Service.
         let service = find(&docs, "Service", "podiam-server");
