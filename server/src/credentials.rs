@@ -636,7 +636,7 @@ impl Issuer {
     pub fn session_key(&self, pod: &PodInfo, grant: &Grant) -> SessionKey {
         let settings = &self.inner.sessions;
         let mut duration = grant.session_duration.unwrap_or(settings.default_duration);
-        if settings.chained {
+        if settings.chained || grant.chained_from.is_some() {
             duration = duration.min(CHAINED_MAX);
         }
         let session_name = match (&grant.session_name, settings.scope) {
@@ -668,6 +668,7 @@ impl Issuer {
             duration,
             tags,
             transitive_tags: grant.pod_identity_tags,
+            chained_from: grant.chained_from.clone(),
         }
     }
 

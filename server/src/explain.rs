@@ -396,6 +396,12 @@ impl Report {
                 if let Some(d) = grant.session_duration {
                     writeln!(out, "duration:   {}s", d.as_secs())?;
                 }
+                if let Some(first) = &grant.chained_from {
+                    writeln!(
+                        out,
+                        "via:        {first} (assumed first; its session assumes the role)"
+                    )?;
+                }
                 if grant.pod_identity_tags {
                     writeln!(
                         out,

@@ -277,3 +277,66 @@ async fn the_webhook_mutates_only_pods_whose_service_account_has_a_role() {
     assert_eq!(v["response"]["allowed"], true);
     assert!(v["response"].get("patch").is_none(), "{v}");
 }
+
+#[tokio::test]
+async fn a_target_role_is_assumed_from_the_first_roles_session_and_both_must_be_permitted() {
+    let env = start().await;
+    let mut api = client(&env).await;
+    let mut chained = association("team", "app-chain", "app", &arn("app-first"));
+    chained["spec"]["targetRoleArn"] = json!(arn("app-target"));
+    env.kube.apply(chained.clone());
+    let mut answer = (0, Value::Null);
+    for _ in 0..100 {
+        answer = ask(&mut api, &token(&env, "app-0")).await;
+        if answer.1["role_arn"] == arn("app-target").as_str() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(answer.0, 200, "{}", answer.1);
+    assert_eq!(answer.1["role_arn"], arn("app-target"));
+    // Two calls for the pod's session: the first role with the tags, then the target role
+    // from that session (the tags are transitive: STS carries them over).
+    let last = env.proxy.last_request("AssumeRole/team.app-0").unwrap();
+    assert!(
+        last.contains(&format!("RoleArn={}", arn("app-target"))),
+        "{last}"
+    );
+    assert!(!last.contains("Tags.member"), "{last}");
+    assert!(env.proxy.calls("AssumeRole/team.app-0") >= 2);
+    // moto, asked with the credentials handed out, names the target role.
+    let c = &answer.1["credentials"];
+    let field = |name: &str| c[name].as_str().unwrap().to_string();
+    let whose = podiam_tests::moto::caller_arn(
+        &env.moto.url(),
+        (
+            &field("access_key_id"),
+            &field("secret_access_key"),
+            &field("session_token"),
+        ),
+    )
+    .await
+    .unwrap();
+    assert!(
+        whose.contains(":assumed-role/app-target/team.app-0"),
+        "{whose}"
+    );
+
+    // A target role the namespace does not permit: refused, whatever the first role.
+    chained["spec"]["targetRoleArn"] = json!(arn("admin"));
+    env.kube.apply(chained);
+    let mut refused = (0, Value::Null);
+    for _ in 0..100 {
+        refused = ask(&mut api, &token(&env, "app-0")).await;
+        if refused.0 != 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(refused.0, 403, "{}", refused.1);
+    assert!(
+        refused.1["message"].as_str().unwrap().contains("admin"),
+        "{}",
+        refused.1
+    );
+}

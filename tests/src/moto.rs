@@ -99,3 +99,27 @@ impl Drop for Moto {
         let _ = self.child.wait();
     }
 }
+
+/// Whose `credentials` (access key, secret, session token) are, as STS at `url` says
+/// (`sts:GetCallerIdentity` signed with them, by the AWS SDK for Rust).
+pub async fn caller_arn(url: &str, credentials: (&str, &str, &str)) -> anyhow::Result<String> {
+    let (key, secret, token) = credentials;
+    let config = aws_sdk_sts::Config::builder()
+        .behavior_version(aws_config::BehaviorVersion::latest())
+        .region(aws_sdk_sts::config::Region::new("us-east-1"))
+        .endpoint_url(url)
+        .http_client(aws_smithy_http_client::Builder::new().build_http())
+        .credentials_provider(aws_sdk_sts::config::Credentials::new(
+            key,
+            secret,
+            Some(token.to_string()),
+            None,
+            "test",
+        ))
+        .build();
+    let out = aws_sdk_sts::Client::from_conf(config)
+        .get_caller_identity()
+        .send()
+        .await?;
+    Ok(out.arn().unwrap_or_default().to_string())
+}

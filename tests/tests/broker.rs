@@ -53,6 +53,7 @@ fn key(name: &str) -> SessionKey {
         duration: 60 * MIN,
         tags: Arc::new([]),
         transitive_tags: false,
+        chained_from: None,
     }
 }
 

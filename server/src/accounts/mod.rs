@@ -34,6 +34,9 @@ pub struct Association {
     pub service_account: Arc<str>,
     /// The role, as written (a full ARN, or a name resolved against the base ARN).
     pub role_arn: Arc<str>,
+    /// A role that `role_arn`'s session assumes in turn (role chaining, as EKS's
+    /// `targetRoleArn`): the pod gets this one's credentials.
+    pub target_role_arn: Option<Arc<str>>,
     /// Whether the session is tagged as EKS tags it (`spec.disableSessionTags` off).
     pub session_tags: bool,
 }
@@ -200,6 +203,7 @@ mod tests {
             key: AccountKey::new(ns, name),
             service_account: sa.into(),
             role_arn: role.into(),
+            target_role_arn: None,
             session_tags: true,
         }
     }

@@ -41,6 +41,9 @@ pub struct AssociationSpec {
     /// The role: a full ARN, or a name resolved against the base role ARN.
     #[serde(default)]
     pub role_arn: Option<String>,
+    /// A role the first one's session assumes in turn (role chaining).
+    #[serde(default)]
+    pub target_role_arn: Option<String>,
     /// Leaves out the session tags.
     #[serde(default)]
     pub disable_session_tags: Option<bool>,
@@ -141,6 +144,7 @@ impl WatchedAssociation {
                 key,
                 service_account: service_account.into(),
                 role_arn: role_arn.into(),
+                target_role_arn: nonblank(spec.target_role_arn).map(Into::into),
                 session_tags: !spec.disable_session_tags.unwrap_or(false),
             }),
             _ => Err(AccountObjectError::Incomplete(key)),

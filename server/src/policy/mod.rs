@@ -77,6 +77,10 @@ pub struct Grant {
     /// association turns tags off).
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub pod_identity_tags: bool,
+    /// The role assumed first, whose session assumes `role_arn` (an association's target
+    /// role; both must be permitted by the namespace).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub chained_from: Option<RoleArn>,
 }
 
 /// Where a role came from.
@@ -237,6 +241,7 @@ fn decide(
         session_name: session::session_name(&pod.key.namespace, ann.session_name.as_deref())?,
         session_duration: session::duration(ann.session_duration.as_deref())?,
         pod_identity_tags: false,
+        chained_from: None,
     })
 }
 
@@ -250,9 +255,14 @@ fn decide_service_account(
     if pod.mirror && !config.allow_mirror_pods {
         return Err(Denial::MirrorPod);
     }
-    let (value, role_source, tags) = match role {
-        AccountRole::Association(a) => (&a.role_arn, RoleSource::Association, a.session_tags),
-        AccountRole::Annotation(value) => (value, RoleSource::ServiceAccount, true),
+    let (value, role_source, tags, target) = match role {
+        AccountRole::Association(a) => (
+            &a.role_arn,
+            RoleSource::Association,
+            a.session_tags,
+            a.target_role_arn.as_ref(),
+        ),
+        AccountRole::Annotation(value) => (value, RoleSource::ServiceAccount, true, None),
         AccountRole::None => {
             return Err(Denial::NoServiceAccountRole {
                 service_account: account.clone(),
@@ -265,13 +275,26 @@ fn decide_service_account(
             });
         }
     };
-    let role_arn = RoleArn::resolve(value, config.base_role_arn.as_ref()).map_err(|source| {
-        Denial::InvalidRole {
-            value: value.to_string(),
-            source,
+    let resolve = |value: &str| {
+        RoleArn::resolve(value, config.base_role_arn.as_ref()).map_err(|source| {
+            Denial::InvalidRole {
+                value: value.to_string(),
+                source,
+            }
+        })
+    };
+    let first = resolve(value)?;
+    permitted(pod, &first, namespace)?;
+    // With a target role, the pod gets that one's credentials: the namespace must permit
+    // it too, or an association could reach any role the first may assume.
+    let (role_arn, chained_from) = match target {
+        Some(target) => {
+            let target = resolve(target)?;
+            permitted(pod, &target, namespace)?;
+            (target, Some(first))
         }
-    })?;
-    permitted(pod, &role_arn, namespace)?;
+        None => (first, None),
+    };
     Ok(Grant {
         role_arn,
         role_source,
@@ -279,6 +302,7 @@ fn decide_service_account(
         session_name: None,
         session_duration: None,
         pod_identity_tags: tags,
+        chained_from,
     })
 }
 

@@ -110,21 +110,59 @@ impl AwsSts {
 
 impl AssumeRole for AwsSts {
     fn assume_role(&self, key: &SessionKey) -> BoxFuture<'static, Result<Credentials, StsError>> {
+        let Some(first) = &key.chained_from else {
+            return self.call(&self.client, &key.role_arn, key, true);
+        };
+        // Role chaining: the first role's session assumes the target role. The tags go on
+        // the first call; transitive, they carry over to the second.
+        let hop = self.call(&self.client, first, key, true);
+        let (this, key) = (self.clone(), key.clone());
+        async move {
+            let hop = hop.await?;
+            let credentials = aws_sdk_sts::config::Credentials::new(
+                hop.access_key_id.clone(),
+                hop.secret_access_key.expose(),
+                Some(hop.session_token.expose().to_string()),
+                Some(hop.expiration),
+                "podiam-chain",
+            );
+            let config = this
+                .client
+                .config()
+                .to_builder()
+                .credentials_provider(credentials);
+            let client = Client::from_conf(config.build());
+            this.call(&client, &key.role_arn, &key, false).await
+        }
+        .boxed()
+    }
+}
+
+impl AwsSts {
+    /// One `AssumeRole` of `role` through `client`, with the session parameters of `key`
+    /// (its tags only if `tagged`).
+    fn call(
+        &self,
+        client: &Client,
+        role: &podiam_common::arn::RoleArn,
+        key: &SessionKey,
+        tagged: bool,
+    ) -> BoxFuture<'static, Result<Credentials, StsError>> {
         let tags: Vec<Tag> = key
             .tags
             .iter()
+            .filter(|_| tagged)
             .filter_map(|(k, v)| Tag::builder().key(*k).value(v.clone()).build().ok())
             .collect();
-        let request = self
-            .client
+        let request = client
             .assume_role()
-            .role_arn(key.role_arn.as_str())
+            .role_arn(role.as_str())
             .role_session_name(key.session_name.as_ref())
             .duration_seconds(i32::try_from(key.duration.as_secs()).unwrap_or(i32::MAX))
             .set_external_id(key.external_id.as_deref().map(Into::into))
             .set_transitive_tag_keys(
                 (key.transitive_tags && !tags.is_empty())
-                    .then(|| key.tags.iter().map(|(k, _)| (*k).to_string()).collect()),
+                    .then(|| tags.iter().map(|t| t.key().to_string()).collect()),
             )
             .set_tags((!tags.is_empty()).then_some(tags));
         let clock = self.clock.clone();

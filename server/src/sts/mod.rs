@@ -61,6 +61,9 @@ pub struct SessionKey {
     /// Whether every tag is transitive (kept through role chaining, as EKS Pod Identity
     /// sets them).
     pub transitive_tags: bool,
+    /// A role assumed first, whose session then assumes `role_arn` (an association's
+    /// target role): the tags go on this first call and, transitive, carry over.
+    pub chained_from: Option<RoleArn>,
 }
 
 pub use podiam_common::clock::{Clock, SystemClock};

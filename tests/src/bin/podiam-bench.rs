@@ -1481,6 +1481,7 @@ async fn sts(pods: usize, roles: usize, hours: u64) -> anyhow::Result<()> {
             duration,
             tags: Arc::new([]),
             transitive_tags: false,
+            chained_from: None,
         })
     };
 
