@@ -346,6 +346,7 @@ impl Cli {
         };
         let pod_identity = PodIdentity::new(
             servers.clone(),
+            table.clone(),
             pod_sources.clone(),
             Arc::new(SystemClock),
             PodIdentityMetrics::register(&registry)?,

@@ -9,6 +9,12 @@
 //! token to a podiam server, which has the API server review it and finds the pod it is
 //! bound to, that pod's node (the asking agent's) and its ServiceAccount's role.
 //!
+//! Through a server outage, a pod keeps getting the credentials last handed to it for the
+//! same token while they have 15 minutes left and the node feed still lists the pod (by
+//! UID) on this node: the server's last answer vouches for the token, the feed for the
+//! pod. Without a synced feed there is no such fallback, and a server's refusal forgets
+//! what was held.
+//!
 //! Answers: `200` with the JSON document every SDK's container provider reads; errors are
 //! JSON `{"code","message"}` (Go SDK v2 cannot parse a text body): `400 InvalidToken`,
 //! `403 AccessDenied` (wrong host, or a role refused: the pod is told no more, the reasons
@@ -43,12 +49,20 @@ use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::servers::{ServerError, Servers};
+use crate::{
+    servers::{ServerError, Servers},
+    table::NodeTable,
+};
 
 /// Headers larger than this are refused (a projected token is 1–2 KB).
 const MAX_HEADERS_BYTES: usize = 16 * 1024;
 const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 const GRACE: Duration = Duration::from_secs(5);
+/// Held credentials are handed out through an outage only with this much life left (SDKs
+/// refresh below it).
+const HELD_MIN: Duration = Duration::from_secs(15 * 60);
+/// Most token → credentials pairs held (one per pod and token, a few per pod a day).
+const HELD_MAX: u64 = 20_000;
 
 /// The endpoint; cheap to clone.
 #[derive(Clone, Debug)]
@@ -63,6 +77,18 @@ struct Inner {
     pod_sources: Vec<ipnet::IpNet>,
     clock: Arc<dyn Clock>,
     metrics: PodIdentityMetrics,
+    /// The node feed's table (`None`: no outage fallback).
+    table: Option<NodeTable>,
+    /// The last credentials handed out per token (by SHA-256 of the token).
+    held: moka::sync::Cache<[u8; 32], Arc<Held>>,
+}
+
+/// Credentials handed to a pod, for a server outage.
+#[derive(Debug)]
+struct Held {
+    /// The pod's UID, as the server said.
+    uid: String,
+    document: CredentialsDocument,
 }
 
 /// Requests by result, and latency.
@@ -95,6 +121,7 @@ impl PodIdentity {
     /// The endpoint, asking `servers`.
     pub fn new(
         servers: Servers,
+        table: Option<NodeTable>,
         pod_sources: Vec<ipnet::IpNet>,
         clock: Arc<dyn Clock>,
         metrics: PodIdentityMetrics,
@@ -105,6 +132,11 @@ impl PodIdentity {
                 pod_sources,
                 clock,
                 metrics,
+                table,
+                held: moka::sync::Cache::builder()
+                    .max_capacity(HELD_MAX)
+                    .time_to_live(Duration::from_secs(12 * 3600))
+                    .build(),
             }),
         }
     }
@@ -165,7 +197,7 @@ impl PodIdentity {
     pub async fn handle<B>(&self, req: Request<B>) -> Response<Full<Bytes>> {
         let started = tokio::time::Instant::now();
         let (result, rsp) = match self.answer(req.method(), req.uri(), req.headers()).await {
-            Ok(document) => ("ok", json(StatusCode::OK, &document)),
+            Ok((document, from)) => (from, json(StatusCode::OK, &document)),
             Err(refusal) => (refusal.label(), refusal.response()),
         };
         self.inner.metrics.count(result, started.elapsed());
@@ -182,7 +214,7 @@ impl PodIdentity {
         method: &Method,
         uri: &http::Uri,
         headers: &HeaderMap,
-    ) -> Result<CredentialsDocument, Refusal> {
+    ) -> Result<(CredentialsDocument, &'static str), Refusal> {
         if uri.path() != pod_identity::PATH {
             return Err(Refusal::NotFound);
         }
@@ -203,19 +235,56 @@ impl PodIdentity {
         let request = PodIdentityRequest {
             token: Secret::new(token),
         };
-        let rsp: CredentialsResponse = self
-            .inner
-            .servers
-            .call(POD_IDENTITY_PATH, &request)
-            .await
-            .map_err(|error| refused(&error))?;
-        Ok(CredentialsDocument {
+        let mut key = [0u8; 32];
+        key.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, token.as_bytes()).as_ref());
+        let rsp: CredentialsResponse =
+            match self.inner.servers.call(POD_IDENTITY_PATH, &request).await {
+                Ok(rsp) => rsp,
+                Err(error) => {
+                    let refusal = refused(&error);
+                    if refusal != Refusal::Unavailable {
+                        // A server said no: what was held for this token is not handed out again.
+                        self.inner.held.invalidate(&key);
+                    } else if let Some(document) = self.held(&key) {
+                        tracing::debug!(
+                            "no server answered: credentials held for this token handed out again"
+                        );
+                        return Ok((document, "held"));
+                    }
+                    return Err(refusal);
+                }
+            };
+        let document = CredentialsDocument {
             access_key_id: rsp.credentials.access_key_id,
             secret_access_key: rsp.credentials.secret_access_key,
             token: rsp.credentials.session_token,
             account_id: rsp.role_arn.account().to_string(),
             expiration: rsp.credentials.expiration,
-        })
+        };
+        if let Some(uid) = rsp.pod_uid {
+            let held = Held {
+                uid,
+                document: document.clone(),
+            };
+            self.inner.held.insert(key, Arc::new(held));
+        }
+        Ok((document, "ok"))
+    }
+
+    /// Credentials held for the token hashed as `key`, if they have [`HELD_MIN`] left and
+    /// the synced node table still lists their pod on this node.
+    fn held(&self, key: &[u8; 32]) -> Option<CredentialsDocument> {
+        let held = self.inner.held.get(key)?;
+        let table = self.inner.table.as_ref()?;
+        if table.holds_pod(&held.uid) != Some(true) {
+            return None;
+        }
+        let left = held
+            .document
+            .expiration
+            .duration_since(self.inner.clock.now())
+            .unwrap_or_default();
+        (left >= HELD_MIN).then(|| held.document.clone())
     }
 }
 
@@ -378,7 +447,7 @@ impl PodIdentityMetrics {
         let requests = IntCounterVec::new(
             Opts::new(
                 "podiam_pod_identity_requests_total",
-                "Container-credentials requests by result (ok, invalid_token, access_denied, wrong_host, unavailable, not_found, method_not_allowed, not_a_pod_source)",
+                "Container-credentials requests by result (ok, held: handed out again through a server outage, invalid_token, access_denied, wrong_host, unavailable, not_found, method_not_allowed, not_a_pod_source)",
             ),
             &["result"],
         )?;

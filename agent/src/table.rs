@@ -229,6 +229,13 @@ impl NodeTable {
         self.inner.state.read().connected
     }
 
+    /// Whether the pod with `uid` is on this node as of the last sync (`None`: the table
+    /// has never been synced, so it cannot say).
+    pub fn holds_pod(&self, uid: &str) -> Option<bool> {
+        let state = self.inner.state.read();
+        state.synced.then(|| state.pods.contains_key(uid))
+    }
+
     /// Number of pods held.
     pub fn len(&self) -> usize {
         self.inner.state.read().pods.len()

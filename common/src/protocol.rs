@@ -64,6 +64,10 @@ pub struct CredentialsResponse {
     pub role_arn: RoleArn,
     /// The credentials.
     pub credentials: Credentials,
+    /// The pod they were issued to (container-credentials path), so that the agent may
+    /// hand them to it again through a server outage while the pod is still on its node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_uid: Option<String>,
 }
 
 /// Temporary AWS credentials. The secret parts never format.

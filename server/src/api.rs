@@ -269,6 +269,7 @@ impl AgentApi {
             &CredentialsResponse {
                 role_arn: issued.role_arn,
                 credentials: issued.credentials,
+                pod_uid: None,
             },
         ))
     }
@@ -308,6 +309,7 @@ impl AgentApi {
             &CredentialsResponse {
                 role_arn: issued.role_arn,
                 credentials: issued.credentials,
+                pod_uid: issued.pod.uid.map(|u| u.to_string()),
             },
         ))
     }

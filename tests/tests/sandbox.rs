@@ -762,6 +762,21 @@ fn pod_identity_gives_pods_their_service_accounts_role_and_refuses_every_other_t
     let why = text(&sb.cli(&["explain", "payments/thief"]));
     assert!(why.contains("role_not_permitted"), "{why}");
 
+    // Through a server outage: a pod gets again what it was last handed for its token
+    // (the node feed still lists it); nothing is handed to a token no server answered.
+    sb.ok(&["server", "stop"]);
+    let held = pi("analytics/report", TOKEN);
+    assert!(held.starts_with("200 ASIA"), "{held}");
+    assert!(
+        sb.agent_metric(
+            "node-b",
+            r#"podiam_pod_identity_requests_total{result="held"}"#
+        ) >= 1.0
+    );
+    let unknown = pi("payments/thief", TOKEN);
+    assert!(unknown.starts_with("503"), "{unknown}");
+    sb.ok(&["server", "start"]);
+
     // The token of a deleted pod.
     let kept = dir.path().join("ledger-token");
     let out = sb.exec("payments/ledger", &["cat", TOKEN]);
