@@ -92,16 +92,21 @@ impl Lab {
         ] {
             sh(&["ip", "-n", ns, "link", "set", dev, "up"]);
         }
-        // The pod's only route beyond its link: the metadata address, via its node.
+        // The pod's only routes beyond its link: the metadata and container-credentials
+        // addresses, via its node; the node's own to the latter (a real node's default
+        // route covers it).
+        for dest in ["169.254.169.254/32", "169.254.170.23/32"] {
+            sh(&["ip", "-n", &pod, "route", "add", dest, "via", &node_ip]);
+        }
         sh(&[
             "ip",
             "-n",
-            &pod,
+            &node,
             "route",
             "add",
-            "169.254.169.254/32",
-            "via",
-            &node_ip,
+            "169.254.170.23/32",
+            "dev",
+            "lo",
         ]);
         // The same over IPv6 (no duplicate address detection: usable at once).
         for (ns, ip, dev) in [(&node, &node_ip6, &vn), (&pod, &pod_ip6, &vp)] {
@@ -659,6 +664,56 @@ fn only_redirected_pod_traffic_reaches_the_agent() {
     assert!(lab.pod_sees().contains("HTTP 503"), "{}", lab.pod_sees());
     assert_eq!(lab.filter("INPUT").matches("-j PODIAM-GUARD").count(), 1);
     drop(agent);
+}
+
+#[test]
+fn the_container_credentials_address_is_redirected_guarded_and_fails_closed_alike() {
+    let test = "the_container_credentials_address_is_redirected_guarded_and_fails_closed_alike";
+    if !root_or_skip(test) {
+        return;
+    }
+    let lab = Lab::new();
+    let url = "http://169.254.170.23/v1/credentials";
+    // Without the agent, nothing is there.
+    assert!(lab.gets_in(&lab.pod, url).contains("ERROR"));
+    let agent = lab.agent(&["--pod-identity"]);
+    // The agent answers itself for a request without a token (JSON, as SDKs want it), from
+    // a pod and from the node (host-network pods).
+    lab.until("the redirect", |l| {
+        l.gets_in(&l.pod, url).contains("HTTP 400")
+    });
+    let answer = lab.gets_in(&lab.pod, url);
+    assert!(answer.contains(r#""code":"InvalidToken""#), "{answer}");
+    let from_node = lab.gets_in(&lab.node, url);
+    assert!(from_node.contains("HTTP 400"), "{from_node}");
+    // The node's own metadata traffic is not redirected by that rule.
+    assert!(
+        lab.gets_in(
+            &lab.node,
+            "http://169.254.169.254/latest/meta-data/iam/security-credentials/"
+        )
+        .contains(NODE_ROLE)
+    );
+    // Its listener takes only redirected connections.
+    let direct = lab.gets_in(
+        &lab.pod,
+        &format!("http://{}:8182/v1/credentials", lab.node_ip),
+    );
+    assert!(direct.contains("ERROR"), "{direct}");
+    // The rules settle: no chain restored and no jump moved after the first install.
+    std::thread::sleep(Duration::from_secs(1));
+    let logs = agent.logs().join("\n");
+    assert!(
+        !logs.contains("restoring a chain that changed") && !logs.contains("moved back to the top"),
+        "{logs}"
+    );
+    // The agent stops: the redirect stays, and the pod gets a refused connection.
+    agent.terminate(Duration::from_secs(10)).unwrap();
+    let after = lab.gets_in(&lab.pod, url);
+    assert!(
+        after.contains("ERROR") && after.contains("refused"),
+        "{after}"
+    );
 }
 
 #[test]

@@ -762,6 +762,22 @@ fn pod_identity_gives_pods_their_service_accounts_role_and_refuses_every_other_t
     let why = text(&sb.cli(&["explain", "payments/thief"]));
     assert!(why.contains("role_not_permitted"), "{why}");
 
+    // A host-network pod: its connections come from the node, and are redirected too.
+    let host = dir.path().join("host.yaml");
+    std::fs::write(
+        &host,
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: hostnet, namespace: payments}\n\
+         spec: {nodeName: node-a, hostNetwork: true, serviceAccountName: ledger, containers: [{name: app}]}\n",
+    )
+    .unwrap();
+    sb.ok(&["apply", host.to_str().unwrap()]);
+    let hostnet = sb.boto3("payments/hostnet");
+    assert!(hostnet.contains("provider container-role"), "{hostnet}");
+    assert!(
+        hostnet.contains("assumed-role/payments-ledger/payments.hostnet"),
+        "{hostnet}"
+    );
+
     // Through a server outage: a pod gets again what it was last handed for its token
     // (the node feed still lists it); nothing is handed to a token no server answered.
     sb.ok(&["server", "stop"]);

@@ -275,7 +275,23 @@ impl Rules {
                     )
                 })
                 .collect(),
-            jumps: self.per_interface("PREROUTING", CHAIN, COMMENT),
+            jumps: {
+                let mut jumps = self.per_interface("PREROUTING", CHAIN, COMMENT);
+                // Host-network pods reach the container-credentials address from the node
+                // itself: their connections are redirected too (the node's own traffic to
+                // the metadata address is not: the jump matches only this address).
+                if self.pod_identity.is_some() {
+                    jumps.push((
+                        "OUTPUT",
+                        format!(
+                            "-d {}/{} -p tcp -m tcp --dport 80 -m comment --comment \"{COMMENT}\" -j {CHAIN}",
+                            self.pod_identity_address(),
+                            self.host_prefix()
+                        ),
+                    ));
+                }
+                jumps
+            },
             comment: COMMENT,
         }
     }
@@ -469,6 +485,14 @@ mod tests {
         assert_eq!(
             chains[1].rules[1],
             "-d 169.254.170.23/32 -p tcp -m tcp --dport 80 -j DNAT --to-destination 10.1.2.3:8182"
+        );
+        // Host-network pods' connections, from the node: that address only.
+        assert_eq!(chains[1].builtins(), ["PREROUTING", "OUTPUT"]);
+        assert_eq!(
+            chains[1].jumps_in("OUTPUT"),
+            [format!(
+                "-d 169.254.170.23/32 -p tcp -m tcp --dport 80 -m comment --comment \"{COMMENT}\" -j PODIAM"
+            )]
         );
         assert_eq!(
             chains[2].rules,

@@ -380,16 +380,12 @@ impl Supervisor {
             &veth,
         ])?;
         // The node's routes: its link to the control namespace, the STS and server behind
-        // it, and (added per pod) its pods. No default route.
-        ip(&[
-            "-n",
-            &netns,
-            "route",
-            "add",
-            &format!("{CTL_IP}/32"),
-            "via",
-            &ctl_side,
-        ])?;
+        // it, and (added per pod) its pods. No default route: the container-credentials
+        // address gets one of its own, as a real node's default route covers it (the
+        // agent's DNAT takes host-network pods' connections from there).
+        for dest in [format!("{CTL_IP}/32"), "169.254.170.23/32".to_string()] {
+            ip(&["-n", &netns, "route", "add", &dest, "via", &ctl_side])?;
+        }
         netns::run(
             "ip",
             &[
