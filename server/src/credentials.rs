@@ -17,7 +17,7 @@ use podiam_common::{
 };
 
 use crate::{
-    accounts::AccountKey,
+    accounts::{AccountKey, AccountRole},
     auth::Reviewed,
     cluster::ClusterIndex,
     pods::{IpLookup, PodInfo, PodKey, PodPhase},
@@ -441,6 +441,9 @@ impl Issuer {
         if let Some(key) = self.prefetch_key(pod) {
             self.inner.broker.prefetch(key);
         }
+        if let Some(key) = self.pod_identity_prefetch_key(pod) {
+            self.inner.broker.prefetch(key);
+        }
     }
 
     /// Queues every known pod's session behind the pods that appear meanwhile (the
@@ -449,7 +452,13 @@ impl Issuer {
         let pods = self.inner.index.pods().all();
         let mut queued = 0usize;
         for pod in pods {
-            if let Some(key) = self.prefetch_key(&pod) {
+            for key in [
+                self.prefetch_key(&pod),
+                self.pod_identity_prefetch_key(&pod),
+            ]
+            .into_iter()
+            .flatten()
+            {
                 self.inner.broker.prefetch_later(key);
                 queued += 1;
             }
@@ -467,6 +476,37 @@ impl Issuer {
             Decision::Allowed(grant) => Some(self.session_key(pod, &grant)),
             Decision::Denied(_) => None,
         }
+    }
+
+    /// The container-credentials session of `pod`, if its ServiceAccount has a role it
+    /// may have (nothing when the path is off: no ServiceAccount is then indexed).
+    fn pod_identity_prefetch_key(&self, pod: &PodInfo) -> Option<SessionKey> {
+        if !self.inner.broker.prefetching()
+            || pod.node_name.is_none()
+            || matches!(pod.phase, PodPhase::Succeeded | PodPhase::Failed)
+        {
+            return None;
+        }
+        let account = AccountKey {
+            namespace: pod.key.namespace.clone(),
+            name: pod
+                .service_account
+                .clone()
+                .unwrap_or_else(|| "default".into()),
+        };
+        let role = self.inner.index.accounts().role_of(&account);
+        if role == AccountRole::None {
+            return None;
+        }
+        let namespace = self.inner.index.namespace(&pod.key.namespace)?;
+        let decision = Decision::for_service_account(
+            pod,
+            &account,
+            &role,
+            Some(&namespace),
+            &self.inner.policy,
+        );
+        decision.allowed().map(|grant| self.session_key(pod, grant))
     }
 
     async fn pod(&self, ip: IpAddr, caller: &Caller) -> Result<Arc<PodInfo>, IssueError> {

@@ -81,10 +81,24 @@ async fn ask(c: &mut ApiClient, token: &str) -> (u16, Value) {
 #[tokio::test]
 async fn a_pod_gets_its_service_accounts_role_for_its_token_with_eks_session_tags() {
     let env = start().await;
+    // Prefetched at start-up, before any request (the pod on node-b too).
+    for session in ["AssumeRole/team.app-0", "AssumeRole/team.app-b"] {
+        assert!(
+            env.proxy
+                .wait_calls(session, 1, Duration::from_secs(10))
+                .await,
+            "{session} not prefetched"
+        );
+    }
     let mut c = client(&env).await;
     let (code, v) = ask(&mut c, &token(&env, "app-0")).await;
     assert_eq!(code, 200, "{v}");
     assert_eq!(v["role_arn"], arn("app"));
+    assert_eq!(
+        env.proxy.calls("AssumeRole/team.app-0"),
+        1,
+        "answered from the prefetch"
+    );
     assert!(
         v["credentials"]["access_key_id"]
             .as_str()
