@@ -117,6 +117,12 @@ struct PodIdentityArgs {
     /// The port of the container-credentials endpoint on the node's addresses.
     #[arg(long, env = "PODIAM_POD_IDENTITY_PORT", default_value_t = 8182)]
     pod_identity_port: u16,
+
+    /// Container-credentials requests per second from one source address, in bursts of up
+    /// to five times as many (SDKs ask once per process and then near expiry); more get
+    /// 429. Each request may cost the API server a TokenReview. 0: no limit.
+    #[arg(long, env = "PODIAM_POD_IDENTITY_RATE", default_value_t = 20)]
+    pod_identity_rate: u32,
 }
 
 /// How to reach the podiam servers.
@@ -238,6 +244,7 @@ impl Cli {
         let PodIdentityArgs {
             pod_identity,
             pod_identity_port,
+            pod_identity_rate,
         } = pod_identity;
         let pod_identity_port = pod_identity.then_some(pod_identity_port);
 
@@ -348,6 +355,7 @@ impl Cli {
             servers.clone(),
             table.clone(),
             pod_sources.clone(),
+            std::num::NonZeroU32::new(pod_identity_rate),
             Arc::new(SystemClock),
             PodIdentityMetrics::register(&registry)?,
         );

@@ -15,6 +15,11 @@
 //! pod. Without a synced feed there is no such fallback, and a server's refusal forgets
 //! what was held.
 //!
+//! Each source address may ask `--pod-identity-rate` times a second (bursts of five times
+//! that): every request the agent passes on costs the API server a TokenReview unless the
+//! server remembers the token, and a pod sending ever new forged tokens must not be able to
+//! flood it. Beyond that, `429 TooManyRequests`.
+//!
 //! Answers: `200` with the JSON document every SDK's container provider reads; errors are
 //! JSON `{"code","message"}` (Go SDK v2 cannot parse a text body): `400 InvalidToken`,
 //! `403 AccessDenied` (wrong host, or a role refused: the pod is told no more, the reasons
@@ -81,7 +86,13 @@ struct Inner {
     table: Option<NodeTable>,
     /// The last credentials handed out per token (by SHA-256 of the token).
     held: moka::sync::Cache<[u8; 32], Arc<Held>>,
+    /// Requests per source address (`None`: no limit).
+    limiter: Option<PerSource>,
 }
+
+/// A rate limit per source address: `rate` a second, in bursts of five times that.
+#[derive(Debug)]
+struct PerSource(governor::DefaultKeyedRateLimiter<IpAddr>);
 
 /// Credentials handed to a pod, for a server outage.
 #[derive(Debug)]
@@ -107,6 +118,7 @@ enum Refusal {
     InvalidToken(&'static str),
     AccessDenied,
     Unavailable,
+    TooManyRequests,
 }
 
 #[derive(Serialize)]
@@ -123,9 +135,11 @@ impl PodIdentity {
         servers: Servers,
         table: Option<NodeTable>,
         pod_sources: Vec<ipnet::IpNet>,
+        rate: Option<std::num::NonZeroU32>,
         clock: Arc<dyn Clock>,
         metrics: PodIdentityMetrics,
     ) -> Self {
+        let limiter = rate.map(PerSource::new);
         Self {
             inner: Arc::new(Inner {
                 servers,
@@ -137,6 +151,7 @@ impl PodIdentity {
                     .max_capacity(HELD_MAX)
                     .time_to_live(Duration::from_secs(12 * 3600))
                     .build(),
+                limiter,
             }),
         }
     }
@@ -163,7 +178,7 @@ impl PodIdentity {
             let this = self.clone();
             let service = service_fn(move |req| {
                 let this = this.clone();
-                async move { Ok::<_, Infallible>(this.handle(req).await) }
+                async move { Ok::<_, Infallible>(this.handle(peer.ip(), req).await) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -187,16 +202,25 @@ impl PodIdentity {
         }
     }
 
+    /// Whether `source` may ask now (see `--pod-identity-rate`).
+    fn allowed(&self, source: IpAddr) -> bool {
+        self.inner.limiter.as_ref().is_none_or(|l| l.allow(source))
+    }
+
     fn is_pod_source(&self, ip: IpAddr) -> bool {
         let sources = &self.inner.pod_sources;
         let ip = canonical(ip);
         sources.is_empty() || sources.iter().any(|net| net.contains(&ip))
     }
 
-    /// Answers one request (bodies are never read).
-    pub async fn handle<B>(&self, req: Request<B>) -> Response<Full<Bytes>> {
+    /// Answers one request from `source` (bodies are never read).
+    pub async fn handle<B>(&self, source: IpAddr, req: Request<B>) -> Response<Full<Bytes>> {
         let started = tokio::time::Instant::now();
-        let (result, rsp) = match self.answer(req.method(), req.uri(), req.headers()).await {
+        let answer = match self.allowed(source) {
+            true => self.answer(req.method(), req.uri(), req.headers()).await,
+            false => Err(Refusal::TooManyRequests),
+        };
+        let (result, rsp) = match answer {
             Ok((document, from)) => (from, json(StatusCode::OK, &document)),
             Err(refusal) => (refusal.label(), refusal.response()),
         };
@@ -389,6 +413,25 @@ fn json<T: Serialize>(status: StatusCode, body: &T) -> Response<Full<Bytes>> {
     rsp
 }
 
+// === impl PerSource ===
+
+impl PerSource {
+    fn new(rate: std::num::NonZeroU32) -> Self {
+        let burst = rate.saturating_mul(std::num::NonZeroU32::MIN.saturating_add(4));
+        Self(governor::RateLimiter::keyed(
+            governor::Quota::per_second(rate).allow_burst(burst),
+        ))
+    }
+
+    fn allow(&self, source: IpAddr) -> bool {
+        // Forget addresses that have not asked lately, now and then.
+        if self.0.len() > 4096 {
+            self.0.retain_recent();
+        }
+        self.0.check_key(&canonical(source)).is_ok()
+    }
+}
+
 // === impl Refusal ===
 
 impl Refusal {
@@ -400,6 +443,7 @@ impl Refusal {
             Refusal::InvalidToken(_) => "invalid_token",
             Refusal::AccessDenied => "access_denied",
             Refusal::Unavailable => "unavailable",
+            Refusal::TooManyRequests => "too_many_requests",
         }
     }
 
@@ -434,6 +478,11 @@ impl Refusal {
                 "ServiceUnavailable",
                 "credentials temporarily unavailable",
             ),
+            Refusal::TooManyRequests => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "TooManyRequests",
+                "too many requests from this address: retry later",
+            ),
         };
         json(status, &ErrorDocument { code, message })
     }
@@ -447,7 +496,7 @@ impl PodIdentityMetrics {
         let requests = IntCounterVec::new(
             Opts::new(
                 "podiam_pod_identity_requests_total",
-                "Container-credentials requests by result (ok, held: handed out again through a server outage, invalid_token, access_denied, wrong_host, unavailable, not_found, method_not_allowed, not_a_pod_source)",
+                "Container-credentials requests by result (ok, held: handed out again through a server outage, invalid_token, access_denied, wrong_host, unavailable, too_many_requests, not_found, method_not_allowed, not_a_pod_source)",
             ),
             &["result"],
         )?;
@@ -550,6 +599,21 @@ mod tests {
             check_host(&uri, &HeaderMap::new()),
             Err(Refusal::WrongHost(_))
         ));
+    }
+
+    #[test]
+    fn each_source_address_has_its_own_bounded_rate() {
+        let limit = PerSource::new(std::num::NonZeroU32::MIN);
+        let a: IpAddr = "100.64.1.2".parse().unwrap();
+        let b: IpAddr = "100.64.1.3".parse().unwrap();
+        let allowed = (0..20).filter(|_| limit.allow(a)).count();
+        assert_eq!(allowed, 5, "a burst of five times the rate, then no more");
+        assert!(limit.allow(b), "another address is not held back");
+        let mapped: IpAddr = "::ffff:100.64.1.2".parse().unwrap();
+        assert!(
+            !limit.allow(mapped),
+            "an IPv4-mapped address is the same address"
+        );
     }
 
     #[test]

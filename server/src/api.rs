@@ -59,11 +59,20 @@ pub struct AgentApi {
 struct Inner {
     issuer: Issuer,
     auth: Arc<dyn Authenticate>,
-    /// Reviews pods' tokens on the container-credentials path (`None`: the path is off).
-    pod_tokens: Option<TokenReviewer>,
+    /// The container-credentials path (`None`: off).
+    pod_tokens: Option<PodTokens>,
     readiness: Readiness,
     metrics: ApiMetrics,
     role_labels: bool,
+}
+
+/// The container-credentials path's part of the API.
+#[derive(Clone, Debug)]
+pub struct PodTokens {
+    /// Reviews pods' tokens.
+    pub reviewer: TokenReviewer,
+    /// Open while the path's watches (ServiceAccounts, associations) are current.
+    pub ready: Readiness,
 }
 
 /// API metrics: requests by endpoint and result, latency by endpoint.
@@ -92,7 +101,7 @@ impl AgentApi {
     pub fn new(
         issuer: Issuer,
         auth: Arc<dyn Authenticate>,
-        pod_tokens: Option<TokenReviewer>,
+        pod_tokens: Option<PodTokens>,
         readiness: Readiness,
         metrics: ApiMetrics,
         role_labels: bool,
@@ -279,20 +288,25 @@ impl AgentApi {
         B: Body,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
-        let Some(reviewer) = self.inner.pod_tokens.clone() else {
+        let Some(path) = self.inner.pod_tokens.clone() else {
             return Err((
                 ErrorCode::InvalidRequest,
                 "the container-credentials path is off on this server (--pod-identity)".into(),
             ));
         };
+        if !path.ready.is_ready() {
+            return Err(not_ready(&path.ready));
+        }
         let (caller, request): (Caller, PodIdentityRequest) = self.admit(req).await?;
-        let token = reviewer
+        let token = path
+            .reviewer
             .review(Some(request.token.expose()))
             .await
             .map_err(|error| match error {
                 AuthError::Unavailable(_) => (ErrorCode::NotReady, error.to_string()),
+                // Counted by result; per request at debug level (a pod may send many).
                 _ => {
-                    tracing::info!(%error, "pod token refused");
+                    tracing::debug!(%error, "pod token refused");
                     (ErrorCode::InvalidToken, error.to_string())
                 }
             })?;

@@ -433,6 +433,11 @@ impl ServeArgs {
         if pod_identity && pod_identity_audience.trim().is_empty() {
             bail!("--pod-identity-audience must not be empty");
         }
+        if pod_identity && pod_identity_audience == binding.token_audience {
+            bail!(
+                "--pod-identity-audience must differ from --token-audience: a pod's token for the agents' audience must never pass for one of the container-credentials path, nor the other way round"
+            );
+        }
         let token_review_cache = binding.token_review_cache;
         let webhook = pod_identity.then(|| {
             (

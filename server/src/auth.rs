@@ -48,6 +48,11 @@ pub const STALE_LIMIT: Duration = Duration::from_secs(3600);
 /// after 5 s by default).
 pub const REVIEW_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// TokenReviews in flight at most per reviewer: a flood of distinct tokens (each a
+/// review) waits here instead of piling onto the API server; a review that cannot start
+/// within [`REVIEW_TIMEOUT`] counts as failed.
+pub const MAX_REVIEWS_IN_FLIGHT: usize = 64;
+
 /// The token extra that names the node of the pod the token was issued to.
 pub const NODE_NAME_EXTRA: &str = "authentication.kubernetes.io/node-name";
 /// The token extra that names the pod the token is bound to.
@@ -126,6 +131,8 @@ pub struct TokenReviewer {
     warned: Arc<AtomicU64>,
     /// The wall clock (tests move it).
     now: Arc<dyn Fn() -> SystemTime + Send + Sync>,
+    /// Bounds the reviews in flight ([`MAX_REVIEWS_IN_FLIGHT`]).
+    permits: Arc<tokio::sync::Semaphore>,
 }
 
 type Review = Shared<BoxFuture<'static, Result<Reviewed, AuthError>>>;
@@ -204,6 +211,7 @@ impl TokenReviewer {
             warned: Arc::new(AtomicU64::new(0)),
             inflight: Arc::new(Mutex::new(HashMap::new())),
             now: Arc::new(|| SystemClock.now()),
+            permits: Arc::new(tokio::sync::Semaphore::new(MAX_REVIEWS_IN_FLIGHT)),
         }
     }
 
@@ -286,7 +294,12 @@ impl TokenReviewer {
             ..TokenReview::default()
         };
         let params = PostParams::default();
-        let call = self.api.create(&params, &review);
+        let permits = self.permits.clone();
+        let api = self.api.clone();
+        let call = async move {
+            let _permit = permits.acquire_owned().await;
+            api.create(&params, &review).await
+        };
         let result = match tokio::time::timeout(REVIEW_TIMEOUT, call).await {
             Ok(Ok(result)) => result,
             Ok(Err(error)) => return self.fallback(key, error.to_string()),

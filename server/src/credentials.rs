@@ -21,7 +21,7 @@ use crate::{
     auth::Reviewed,
     cluster::ClusterIndex,
     pods::{IpLookup, PodInfo, PodKey, PodPhase},
-    policy::{Decision, Denial, Grant, PolicyConfig},
+    policy::{Decision, Denial, Grant, PolicyConfig, RoleSource},
     sts::{Broker, SessionKey, StsError},
 };
 
@@ -481,7 +481,10 @@ impl Issuer {
     /// The container-credentials session of `pod`, if its ServiceAccount has a role it
     /// may have (nothing when the path is off: no ServiceAccount is then indexed).
     fn pod_identity_prefetch_key(&self, pod: &PodInfo) -> Option<SessionKey> {
-        if !self.inner.broker.prefetching()
+        // Only pods the webhook gave the path: an IRSA-annotated ServiceAccount's other pods
+        // would each cost a session they never ask for.
+        if !pod.pod_identity
+            || !self.inner.broker.prefetching()
             || pod.node_name.is_none()
             || matches!(pod.phase, PodPhase::Succeeded | PodPhase::Failed)
         {
@@ -687,9 +690,14 @@ impl Issuer {
             (None, SessionScope::Pod) => session_name(&pod.key),
             (None, SessionScope::Role) => role_session_name(&grant.role_arn),
         };
+        let service_account_role = matches!(
+            grant.role_source,
+            RoleSource::ServiceAccount | RoleSource::Association
+        );
         let tags: Arc<[(&'static str, String)]> = if grant.pod_identity_tags {
             self.pod_identity_tags(pod).into()
-        } else if settings.tags {
+        } else if settings.tags && !service_account_role {
+            // (An association with disableSessionTags gets none at all.)
             let mut tags = vec![
                 ("kubernetes-namespace", tag_value(&pod.key.namespace)),
                 ("kubernetes-pod-name", tag_value(&pod.key.name)),

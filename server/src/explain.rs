@@ -313,6 +313,7 @@ async fn service_account_report(
         mirror: false,
         phase: PodPhase::Running,
         annotations: PodAnnotations::default(),
+        pod_identity: true,
     };
     let role = index.role_of(&key);
     Report {

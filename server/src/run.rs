@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::{
-    api::{AgentApi, ApiMetrics},
+    api::{AgentApi, ApiMetrics, PodTokens},
     args::KubeArgs,
     auth::{Authenticate, TokenReviewer},
     cluster::{
@@ -141,7 +141,13 @@ pub(crate) async fn serve(s: Serve) -> anyhow::Result<()> {
         IssuerMetrics::register(&registry)?,
         Arc::new(notifier),
     );
-    let pod_tokens = pod_tokens.map(|reviewer| reviewer(client.clone()));
+    // The container-credentials path's own readiness (its watches): a missing CRD or a
+    // revoked right stops that path, not the metadata path.
+    let pod_identity_ready = Readiness::new();
+    let pod_tokens = pod_tokens.map(|reviewer| PodTokens {
+        reviewer: reviewer(client.clone()),
+        ready: pod_identity_ready.clone(),
+    });
     let auth = authenticator(client)?;
     let feed = Feed::new(
         issuer.clone(),
@@ -165,15 +171,20 @@ pub(crate) async fn serve(s: Serve) -> anyhow::Result<()> {
     let namespaces_ready = readiness.gate("namespaces");
     let accounts_ready = pod_tokens.as_ref().map(|_| {
         (
-            readiness.gate("serviceaccounts"),
-            readiness.gate("podidentityassociations"),
+            pod_identity_ready.gate("serviceaccounts"),
+            pod_identity_ready.gate("podidentityassociations"),
         )
     });
 
     let webhook = match webhook {
         Some((addr, settings)) => Some((
             addr,
-            Webhook::new(index.clone(), readiness.clone(), settings, &registry)?,
+            Webhook::new(
+                index.clone(),
+                [readiness.clone(), pod_identity_ready.clone()],
+                settings,
+                &registry,
+            )?,
         )),
         None => None,
     };
@@ -241,11 +252,17 @@ pub(crate) async fn serve(s: Serve) -> anyhow::Result<()> {
         Ok(namespaces.await?)
     });
     // Once both lists are in, warm every pod's session (pods listed before their
-    // namespace could not be decided when they arrived).
+    // namespace could not be decided when they arrived); the container-credentials path's
+    // lists too, unless they take long (a missing CRD: that path is down, not this one).
     tasks.spawn("start-up prefetch", "prefetch", async move {
+        let ready = async {
+            readiness.wait_ready().await;
+            let _ = tokio::time::timeout(Duration::from_secs(30), pod_identity_ready.wait_ready())
+                .await;
+        };
         tokio::select! {
             _ = shutdown.cancelled() => {}
-            _ = readiness.wait_ready() => issuer.prefetch_all(),
+            _ = ready => issuer.prefetch_all(),
         }
         // Finishing is this task's normal end.
         shutdown.cancelled().await;

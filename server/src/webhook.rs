@@ -43,9 +43,19 @@ use crate::{
 
 /// The path the webhook configuration points at.
 pub const PATH: &str = "/mutate";
-/// Largest AdmissionReview read (the API server's own object limit is 3 MiB).
-const MAX_BODY: usize = 4 * 1024 * 1024;
+/// Largest AdmissionReview read (a pod is at most 1.5 MiB in etcd).
+const MAX_BODY: usize = 2 * 1024 * 1024;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The API server gives a call 3 s (`timeoutSeconds`); a slower body is no API server's.
+const BODY_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connections at once; more are closed at once. The webhook answers anyone who can
+/// reach its port (no client certificate), so it must not let them hold the server's
+/// memory: connections × streams × body.
+const MAX_CONNECTIONS: usize = 128;
+/// Streams per HTTP/2 connection.
+const MAX_STREAMS: u32 = 8;
+/// Reviews read and answered at once; others wait up to [`BODY_TIMEOUT`], then get 503.
+const MAX_REVIEWS: usize = 32;
 const GRACE: Duration = Duration::from_secs(10);
 
 /// What the webhook injects.
@@ -68,25 +78,28 @@ pub struct Webhook {
 #[derive(Debug)]
 struct Inner {
     index: ClusterIndex,
-    readiness: Readiness,
+    /// The server's readiness and the container-credentials path's: both must be open.
+    readiness: [Readiness; 2],
     settings: WebhookSettings,
     requests: IntCounterVec,
+    /// Bounds the reviews in progress ([`MAX_REVIEWS`]).
+    reviews: Arc<tokio::sync::Semaphore>,
 }
 
 // === impl Webhook ===
 
 impl Webhook {
-    /// The webhook over `index`, answering once `readiness` is ready.
+    /// The webhook over `index`, answering once every `readiness` is ready.
     pub fn new(
         index: ClusterIndex,
-        readiness: Readiness,
+        readiness: [Readiness; 2],
         settings: WebhookSettings,
         registry: &Registry,
     ) -> prometheus::Result<Self> {
         let requests = IntCounterVec::new(
             Opts::new(
                 "podiam_webhook_requests_total",
-                "Admission reviews by result (mutated, unchanged, not_ready, invalid)",
+                "Admission reviews by result (mutated, unchanged, not_ready, invalid, busy, too_many_connections)",
             ),
             &["result"],
         )?;
@@ -97,6 +110,7 @@ impl Webhook {
                 readiness,
                 settings,
                 requests,
+                reviews: Arc::new(tokio::sync::Semaphore::new(MAX_REVIEWS)),
             }),
         })
     }
@@ -109,16 +123,23 @@ impl Webhook {
         shutdown: CancellationToken,
     ) {
         let graceful = GracefulShutdown::new();
+        let connections = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
         loop {
             let Some((tcp, peer)) =
                 podiam_common::listen::accept(&listener, &shutdown, "webhook").await
             else {
                 break;
             };
+            let Ok(slot) = connections.clone().try_acquire_owned() else {
+                self.count("too_many_connections");
+                tracing::debug!(%peer, "webhook connection closed: too many open");
+                continue;
+            };
             let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
             let this = self.clone();
             let watcher = graceful.watcher();
             tokio::spawn(async move {
+                let _slot = slot;
                 let stream =
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                         Ok(Ok(stream)) => stream,
@@ -132,9 +153,15 @@ impl Webhook {
                     let this = this.clone();
                     async move { Ok::<_, Infallible>(this.handle(req).await) }
                 });
-                let builder = auto::Builder::new(TokioExecutor::new());
-                let mut builder = builder;
-                builder.http1().timer(TokioTimer::new());
+                let mut builder = auto::Builder::new(TokioExecutor::new());
+                builder
+                    .http1()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(BODY_TIMEOUT);
+                builder
+                    .http2()
+                    .timer(TokioTimer::new())
+                    .max_concurrent_streams(MAX_STREAMS);
                 let conn = builder.serve_connection(TokioIo::new(stream), service);
                 if let Err(error) = watcher.watch(conn.into_owned()).await {
                     tracing::debug!(%peer, %error, "webhook connection ended with an error");
@@ -166,18 +193,29 @@ impl Webhook {
         if !json {
             return plain(StatusCode::UNSUPPORTED_MEDIA_TYPE, "application/json only");
         }
-        if !self.inner.readiness.is_ready() {
+        if !self.inner.readiness.iter().all(Readiness::is_ready) {
             // The webhook's failurePolicy decides (Ignore: the pod starts unchanged).
             self.count("not_ready");
             return plain(StatusCode::SERVICE_UNAVAILABLE, "not ready");
         }
-        let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
-            Ok(body) => body.to_bytes(),
-            Err(error) => {
+        let Ok(Ok(_permit)) =
+            tokio::time::timeout(BODY_TIMEOUT, self.inner.reviews.clone().acquire_owned()).await
+        else {
+            self.count("busy");
+            return plain(StatusCode::SERVICE_UNAVAILABLE, "busy");
+        };
+        let read = Limited::new(req.into_body(), MAX_BODY).collect();
+        let body = match tokio::time::timeout(BODY_TIMEOUT, read).await {
+            Ok(Ok(body)) => body.to_bytes(),
+            Ok(Err(error)) => {
                 self.count("invalid");
                 return review(AdmissionResponse::invalid(format!(
                     "reading the body: {error}"
                 )));
+            }
+            Err(_) => {
+                self.count("invalid");
+                return review(AdmissionResponse::invalid("the body took too long"));
             }
         };
         let request: AdmissionRequest<Pod> =

@@ -10,7 +10,7 @@ use std::time::Duration;
 use podiam_tests::{
     admission::{admit, patch_bytes},
     api_client::{ApiClient, tls_config},
-    kube_api::FakeKube,
+    kube_api::{FakeKube, Kind},
     objects::{association, namespace, pod, service_account},
     stack::{ServerStack, agent_identity, arn},
 };
@@ -40,11 +40,13 @@ async fn start() -> ServerStack {
         ("plain-0", "plain", "node-a"),
         ("app-b", "app", "node-b"),
     ] {
+        // As the webhook leaves them (the label marks the path's pods for prefetching).
         kube.apply(
             pod("team", name)
                 .service_account(sa)
                 .node(node)
                 .ip("10.9.0.1")
+                .label("podiam.io/pod-identity", "enabled")
                 .build(),
         );
     }
@@ -352,5 +354,52 @@ async fn a_target_role_is_assumed_from_the_first_roles_session_and_both_must_be_
         refused.1["message"].as_str().unwrap().contains("admin"),
         "{}",
         refused.1
+    );
+}
+
+#[tokio::test]
+async fn without_the_crd_only_the_container_credentials_path_is_down() {
+    let kube = FakeKube::start().await.unwrap();
+    kube.remove_api(Kind::Association);
+    kube.apply(namespace(
+        "team",
+        &[("iam.amazonaws.com/permitted", &arn("app.*"))],
+    ));
+    kube.apply(service_account("team", "app", Some(&arn("app"))));
+    kube.apply(
+        pod("team", "app-0")
+            .service_account("app")
+            .role("app-imds")
+            .node("node-a")
+            .ip("10.9.0.1")
+            .build(),
+    );
+    kube.add_token(AGENT_A, agent_identity("node-a"));
+    // Ready (the stack waits for it): the metadata path does not depend on the CRD.
+    let env = ServerStack::start(std::path::Path::new(BIN), kube, &["--pod-identity"])
+        .await
+        .expect("the server is ready without the CRD");
+    let mut c = client(&env).await;
+    let (status, v) = c
+        .post("/v1/credentials", Some(AGENT_A), json!({"ip": "10.9.0.1"}))
+        .await
+        .unwrap();
+    assert_eq!(
+        (status, v["role_arn"].as_str()),
+        (200, Some(arn("app-imds").as_str())),
+        "{v}"
+    );
+    let (status, v) = ask(&mut c, &token(&env, "app-0")).await;
+    assert_eq!(
+        (status, v["code"].as_str()),
+        (503, Some("not_ready")),
+        "{v}"
+    );
+    assert!(
+        v["message"]
+            .as_str()
+            .unwrap()
+            .contains("podidentityassociations"),
+        "{v}"
     );
 }

@@ -101,6 +101,8 @@ struct Shared {
     watch_gate: watch::Sender<bool>,
     review_gate: watch::Sender<bool>,
     reviews_without_audiences: std::sync::atomic::AtomicBool,
+    /// Kinds served as if their API did not exist (a CRD not installed): 404.
+    missing: Mutex<Vec<Kind>>,
     /// While set, every read (list, watch, get) is answered with this status.
     refuse_reads: Mutex<Option<StatusCode>>,
     /// While set, list requests (not watches) are answered with this status; with
@@ -172,6 +174,7 @@ impl FakeKube {
             watch_gate: watch::channel(true).0,
             review_gate: watch::channel(true).0,
             reviews_without_audiences: std::sync::atomic::AtomicBool::new(false),
+            missing: Mutex::new(Vec::new()),
             refuse_reads: Mutex::new(None),
             refuse_lists: Mutex::new(None),
             lists: watch::channel(HashMap::new()).0,
@@ -463,6 +466,11 @@ impl FakeKube {
         Some(token)
     }
 
+    /// Serves `kind` as if its API did not exist (a CRD not installed): every read 404.
+    pub fn remove_api(&self, kind: Kind) {
+        self.shared.missing.lock().push(kind);
+    }
+
     /// TokenReviews asked for so far, answered or not.
     pub fn token_review_attempts(&self) -> u64 {
         self.shared
@@ -673,6 +681,13 @@ async fn route(shared: Arc<Shared>, req: Request<hyper::body::Incoming>) -> Resp
             );
         }
     };
+    if shared.missing.lock().contains(&kind) {
+        return status(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            "the server could not find the requested resource",
+        );
+    }
     if let Some(name) = name {
         return get(&shared, kind, namespace.unwrap_or(""), name);
     }

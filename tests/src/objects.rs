@@ -119,6 +119,12 @@ impl PodBuilder {
         self
     }
 
+    /// Sets a label.
+    pub fn label(mut self, key: &str, value: &str) -> Self {
+        self.value["metadata"]["labels"][key] = json!(value);
+        self
+    }
+
     /// Sets the `iam.amazonaws.com/role` annotation.
     pub fn role(self, role: &str) -> Self {
         self.annotation("iam.amazonaws.com/role", role)

@@ -490,6 +490,11 @@ impl Family {
                 }
             }
         }
+        // The host-network jump (with --pod-identity) is looked at even when it is not
+        // wanted, so that turning the path off takes it out.
+        if chains.iter().any(|c| c.table == "nat") && !builtins.contains(&("nat", "OUTPUT")) {
+            builtins.push(("nat", "OUTPUT"));
+        }
         for (table, builtin) in builtins {
             match self.install_jumps(chains, table, builtin).await? {
                 Jumps::Kept => {}

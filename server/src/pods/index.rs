@@ -43,6 +43,9 @@ pub struct PodInfo {
     pub phase: PodPhase,
     /// The annotations podiam reads; every other annotation is dropped.
     pub annotations: PodAnnotations,
+    /// Labelled by the webhook for the container-credentials path
+    /// (`podiam.io/pod-identity`): its session there is prefetched.
+    pub pod_identity: bool,
 }
 
 /// The pod annotations podiam reads.

@@ -41,6 +41,7 @@ pub(crate) mod testing {
             mirror: false,
             phase: PodPhase::Running,
             annotations: PodAnnotations::default(),
+            pod_identity: false,
         }
     }
 }

@@ -1,7 +1,7 @@
 //! The Kubernetes objects as the server reads them. Only the fields it uses are
-//! deserialised: containers, volumes, labels, managed fields and every annotation outside
-//! `iam.amazonaws.com/` (but the kubelet's mirror-pod mark) are skipped by the parser and
-//! never allocated. Of the owner references only their kinds are read (a `Node` owner also
+//! deserialised: containers, volumes, managed fields, every label but the admission
+//! webhook's (`podiam.io/pod-identity`) and every annotation outside `iam.amazonaws.com/`
+//! (but the kubelet's mirror-pod mark) are skipped by the parser and never allocated. Of the owner references only their kinds are read (a `Node` owner also
 //! marks a mirror pod). The object is then
 //! stripped further into a [`PodInfo`] before it is stored.
 
@@ -11,7 +11,7 @@ use k8s_openapi::{
     ClusterResourceScope, Metadata, NamespaceResourceScope, Resource,
     apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference},
 };
-use podiam_common::annotations;
+use podiam_common::{annotations, pod_identity};
 use serde::{Deserialize, Deserializer, de};
 
 use super::{PodAnnotations, PodInfo, PodIps, PodKey, PodPhase, PodUid};
@@ -84,6 +84,8 @@ struct LeanMeta {
     resource_version: Option<String>,
     #[serde(default, deserialize_with = "podiam_annotations")]
     annotations: Option<BTreeMap<String, String>>,
+    #[serde(default, deserialize_with = "podiam_labels")]
+    labels: Option<BTreeMap<String, String>>,
     #[serde(default)]
     owner_references: Option<Vec<LeanOwner>>,
 }
@@ -197,7 +199,13 @@ impl WatchedPod {
             session_name: take(keys.session_name),
             session_duration: take(keys.session_duration),
         };
+        let pod_identity = self
+            .metadata
+            .labels
+            .as_ref()
+            .is_some_and(|l| l.contains_key(pod_identity::MUTATED_LABEL));
         Ok(PodInfo {
+            pod_identity,
             key,
             uid: self.metadata.uid.as_deref().and_then(PodUid::parse),
             node_name: spec.node_name.filter(|n| !n.is_empty()).map(Into::into),
@@ -244,6 +252,7 @@ fn lean_meta<'de, D: Deserializer<'de>>(d: D) -> Result<ObjectMeta, D::Error> {
         uid: m.uid,
         resource_version: m.resource_version,
         annotations: m.annotations,
+        labels: m.labels.filter(|l| !l.is_empty()),
         owner_references: m.owner_references.map(|owners| {
             owners
                 .into_iter()
@@ -261,39 +270,51 @@ fn lean_meta<'de, D: Deserializer<'de>>(d: D) -> Result<ObjectMeta, D::Error> {
 fn podiam_annotations<'de, D: Deserializer<'de>>(
     d: D,
 ) -> Result<Option<BTreeMap<String, String>>, D::Error> {
-    struct Visitor;
-    impl<'de> de::Visitor<'de> for Visitor {
-        type Value = Option<BTreeMap<String, String>>;
+    d.deserialize_option(Visitor(|key: &str| {
+        key.starts_with(ANNOTATION_PREFIX) || annotations::keys().reads(key)
+    }))
+}
 
-        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            f.write_str("a map of annotations")
-        }
+/// Keeps only the webhook's label; the values of others are skipped unread.
+fn podiam_labels<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Option<BTreeMap<String, String>>, D::Error> {
+    d.deserialize_option(Visitor(|key: &str| key == pod_identity::MUTATED_LABEL))
+}
 
-        fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
-            Ok(None)
-        }
+/// A map of strings of which only the keys `keep` accepts are kept.
+struct Visitor<F>(F);
 
-        fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
-            Ok(None)
-        }
+impl<'de, F: Fn(&str) -> bool> de::Visitor<'de> for Visitor<F> {
+    type Value = Option<BTreeMap<String, String>>;
 
-        fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
-            d.deserialize_map(self)
-        }
-
-        fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-            let mut kept = BTreeMap::new();
-            while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
-                if key.starts_with(ANNOTATION_PREFIX) || annotations::keys().reads(&key) {
-                    kept.insert(key.into_owned(), map.next_value::<String>()?);
-                } else {
-                    map.next_value::<de::IgnoredAny>()?;
-                }
-            }
-            Ok(Some(kept))
-        }
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a map of strings")
     }
-    d.deserialize_option(Visitor)
+
+    fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_map(self)
+    }
+
+    fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut kept = BTreeMap::new();
+        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            if (self.0)(&key) {
+                kept.insert(key.into_owned(), map.next_value::<String>()?);
+            } else {
+                map.next_value::<de::IgnoredAny>()?;
+            }
+        }
+        Ok(Some(kept))
+    }
 }
 
 #[cfg(test)]
@@ -316,6 +337,15 @@ mod tests {
         }))
         .unwrap();
         assert!(pod.metadata.labels.is_none() && pod.metadata.managed_fields.is_none());
+        let labelled: WatchedPod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "p", "namespace": "ns",
+                         "labels": {"app": "x", "podiam.io/pod-identity": "enabled"}}
+        }))
+        .unwrap();
+        assert!(
+            labelled.into_info().unwrap().pod_identity,
+            "the webhook's label is read"
+        );
         assert_eq!(pod.metadata.resource_version.as_deref(), Some("7"));
         let info = pod.into_info().unwrap();
         assert_eq!(info.key.to_string(), "ns/web");

@@ -41,6 +41,7 @@ fn mk_pod(role: Option<&str>) -> PodInfo {
             role: role.map(Into::into),
             ..Default::default()
         },
+        pod_identity: false,
     }
 }
 
