@@ -1,11 +1,13 @@
-//! The fault matrix: steady IMDSv2 credential requests from pods of a `podiam-sandbox` on
-//! two nodes while faults are injected and removed one at a time. Every answer is checked
+//! The fault matrix: steady credential requests from pods of a `podiam-sandbox` on two
+//! nodes, on both paths (IMDSv2, and the container-credentials endpoint with the pod's
+//! projected token), while faults are injected and removed one at a time. Every answer is checked
 //! against the pod's expected role: the role the agent lists, and the identity STS (moto)
 //! gives the credentials' access key. A harness for `podiam-bench chaos` and the CI test;
 //! none of it ships.
 //!
-//! Each pod has a thread inside its network namespace that asks as an SDK does (PUT a
-//! token, GET the role list, GET the credentials), paced at [`PACE`]. Outcomes:
+//! Each pod has a thread inside its network namespace that asks as an SDK does (IMDSv2: PUT
+//! a token, GET the role list, GET the credentials; container credentials: GET with the
+//! token file's content), paced at [`PACE`]. Outcomes:
 //! - `ok`: 200, the pod's own role, and (checked after the fault) the access key is the
 //!   pod's role's in STS;
 //! - `refused`: an HTTP answer that is not credentials (503 while the agent cannot vouch,
@@ -40,6 +42,8 @@ pub const PACE: Duration = Duration::from_millis(100);
 const ROUND_TIMEOUT: Duration = Duration::from_secs(3);
 /// The metadata address pods ask.
 const IMDS: &str = "169.254.169.254:80";
+/// The container-credentials address pods ask.
+const CONTAINER: &str = "169.254.170.23:80";
 
 /// One fault: what is done, for how long, and what is undone.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -187,6 +191,8 @@ pub struct Target {
     ip: IpAddr,
     /// The role name it must get.
     pub role: String,
+    /// Container-credentials path: its projected token, on the host (`None`: IMDSv2).
+    pub token_file: Option<PathBuf>,
 }
 
 /// One row of the matrix.
@@ -231,24 +237,40 @@ pub struct Chaos {
 
 impl Chaos {
     /// Starts load from every running pod of sandbox `name` (controlled with the
-    /// `podiam-sandbox` binary `bin`) whose role is in `roles`.
-    pub fn start(bin: &Path, name: &str, roles: &[&str]) -> anyhow::Result<Self> {
+    /// `podiam-sandbox` binary `bin`) whose role annotation is in `roles` (IMDSv2), and
+    /// from each pod of `container` (`NAMESPACE/NAME`, the role its ServiceAccount has) on
+    /// the container-credentials path.
+    pub fn start(
+        bin: &Path,
+        name: &str,
+        roles: &[&str],
+        container: &[(String, String)],
+    ) -> anyhow::Result<Self> {
         let state = State::load(name)?;
         let targets: Vec<Target> = state
             .pods
             .iter()
             .filter_map(|p| {
-                let role = p.role.clone()?;
+                let id = format!("{}/{}", p.namespace, p.name);
                 let netns = p.netns.clone()?;
-                if !roles.contains(&role.as_str()) || state.nodes.iter().any(|n| n.netns == netns) {
+                if state.nodes.iter().any(|n| n.netns == netns) {
                     return None;
                 }
+                let (role, token_file) = match container.iter().find(|(pod, _)| *pod == id) {
+                    Some((_, role)) => (role.clone(), Some(token_file(p)?)),
+                    None => {
+                        let role = p.role.clone()?;
+                        (p.pod_identity.is_none() && roles.contains(&role.as_str()))
+                            .then_some((role, None))?
+                    }
+                };
                 Some(Target {
-                    pod: format!("{}/{}", p.namespace, p.name),
+                    pod: id,
                     node: p.node.clone(),
                     netns,
                     ip: p.ip.parse().ok()?,
                     role,
+                    token_file,
                 })
             })
             .collect();
@@ -484,6 +506,7 @@ impl Chaos {
             netns: pod.netns.clone().context("the new pod has no network")?,
             ip: pod.ip.parse()?,
             role: role.to_string(),
+            token_file: None,
         };
         let i = self.targets.len();
         self.targets.push(target.clone());
@@ -613,6 +636,9 @@ pub struct Up {
     pub name: String,
     /// The roles of the pods to load: the example's two permitted pods and the added ones.
     pub roles: Vec<String>,
+    /// The pods on the container-credentials path (`NAMESPACE/NAME`) and their roles: the
+    /// example's two.
+    pub container: Vec<(String, String)>,
 }
 
 impl Up {
@@ -639,6 +665,10 @@ impl Up {
             bin: bin.to_path_buf(),
             name: name.to_string(),
             roles: vec!["payments-api".into(), "analytics-etl-nightly".into()],
+            container: vec![
+                ("payments/ledger".into(), "payments-ledger".into()),
+                ("analytics/report".into(), "analytics-reader".into()),
+            ],
         };
         if !out.status.success() {
             bail!(
@@ -820,9 +850,16 @@ fn load(
         .enable_all()
         .build()?;
     let imds: SocketAddr = IMDS.parse()?;
+    let container: SocketAddr = CONTAINER.parse()?;
     rt.block_on(async {
         while !stop.load(Ordering::SeqCst) {
-            let outcome = tokio::time::timeout(ROUND_TIMEOUT, round(target, imds))
+            let round = async {
+                match &target.token_file {
+                    Some(file) => container_round(target, container, file).await,
+                    None => round(target, imds).await,
+                }
+            };
+            let outcome = tokio::time::timeout(ROUND_TIMEOUT, round)
                 .await
                 .unwrap_or(Outcome::Failed);
             samples.lock().push(Sample {
@@ -888,6 +925,49 @@ async fn round(target: &Target, imds: SocketAddr) -> Outcome {
         return Outcome::Wrong(format!("{}: {}", target.pod, doc["Code"]));
     }
     Outcome::Ok(answered)
+}
+
+/// One container-credentials round, as an SDK's container provider does it: the token
+/// file read again, sent as `Authorization`.
+async fn container_round(target: &Target, endpoint: SocketAddr, token_file: &Path) -> Outcome {
+    let Ok(token) = std::fs::read_to_string(token_file) else {
+        return Outcome::Failed;
+    };
+    let answer = imds_client::request(
+        target.ip,
+        endpoint,
+        Method::GET,
+        podiam_common::pod_identity::PATH,
+        &[("authorization", token.trim())],
+    )
+    .await;
+    let body = match answer {
+        Ok(a) if a.status == 200 => a.body,
+        Ok(_) => return Outcome::Refused,
+        Err(_) => return Outcome::Failed,
+    };
+    let Ok(doc) = serde_json::from_str::<serde_json::Value>(&body) else {
+        return Outcome::Wrong(format!("{}: not a credentials document", target.pod));
+    };
+    let field = |k: &str| doc[k].as_str().unwrap_or_default().to_string();
+    let answered = Answered {
+        access_key: field("AccessKeyId"),
+        secret: field("SecretAccessKey"),
+        token: field("Token"),
+    };
+    if answered.access_key.is_empty() || doc["AccountId"] != ACCOUNT {
+        return Outcome::Wrong(format!("{}: {body:.80}", target.pod));
+    }
+    Outcome::Ok(answered)
+}
+
+/// Where the sandbox keeps a container-credentials pod's projected token on the host.
+fn token_file(pod: &crate::sandbox::PodState) -> Option<PathBuf> {
+    use podiam_common::pod_identity::{TOKEN_DIR, TOKEN_FILE};
+    pod.mounts
+        .iter()
+        .find(|(_, dir)| dir == TOKEN_DIR)
+        .map(|(host, _)| Path::new(host).join(TOKEN_FILE))
 }
 
 /// The matrix as a markdown table.

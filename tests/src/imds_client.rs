@@ -32,6 +32,19 @@ async fn connect(from: IpAddr, to: SocketAddr) -> std::io::Result<TcpStream> {
     socket.connect(to).await
 }
 
+/// The `Host` an SDK sends to `to`: the address, with the port unless it is 80.
+fn host(to: SocketAddr) -> String {
+    let ip = match to.ip() {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => format!("[{v6}]"),
+    };
+    if to.port() == 80 {
+        ip
+    } else {
+        format!("{ip}:{}", to.port())
+    }
+}
+
 /// One request from `from` to the endpoint at `to`.
 pub async fn request(
     from: IpAddr,
@@ -48,7 +61,7 @@ pub async fn request(
     let mut req = Request::builder()
         .method(method)
         .uri(path)
-        .header("host", "169.254.169.254");
+        .header("host", host(to));
     for (k, v) in headers {
         req = req.header(*k, *v);
     }

@@ -1,6 +1,6 @@
-//! The short fault matrix (root only): a sandbox with two nodes under IMDSv2 load, each
-//! fault injected and removed in turn, every answer checked against the pod's role in
-//! STS. The full matrix, with longer holds, is `podiam-bench chaos` (docs/reliability.md).
+//! The short fault matrix (root only): a sandbox with two nodes under load on both paths
+//! (IMDSv2, and the container-credentials endpoint), each fault injected and removed in
+//! turn, every answer checked against the pod's role in STS. The full matrix, with longer holds, is `podiam-bench chaos` (docs/reliability.md).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)]
 
 use std::{path::Path, time::Duration};
@@ -21,7 +21,14 @@ fn under_load_no_fault_hands_out_wrong_credentials_or_stops_a_process() {
     let name = format!("ch{}", std::process::id() % 100_000);
     let up = Up::start(Path::new(BIN), &name, &manifest, 1).unwrap();
     let roles: Vec<&str> = up.roles.iter().map(String::as_str).collect();
-    let mut load = Chaos::start(Path::new(BIN), &name, &roles).unwrap();
+    let mut load = Chaos::start(Path::new(BIN), &name, &roles, &up.container).unwrap();
+    // Both paths under load: the container-credentials pods too.
+    let container = load
+        .targets
+        .iter()
+        .filter(|t| t.token_file.is_some())
+        .count();
+    assert_eq!(container, up.container.len(), "{:?}", load.targets);
     let started = std::time::Instant::now();
     assert!(
         load.wait_served(started, Duration::from_secs(60)).is_some(),

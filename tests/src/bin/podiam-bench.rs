@@ -918,7 +918,7 @@ fn under_load(
     let name = format!("{kind}{}", std::process::id() % 100_000);
     let up = Up::start_with(&bin, &name, manifest, per_node, server_args)?;
     let roles: Vec<&str> = up.roles.iter().map(String::as_str).collect();
-    let load = Chaos::start(&bin, &name, &roles)?;
+    let load = Chaos::start(&bin, &name, &roles, &up.container)?;
     let Some(ready) = load.wait_served(Instant::now(), Duration::from_secs(60)) else {
         bail!("the pods did not all get their credentials within 60 s of the start");
     };
