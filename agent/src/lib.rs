@@ -17,6 +17,7 @@ pub mod imds;
 pub mod intercept;
 pub mod interfaces;
 pub mod pod_identity;
+pub mod pods;
 pub mod proxy;
 pub mod servers;
 pub mod table;

@@ -27,7 +27,6 @@
 //! `503 ServiceUnavailable` (SDKs retry) when no server or STS can answer.
 
 use std::{
-    convert::Infallible,
     net::IpAddr,
     sync::Arc,
     time::{Duration, SystemTime, UNIX_EPOCH},
@@ -37,11 +36,6 @@ use base64::Engine;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
-use hyper::service::service_fn;
-use hyper_util::{
-    rt::{TokioIo, TokioTimer},
-    server::graceful::GracefulShutdown,
-};
 use podiam_common::{
     clock::Clock,
     net::canonical,
@@ -59,10 +53,6 @@ use crate::{
     table::NodeTable,
 };
 
-/// Headers larger than this are refused (a projected token is 1–2 KB).
-const MAX_HEADERS_BYTES: usize = 16 * 1024;
-const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
-const GRACE: Duration = Duration::from_secs(5);
 /// Held credentials are handed out through an outage only with this much life left (SDKs
 /// refresh below it).
 const HELD_MIN: Duration = Duration::from_secs(15 * 60);
@@ -156,50 +146,29 @@ impl PodIdentity {
         }
     }
 
-    /// Serves HTTP/1 on `listener` until `shutdown`, with header size and time limits.
+    /// Serves HTTP/1 on `listener` until `shutdown` (see [`crate::pods::serve`]).
     pub async fn serve(self, listener: TcpListener, shutdown: CancellationToken) {
-        let graceful = GracefulShutdown::new();
-        loop {
-            let Some((tcp, peer)) = podiam_common::listen::accept(
-                &listener,
-                &shutdown,
-                "container-credentials endpoint",
-            )
-            .await
-            else {
-                break;
-            };
-            if !self.is_pod_source(peer.ip()) {
+        let admit = |peer: std::net::SocketAddr| {
+            let ok = self.is_pod_source(peer.ip());
+            if !ok {
                 self.inner.metrics.count("not_a_pod_source", Duration::ZERO);
                 tracing::debug!(%peer, "connection from outside --pod-sources closed");
-                continue;
             }
-            let _ = tcp.set_nodelay(true);
-            let this = self.clone();
-            let service = service_fn(move |req| {
-                let this = this.clone();
-                async move { Ok::<_, Infallible>(this.handle(peer.ip(), req).await) }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
-                .max_buf_size(MAX_HEADERS_BYTES)
-                .serve_connection(TokioIo::new(tcp), service);
-            let conn = graceful.watch(conn);
-            tokio::spawn(async move {
-                if let Err(error) = conn.await {
-                    tracing::debug!(%peer, %error, "container-credentials connection ended with an error");
-                }
-            });
-        }
-        if tokio::time::timeout(GRACE, graceful.shutdown())
-            .await
-            .is_err()
-        {
-            tracing::warn!(
-                "container credentials: requests still in flight after the grace period"
-            );
-        }
+            ok
+        };
+        let this = self.clone();
+        let handle = move |peer: std::net::SocketAddr, req| {
+            let this = this.clone();
+            async move { this.handle(peer.ip(), req).await }
+        };
+        crate::pods::serve(
+            listener,
+            shutdown,
+            "container-credentials endpoint",
+            admit,
+            handle,
+        )
+        .await;
     }
 
     /// Whether `source` may ask now (see `--pod-identity-rate`).
@@ -208,9 +177,7 @@ impl PodIdentity {
     }
 
     fn is_pod_source(&self, ip: IpAddr) -> bool {
-        let sources = &self.inner.pod_sources;
-        let ip = canonical(ip);
-        sources.is_empty() || sources.iter().any(|net| net.contains(&ip))
+        crate::pods::is_pod_source(&self.inner.pod_sources, ip)
     }
 
     /// Answers one request from `source` (bodies are never read).

@@ -233,6 +233,17 @@ where
     gone.len()
 }
 
+/// The ServiceAccount a pod runs as (`default` when its spec names none).
+fn account_of(pod: &PodInfo) -> AccountKey {
+    AccountKey {
+        namespace: pod.key.namespace.clone(),
+        name: pod
+            .service_account
+            .clone()
+            .unwrap_or_else(|| "default".into()),
+    }
+}
+
 fn list(pods: &[PodKey]) -> String {
     pods.iter()
         .map(ToString::to_string)
@@ -343,13 +354,7 @@ impl Issuer {
         caller: &Caller,
     ) -> Result<Issued, IssueError> {
         let pod = self.token_pod(token, caller).await?;
-        let account = AccountKey {
-            namespace: pod.key.namespace.clone(),
-            name: pod
-                .service_account
-                .clone()
-                .unwrap_or_else(|| "default".into()),
-        };
+        let account = account_of(pod.as_ref());
         let role = self.inner.index.accounts().role_of(&account);
         let namespace = self.inner.index.namespace(&pod.key.namespace);
         let decision = Decision::for_service_account(
@@ -490,13 +495,7 @@ impl Issuer {
         {
             return None;
         }
-        let account = AccountKey {
-            namespace: pod.key.namespace.clone(),
-            name: pod
-                .service_account
-                .clone()
-                .unwrap_or_else(|| "default".into()),
-        };
+        let account = account_of(pod);
         let role = self.inner.index.accounts().role_of(&account);
         if role == AccountRole::None {
             return None;

@@ -912,19 +912,25 @@ async fn round(target: &Target, imds: SocketAddr) -> Outcome {
         Ok(_) => return Outcome::Refused,
         Err(_) => return Outcome::Failed,
     };
-    let Ok(doc) = serde_json::from_str::<serde_json::Value>(&body) else {
+    let Some((doc, answered)) = document(&body) else {
         return Outcome::Wrong(format!("{}: not a credentials document", target.pod));
     };
+    if answered.access_key.is_empty() || answered.secret.contains("NODE") {
+        return Outcome::Wrong(format!("{}: {}", target.pod, doc["Code"]));
+    }
+    Outcome::Ok(answered)
+}
+
+/// A credentials document (both paths name the fields alike) and the credentials in it.
+fn document(body: &str) -> Option<(serde_json::Value, Answered)> {
+    let doc = serde_json::from_str::<serde_json::Value>(body).ok()?;
     let field = |k: &str| doc[k].as_str().unwrap_or_default().to_string();
     let answered = Answered {
         access_key: field("AccessKeyId"),
         secret: field("SecretAccessKey"),
         token: field("Token"),
     };
-    if answered.access_key.is_empty() || answered.secret.contains("NODE") {
-        return Outcome::Wrong(format!("{}: {}", target.pod, doc["Code"]));
-    }
-    Outcome::Ok(answered)
+    Some((doc, answered))
 }
 
 /// One container-credentials round, as an SDK's container provider does it: the token
@@ -946,14 +952,8 @@ async fn container_round(target: &Target, endpoint: SocketAddr, token_file: &Pat
         Ok(_) => return Outcome::Refused,
         Err(_) => return Outcome::Failed,
     };
-    let Ok(doc) = serde_json::from_str::<serde_json::Value>(&body) else {
+    let Some((doc, answered)) = document(&body) else {
         return Outcome::Wrong(format!("{}: not a credentials document", target.pod));
-    };
-    let field = |k: &str| doc[k].as_str().unwrap_or_default().to_string();
-    let answered = Answered {
-        access_key: field("AccessKeyId"),
-        secret: field("SecretAccessKey"),
-        token: field("Token"),
     };
     if answered.access_key.is_empty() || doc["AccountId"] != ACCOUNT {
         return Outcome::Wrong(format!("{}: {body:.80}", target.pod));

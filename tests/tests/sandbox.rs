@@ -60,6 +60,15 @@ impl Sandbox {
         sandbox
     }
 
+    /// The line `up` printed for `pod` (what its `aws sts get-caller-identity` returned).
+    fn up_line(&self, pod: &str) -> String {
+        self.up
+            .lines()
+            .find(|l| l.trim_start().starts_with(pod))
+            .unwrap_or_else(|| panic!("{pod} missing from:\n{}", self.up))
+            .to_string()
+    }
+
     fn cli(&self, args: &[&str]) -> Output {
         Command::new(BIN)
             .args(["--name", &self.name])
@@ -187,13 +196,7 @@ fn sdk_clients_in_pods_get_their_own_role_and_nothing_else() {
     }
     let sb = Sandbox::up(&example());
     // `up` shows every pod's identity: the two permitted pods their roles, the others none.
-    let line = |pod: &str| {
-        sb.up
-            .lines()
-            .find(|l| l.trim_start().starts_with(pod))
-            .unwrap_or_else(|| panic!("{pod} missing from:\n{}", sb.up))
-            .to_string()
-    };
+    let line = |pod: &str| sb.up_line(pod);
     assert!(
         line("payments/api").contains("assumed-role/payments-api/"),
         "{}",
@@ -629,13 +632,7 @@ fn pod_identity_gives_pods_their_service_accounts_role_and_refuses_every_other_t
         return;
     }
     let sb = Sandbox::up(&example());
-    let line = |pod: &str| {
-        sb.up
-            .lines()
-            .find(|l| l.trim_start().starts_with(pod))
-            .unwrap_or_else(|| panic!("{pod} missing from:\n{}", sb.up))
-            .to_string()
-    };
+    let line = |pod: &str| sb.up_line(pod);
     assert!(
         line("payments/ledger").contains("assumed-role/payments-ledger/"),
         "{}",

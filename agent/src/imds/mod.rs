@@ -15,7 +15,6 @@
 //! the pod's Warning Events, the server's log and `podiam-server explain`.
 
 use std::{
-    convert::Infallible,
     net::{IpAddr, SocketAddr},
     sync::Arc,
     time::Duration,
@@ -24,11 +23,6 @@ use std::{
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
-use hyper::service::service_fn;
-use hyper_util::{
-    rt::{TokioIo, TokioTimer},
-    server::graceful::GracefulShutdown,
-};
 use podiam_common::net::canonical;
 use podiam_common::protocol::{
     CREDENTIALS_PATH, CredentialsRequest, CredentialsResponse, ErrorBody, ErrorCode, ROLE_PATH,
@@ -54,10 +48,6 @@ const TTL_HEADER: &str = "x-aws-ec2-metadata-token-ttl-seconds";
 const TOKEN_HEADER: &str = "x-aws-ec2-metadata-token";
 const CREDENTIALS: &str = "security-credentials";
 const CREDENTIALS_EXTENDED: &str = "security-credentials-extended";
-/// Headers larger than this are refused (the metadata API needs a few hundred bytes).
-const MAX_HEADERS_BYTES: usize = 16 * 1024;
-const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
-const GRACE: Duration = Duration::from_secs(5);
 
 /// The endpoint; cheap to clone.
 #[derive(Clone, Debug)]
@@ -162,16 +152,11 @@ impl Imds {
         }
     }
 
-    /// Serves HTTP/1 on `listener` until `shutdown`, with header size and time limits.
+    /// Serves HTTP/1 on `listener` until `shutdown` (see [`crate::pods::serve`]).
     pub async fn serve(self, listener: TcpListener, shutdown: CancellationToken) {
-        let graceful = GracefulShutdown::new();
-        loop {
-            let Some((tcp, peer)) =
-                podiam_common::listen::accept(&listener, &shutdown, "metadata endpoint").await
-            else {
-                break;
-            };
-            if !self.is_pod_source(peer.ip()) {
+        let admit = |peer: SocketAddr| {
+            let ok = self.is_pod_source(peer.ip());
+            if !ok {
                 // Not a pod (another host hitting $HOST_IP:8181, the node itself): no answer.
                 self.inner
                     .metrics
@@ -179,40 +164,20 @@ impl Imds {
                     .with_label_values(&["not_a_pod_source"])
                     .inc();
                 tracing::debug!(%peer, "connection from outside --pod-sources closed");
-                drop(tcp);
-                continue;
             }
-            let _ = tcp.set_nodelay(true);
-            let imds = self.clone();
-            let service = service_fn(move |req| {
-                let imds = imds.clone();
-                async move { Ok::<_, Infallible>(imds.handle(peer, req).await) }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
-                .max_buf_size(MAX_HEADERS_BYTES)
-                .serve_connection(TokioIo::new(tcp), service);
-            let conn = graceful.watch(conn);
-            tokio::spawn(async move {
-                if let Err(error) = conn.await {
-                    tracing::debug!(%peer, %error, "IMDS connection ended with an error");
-                }
-            });
-        }
-        if tokio::time::timeout(GRACE, graceful.shutdown())
-            .await
-            .is_err()
-        {
-            tracing::warn!("IMDS: requests still in flight after the grace period");
-        }
+            ok
+        };
+        let imds = self.clone();
+        let handle = move |peer, req| {
+            let imds = imds.clone();
+            async move { imds.handle(peer, req).await }
+        };
+        crate::pods::serve(listener, shutdown, "metadata endpoint", admit, handle).await;
     }
 
     /// Whether `ip` may be a pod's (see `--pod-sources`).
     fn is_pod_source(&self, ip: IpAddr) -> bool {
-        let sources = &self.inner.pod_sources;
-        let ip = canonical(ip);
-        sources.is_empty() || sources.iter().any(|net| net.contains(&ip))
+        crate::pods::is_pod_source(&self.inner.pod_sources, ip)
     }
 
     /// Answers one request from `peer` (bodies are never read).
