@@ -15,14 +15,17 @@ async fn the_example_sandbox_loads_with_an_ip_per_pod() {
     let loaded = manifests::load(&kube, &path).unwrap();
     assert_eq!(loaded.namespaces, ["payments", "analytics"]);
     assert_eq!(kube.count(Kind::Namespace), 2);
-    assert_eq!(kube.count(Kind::Pod), 4);
+    assert_eq!(kube.count(Kind::Pod), 6);
+    // The two container-credentials pods' ServiceAccounts, and the association of one.
+    assert_eq!(kube.count(Kind::ServiceAccount), 2);
+    assert_eq!(kube.count(Kind::Association), 1);
     let nodes: std::collections::BTreeSet<_> =
         loaded.pods.iter().map(|p| p.node.as_str()).collect();
     assert_eq!(nodes.len(), 2, "the sandbox spans two nodes");
     let mut ips: Vec<_> = loaded.pods.iter().map(|p| p.ip.clone()).collect();
     ips.sort();
     ips.dedup();
-    assert_eq!(ips.len(), 4, "every pod has its own IP");
+    assert_eq!(ips.len(), 6, "every pod has its own IP");
     for pod in &loaded.pods {
         assert!(pod.ip.starts_with("100.64."), "{pod:?}");
     }
@@ -50,6 +53,14 @@ async fn unsupported_or_malformed_documents_are_refused_with_the_reason() {
             "not a valid name",
         ),
         ("- a\n- b\n", "mapping"),
+        (
+            "apiVersion: podiam.io/v1alpha1\nkind: PodIdentityAssociation\nmetadata: {name: x}\nspec: {roleArn: r}\n",
+            "spec.serviceAccount is required",
+        ),
+        (
+            "apiVersion: v1\nkind: PodIdentityAssociation\nmetadata: {name: x}\nspec: {serviceAccount: a, roleArn: r}\n",
+            "podiam.io/v1alpha1",
+        ),
     ];
     for (i, (text, want)) in cases.iter().enumerate() {
         let path = dir.path().join(format!("{i}.yaml"));
