@@ -3,13 +3,12 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::{
-    Metadata, NamespaceResourceScope, Resource, apimachinery::pkg::apis::meta::v1::ObjectMeta,
-};
+use k8s_openapi::{NamespaceResourceScope, apimachinery::pkg::apis::meta::v1::ObjectMeta};
 use podiam_common::pod_identity;
 use serde::{Deserialize, Deserializer};
 
 use super::{AccountKey, Association};
+use crate::pods::resources::lean_resource;
 
 /// A ServiceAccount, reduced to its key and role annotation.
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -60,42 +59,21 @@ pub enum AccountObjectError {
     Incomplete(AccountKey),
 }
 
-impl Resource for WatchedServiceAccount {
-    const API_VERSION: &'static str = "v1";
-    const GROUP: &'static str = "";
-    const KIND: &'static str = "ServiceAccount";
-    const VERSION: &'static str = "v1";
-    const URL_PATH_SEGMENT: &'static str = "serviceaccounts";
-    type Scope = NamespaceResourceScope;
-}
-
-impl Resource for WatchedAssociation {
-    const API_VERSION: &'static str = "podiam.io/v1alpha1";
-    const GROUP: &'static str = pod_identity::GROUP;
-    const KIND: &'static str = pod_identity::KIND;
-    const VERSION: &'static str = pod_identity::VERSION;
-    const URL_PATH_SEGMENT: &'static str = pod_identity::PLURAL;
-    type Scope = NamespaceResourceScope;
-}
-
-macro_rules! metadata {
-    ($ty:ty) => {
-        impl Metadata for $ty {
-            type Ty = ObjectMeta;
-
-            fn metadata(&self) -> &ObjectMeta {
-                &self.metadata
-            }
-
-            fn metadata_mut(&mut self) -> &mut ObjectMeta {
-                &mut self.metadata
-            }
-        }
-    };
-}
-
-metadata!(WatchedServiceAccount);
-metadata!(WatchedAssociation);
+lean_resource!(
+    WatchedServiceAccount,
+    "ServiceAccount",
+    "serviceaccounts",
+    NamespaceResourceScope
+);
+lean_resource!(
+    WatchedAssociation,
+    "podiam.io/v1alpha1",
+    pod_identity::GROUP,
+    pod_identity::VERSION,
+    pod_identity::KIND,
+    pod_identity::PLURAL,
+    NamespaceResourceScope
+);
 
 fn key(meta: &ObjectMeta) -> Result<AccountKey, AccountObjectError> {
     match (meta.namespace.as_deref(), meta.name.as_deref()) {

@@ -8,7 +8,7 @@
 use std::{collections::BTreeMap, fmt, net::IpAddr};
 
 use k8s_openapi::{
-    ClusterResourceScope, Metadata, NamespaceResourceScope, Resource,
+    ClusterResourceScope, NamespaceResourceScope,
     apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference},
 };
 use podiam_common::{annotations, pod_identity};
@@ -105,31 +105,36 @@ pub enum ObjectError {
     NoKey,
 }
 
-/// `k8s_openapi`'s traits for a lean object type, which give it kube's `Resource`.
+/// `k8s_openapi`'s traits for a lean object type, which give it kube's `Resource`: core
+/// group (`v1`) with four arguments, or `api_version, group, version` before the kind.
 macro_rules! lean_resource {
-    ($ty:ty, $kind:literal, $plural:literal, $scope:ty) => {
-        impl Resource for $ty {
-            const API_VERSION: &'static str = "v1";
-            const GROUP: &'static str = "";
+    ($ty:ty, $kind:expr, $plural:expr, $scope:ty) => {
+        $crate::pods::resources::lean_resource!($ty, "v1", "", "v1", $kind, $plural, $scope);
+    };
+    ($ty:ty, $api_version:expr, $group:expr, $version:expr, $kind:expr, $plural:expr, $scope:ty) => {
+        impl k8s_openapi::Resource for $ty {
+            const API_VERSION: &'static str = $api_version;
+            const GROUP: &'static str = $group;
             const KIND: &'static str = $kind;
-            const VERSION: &'static str = "v1";
+            const VERSION: &'static str = $version;
             const URL_PATH_SEGMENT: &'static str = $plural;
             type Scope = $scope;
         }
 
-        impl Metadata for $ty {
-            type Ty = ObjectMeta;
+        impl k8s_openapi::Metadata for $ty {
+            type Ty = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
-            fn metadata(&self) -> &ObjectMeta {
+            fn metadata(&self) -> &Self::Ty {
                 &self.metadata
             }
 
-            fn metadata_mut(&mut self) -> &mut ObjectMeta {
+            fn metadata_mut(&mut self) -> &mut Self::Ty {
                 &mut self.metadata
             }
         }
     };
 }
+pub(crate) use lean_resource;
 
 lean_resource!(WatchedPod, "Pod", "pods", NamespaceResourceScope);
 lean_resource!(
