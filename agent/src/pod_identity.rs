@@ -101,13 +101,20 @@ pub struct PodIdentityMetrics {
 
 /// Why a request is answered without credentials.
 #[derive(Clone, Debug, PartialEq, Eq)]
-enum Refusal {
+pub enum Refusal {
+    /// Not `/v1/credentials` (404).
     NotFound,
+    /// Not `GET` (405).
     MethodNotAllowed,
+    /// The `Host` (its first 64 characters) is not one of the endpoint's addresses (403).
     WrongHost(String),
+    /// No token, or one that cannot be a live JWT, or one a server refused (400).
     InvalidToken(&'static str),
+    /// A server refused the role (403).
     AccessDenied,
+    /// No server or STS could answer (503).
     Unavailable,
+    /// Over `--pod-identity-rate` for this source address (429).
     TooManyRequests,
 }
 
@@ -206,23 +213,7 @@ impl PodIdentity {
         uri: &http::Uri,
         headers: &HeaderMap,
     ) -> Result<(CredentialsDocument, &'static str), Refusal> {
-        if uri.path() != pod_identity::PATH {
-            return Err(Refusal::NotFound);
-        }
-        if method != Method::GET {
-            return Err(Refusal::MethodNotAllowed);
-        }
-        check_host(uri, headers)?;
-        let token = headers
-            .get(header::AUTHORIZATION)
-            .map(|v| v.to_str().map(str::trim))
-            .transpose()
-            .map_err(|_| Refusal::InvalidToken("the token is not text"))?
-            .filter(|t| !t.is_empty())
-            .ok_or(Refusal::InvalidToken(
-                "service account token cannot be empty",
-            ))?;
-        check_token(token, self.inner.clock.now())?;
+        let token = vet(method, uri, headers, self.inner.clock.now())?;
         let request = PodIdentityRequest {
             token: Secret::new(token),
         };
@@ -277,6 +268,35 @@ impl PodIdentity {
             .unwrap_or_default();
         (left >= HELD_MIN).then(|| held.document.clone())
     }
+}
+
+/// What the agent checks of a request alone, before a server is asked, in EKS's agent's
+/// order: the path, the method, the `Host`, then the token's presence, shape and times.
+/// The token (trimmed) when all pass. Public for the fuzz target.
+pub fn vet<'r>(
+    method: &Method,
+    uri: &http::Uri,
+    headers: &'r HeaderMap,
+    now: SystemTime,
+) -> Result<&'r str, Refusal> {
+    if uri.path() != pod_identity::PATH {
+        return Err(Refusal::NotFound);
+    }
+    if method != Method::GET {
+        return Err(Refusal::MethodNotAllowed);
+    }
+    check_host(uri, headers)?;
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .map(|v| v.to_str().map(str::trim))
+        .transpose()
+        .map_err(|_| Refusal::InvalidToken("the token is not text"))?
+        .filter(|t| !t.is_empty())
+        .ok_or(Refusal::InvalidToken(
+            "service account token cannot be empty",
+        ))?;
+    check_token(token, now)?;
+    Ok(token)
 }
 
 /// The `Host` must name the endpoint (EKS's agent checks the same): a request that reached
@@ -402,7 +422,8 @@ impl PerSource {
 // === impl Refusal ===
 
 impl Refusal {
-    fn label(&self) -> &'static str {
+    /// The `result` label of `podiam_pod_identity_requests_total`.
+    pub fn label(&self) -> &'static str {
         match self {
             Refusal::NotFound => "not_found",
             Refusal::MethodNotAllowed => "method_not_allowed",

@@ -152,3 +152,39 @@ write("feed_messages", "seed-04", update())
 # Found by the target: an expiry after 9999 made the agent panic formatting its document.
 write("feed_messages", "regress-expiry-after-9999",
       update([pod("a", ["10.0.0.1"], ROLE, creds=2**63 - 1)], synced=True))
+
+# pod_identity_request: now \0 method \0 request target \0 Host \0 Authorization, where an
+# Authorization of `@` and JSON is made into a JWT around those claims by the target.
+NOW = 1_795_651_200
+CLAIMS = {"aud": ["pods.eks.amazonaws.com"], "exp": NOW + 86_400, "iat": NOW, "nbf": NOW,
+          "iss": "https://kubernetes.default.svc", "sub": "system:serviceaccount:payments:ledger",
+          "kubernetes.io": {"namespace": "payments", "pod": {"name": "ledger", "uid": "u"},
+                            "serviceaccount": {"name": "ledger", "uid": "s"}}}
+
+
+def b64url(data):
+    import base64
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def jwt(claims):
+    return "eyJhbGciOiJSUzI1NiIsImtpZCI6IngifQ." + b64url(json.dumps(claims).encode()) + ".c2lnbmF0dXJl"
+
+
+for i, (now, method, target, host, authorization) in enumerate([
+    (NOW, "GET", "/v1/credentials", "169.254.170.23", "@" + json.dumps(CLAIMS)),
+    (NOW, "GET", "/v1/credentials", "[fd00:ec2::23]:80", jwt(CLAIMS)),
+    (NOW, "GET", "http://169.254.170.23/v1/credentials", "", jwt(CLAIMS)),
+    (NOW + 86_400, "GET", "/v1/credentials", "169.254.170.23:80", "@" + json.dumps(CLAIMS)),
+    (NOW - 1, "GET", "/v1/credentials", "169.254.170.23", "@" + json.dumps(CLAIMS)),
+    (NOW, "GET", "/v1/credentials", "169.254.170.23", '@{"exp": 1.8e9, "nbf": "later"}'),
+    (NOW, "GET", "/v1/credentials", "169.254.169.254", jwt(CLAIMS)),
+    (NOW, "GET", "/v1/credentials", "fd00:ec2::23", "  " + jwt(CLAIMS) + "\t"),
+    (NOW, "POST", "/v1/credentials?x=1", "169.254.170.23", jwt(CLAIMS)),
+    (NOW, "GET", "/v1/credentials/../credentials", "169.254.170.23", "Bearer " + jwt(CLAIMS)),
+    (NOW, "GET", "/v1/credentials", "169.254.170.23", jwt(CLAIMS) + ".extra"),
+    (NOW, "GET", "/v1/credentials", "169.254.170.23", "a.e30=.c"),
+    (NOW, "GET", "/v1/credentials", "[::ffff:169.254.170.23]", "@[1, 2]"),
+]):
+    write("pod_identity_request", f"seed-{i:02}",
+          "\0".join([str(now), method, target, host, authorization]))

@@ -103,6 +103,94 @@ pub fn glob_matches(glob: &str, text: &str) -> bool {
     row[t.len()]
 }
 
+/// How `host` (a `Host` header, or a request's authority) names the container-credentials
+/// endpoint: `Some(true)` as RFC 3986 writes a host (`169.254.170.23`, `[fd00:ec2::23]`,
+/// the IPv6 one in any spelling or IPv4-mapped, each with or without `:port`);
+/// `Some(false)` only when read leniently (brackets anywhere dropped, a bare IPv6
+/// address); `None` when it names anything else.
+pub fn endpoint_host(host: &str) -> Option<bool> {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+    let v4 = Ipv4Addr::new(169, 254, 170, 23);
+    let v6 = Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x23);
+    let is = |text: &str| match text.parse::<IpAddr>() {
+        Ok(IpAddr::V4(ip)) => ip == v4,
+        Ok(IpAddr::V6(ip)) => ip == v6 || ip.to_ipv4_mapped() == Some(v4),
+        Err(_) => false,
+    };
+    // `rest` is empty or `:` and digits.
+    let port_or_nothing = |rest: &str| {
+        rest.is_empty()
+            || rest
+                .strip_prefix(':')
+                .is_some_and(|digits| digits.bytes().all(|b| b.is_ascii_digit()))
+    };
+    let strict = match host.strip_prefix('[') {
+        Some(bracketed) => bracketed.split_once(']').is_some_and(|(ip, rest)| {
+            ip.parse::<Ipv6Addr>().is_ok() && is(ip) && port_or_nothing(rest)
+        }),
+        None => {
+            let (ip, rest) = host.split_at(host.find(':').unwrap_or(host.len()));
+            ip.parse::<Ipv4Addr>().is_ok() && is(ip) && port_or_nothing(rest)
+        }
+    };
+    if strict {
+        return Some(true);
+    }
+    let bare: String = host.chars().filter(|&c| c != '[' && c != ']').collect();
+    let lenient = is(&bare)
+        || bare
+            .rsplit_once(':')
+            .is_some_and(|(ip, port)| is(ip) && port_or_nothing(&format!(":{port}")));
+    lenient.then_some(false)
+}
+
+/// The claims of a JWT as the container-credentials endpoint may read them without its
+/// key: three non-empty segments of base64url characters (`=` padding tolerated), the
+/// middle one decoding, strictly, to JSON. `None` for anything else.
+pub fn jwt_claims(token: &str) -> Option<serde_json::Value> {
+    let segments: Vec<&str> = token.split('.').collect();
+    let alphabet = |s: &&str| {
+        !s.is_empty()
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '='))
+    };
+    if segments.len() != 3 || !segments.iter().all(alphabet) {
+        return None;
+    }
+    let payload = base64url_decode(segments[1].trim_end_matches('='))?;
+    serde_json::from_slice(&payload).ok()
+}
+
+/// RFC 4648 §5 base64url without padding, strictly: every character in the alphabet, no
+/// dangling character, and the unused bits of the last one zero. Bit by bit, no tables.
+pub fn base64url_decode(text: &str) -> Option<Vec<u8>> {
+    const ALPHABET: &str = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut bits: Vec<bool> = Vec::new();
+    for c in text.chars() {
+        let value = ALPHABET.find(c)?;
+        bits.extend((0..6).rev().map(|i| (value >> i) & 1 == 1));
+    }
+    if text.len() % 4 == 1 || bits[bits.len() - bits.len() % 8..].iter().any(|&b| b) {
+        return None;
+    }
+    Some(
+        bits.chunks_exact(8)
+            .map(|byte| byte.iter().fold(0u8, |n, &b| (n << 1) | u8::from(b)))
+            .collect(),
+    )
+}
+
+/// Whether JWT claims are live at `now` (seconds): a numeric `exp` after now, and no
+/// numeric `nbf` after now.
+pub fn claims_live(claims: &serde_json::Value, now: u64) -> bool {
+    let Some(claims) = claims.as_object() else {
+        return false;
+    };
+    let number = |key: &str| claims.get(key).and_then(serde_json::Value::as_f64);
+    let now = now as f64;
+    number("exp").is_some_and(|exp| exp > now) && number("nbf").is_none_or(|nbf| nbf <= now)
+}
+
 /// A fixed wall clock for the targets: runs are reproducible from their input alone.
 #[derive(Clone, Copy, Debug)]
 pub struct FixedClock(pub SystemTime);
@@ -146,6 +234,64 @@ mod tests {
         assert!(!glob_matches("a*c", "abd"));
         assert!(!glob_matches("a.c", "abc"));
         assert!(glob_matches("**", "x"));
+    }
+
+    #[test]
+    fn endpoint_hosts() {
+        for host in [
+            "169.254.170.23",
+            "169.254.170.23:80",
+            "[fd00:ec2::23]:80",
+            "[fd00:ec2:0::23]",
+            "[::ffff:169.254.170.23]",
+        ] {
+            assert_eq!(endpoint_host(host), Some(true), "{host}");
+        }
+        for host in ["fd00:ec2::23", "[[169.254.170.23]]", "fd00:ec2::23:80"] {
+            assert_eq!(endpoint_host(host), Some(false), "{host}");
+        }
+        for host in [
+            "169.254.169.254",
+            "169.254.170.23.example",
+            "[fd00:ec2::24]",
+            "",
+            "localhost:80",
+        ] {
+            assert_eq!(endpoint_host(host), None, "{host}");
+        }
+    }
+
+    #[test]
+    fn base64url() {
+        use base64::Engine;
+        let engine = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        for bytes in [
+            &b""[..],
+            b"a",
+            b"ab",
+            b"abc",
+            b"\xff\xfe\x00",
+            b"{\"exp\":1}",
+        ] {
+            assert_eq!(
+                base64url_decode(&engine.encode(bytes)).as_deref(),
+                Some(bytes)
+            );
+        }
+        // A dangling character, non-zero unused bits, padding, the other alphabet.
+        for text in [
+            "QUJD".to_string() + "Q",
+            "QR".into(),
+            "QQ==".into(),
+            "+/".into(),
+        ] {
+            assert_eq!(
+                base64url_decode(&text).is_some(),
+                engine.decode(&text).is_ok(),
+                "{text}"
+            );
+            assert_eq!(base64url_decode(&text), None, "{text}");
+        }
     }
 
     #[test]
