@@ -422,8 +422,7 @@ impl PerSource {
 // === impl Refusal ===
 
 impl Refusal {
-    /// The `result` label of `podiam_pod_identity_requests_total`.
-    pub fn label(&self) -> &'static str {
+    fn label(&self) -> &'static str {
         match self {
             Refusal::NotFound => "not_found",
             Refusal::MethodNotAllowed => "method_not_allowed",
