@@ -109,21 +109,17 @@ pub fn glob_matches(glob: &str, text: &str) -> bool {
 /// `Some(false)` only when read leniently (brackets anywhere dropped, a bare IPv6
 /// address); `None` when it names anything else.
 pub fn endpoint_host(host: &str) -> Option<bool> {
+    use podiam_common::pod_identity::{ADDRESS_V4, ADDRESS_V6};
     use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-    let v4 = Ipv4Addr::new(169, 254, 170, 23);
-    let v6 = Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x23);
     let is = |text: &str| match text.parse::<IpAddr>() {
-        Ok(IpAddr::V4(ip)) => ip == v4,
-        Ok(IpAddr::V6(ip)) => ip == v6 || ip.to_ipv4_mapped() == Some(v4),
+        Ok(IpAddr::V4(ip)) => ip == ADDRESS_V4,
+        Ok(IpAddr::V6(ip)) => ip == ADDRESS_V6 || ip.to_ipv4_mapped() == Some(ADDRESS_V4),
         Err(_) => false,
     };
+    let digits = |text: &str| text.bytes().all(|b| b.is_ascii_digit());
     // `rest` is empty or `:` and digits.
-    let port_or_nothing = |rest: &str| {
-        rest.is_empty()
-            || rest
-                .strip_prefix(':')
-                .is_some_and(|digits| digits.bytes().all(|b| b.is_ascii_digit()))
-    };
+    let port_or_nothing =
+        |rest: &str| rest.is_empty() || rest.strip_prefix(':').is_some_and(digits);
     let strict = match host.strip_prefix('[') {
         Some(bracketed) => bracketed.split_once(']').is_some_and(|(ip, rest)| {
             ip.parse::<Ipv6Addr>().is_ok() && is(ip) && port_or_nothing(rest)
@@ -140,7 +136,7 @@ pub fn endpoint_host(host: &str) -> Option<bool> {
     let lenient = is(&bare)
         || bare
             .rsplit_once(':')
-            .is_some_and(|(ip, port)| is(ip) && port_or_nothing(&format!(":{port}")));
+            .is_some_and(|(ip, port)| is(ip) && digits(port));
     lenient.then_some(false)
 }
 
