@@ -6,8 +6,9 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc, time::Du
 use anyhow::{Context, bail};
 use clap::Parser;
 use podiam_common::{
-    admin::{Admin, AdminArgs},
+    admin::{self, Admin, AdminArgs},
     clock::SystemClock,
+    listen::{ConnectionLimits, Limiter, ListenerMetrics},
     logging::LogArgs,
     readiness::Readiness,
     shutdown,
@@ -23,6 +24,7 @@ use crate::{
     intercept::{InterceptArgs, InterceptMetrics, Interceptor},
     interfaces::Interfaces,
     pod_identity::{PodIdentity, PodIdentityMetrics},
+    pods,
     proxy::{DEFAULT_ALLOW, MetadataProxy},
     servers::{ServerSettings, Servers, ServersMetrics},
     table::{NodeTable, TableMetrics},
@@ -102,6 +104,17 @@ struct ImdsArgs {
     /// Deadline of a request to the real metadata service.
     #[arg(long, env = "PODIAM_METADATA_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration)]
     metadata_timeout: Duration,
+
+    /// Connections each pod-facing endpoint (metadata, container credentials) holds at
+    /// once; more are closed at accept.
+    #[arg(long, env = "PODIAM_MAX_POD_CONNECTIONS", default_value_t = pods::DEFAULT_LIMITS.total)]
+    max_pod_connections: usize,
+
+    /// Connections each pod-facing endpoint holds at once from one source address (one
+    /// pod; host-network pods share the node's): a pod that opens more is refused beyond
+    /// its share, and every other pod keeps its own.
+    #[arg(long, env = "PODIAM_MAX_POD_CONNECTIONS_PER_SOURCE", default_value_t = pods::DEFAULT_LIMITS.per_source)]
+    max_pod_connections_per_source: usize,
 }
 
 /// The container-credentials endpoint (EKS Pod Identity's, on any cluster).
@@ -227,7 +240,16 @@ impl Cli {
             metadata_addr,
             allow_route_regexp,
             metadata_timeout,
+            max_pod_connections,
+            max_pod_connections_per_source,
         } = imds;
+        if max_pod_connections == 0 || max_pod_connections_per_source == 0 {
+            bail!("--max-pod-connections and --max-pod-connections-per-source must be at least 1");
+        }
+        let pod_limits = ConnectionLimits {
+            total: max_pod_connections,
+            per_source: max_pod_connections_per_source,
+        };
         let ServerArgs {
             server_address,
             server_name,
@@ -258,9 +280,16 @@ impl Cli {
                 Err(_) => bail!("--listen is required (or HOST_IP, from the downward API)"),
             },
         };
+        // The node's address, as the metadata endpoint's: the metrics are for the
+        // operator's scraper, not for every address of the host network.
+        let admin_addr =
+            admin_addr.unwrap_or_else(|| SocketAddr::new(listen.ip(), admin::DEFAULT_PORT));
         let registry = Registry::new();
         let readiness = Readiness::new();
         let imds_metrics = ImdsMetrics::register(&registry)?;
+        let listeners = ListenerMetrics::register(&registry)?;
+        let metadata_limiter = Limiter::new("metadata", pod_limits, &listeners);
+        let container_limiter = Limiter::new("container_credentials", pod_limits, &listeners);
         // The rules go in before anything else that can fail at start (TLS files, the
         // token key, server addresses): a misconfigured agent leaves pods with refused
         // connections, never with the node's credentials.
@@ -436,23 +465,29 @@ impl Cli {
             async move { admin.serve(admin_listener, shutdown).await }
                 .instrument(tracing::info_span!("admin"))
         });
+        // One limiter per endpoint, shared by its IPv4 and IPv6 listeners.
         for listener in extra_listeners {
-            let (imds, shutdown) = (imds.clone(), shutdown.clone());
+            let (imds, limiter, shutdown) =
+                (imds.clone(), metadata_limiter.clone(), shutdown.clone());
             tasks.spawn(
-                async move { imds.serve(listener, shutdown).await }
+                async move { imds.serve(listener, limiter, shutdown).await }
                     .instrument(tracing::info_span!("imds")),
             );
         }
         for listener in pod_identity_listeners {
-            let (endpoint, shutdown) = (pod_identity.clone(), shutdown.clone());
+            let (endpoint, limiter, shutdown) = (
+                pod_identity.clone(),
+                container_limiter.clone(),
+                shutdown.clone(),
+            );
             tasks.spawn(
-                async move { endpoint.serve(listener, shutdown).await }
+                async move { endpoint.serve(listener, limiter, shutdown).await }
                     .instrument(tracing::info_span!("pod_identity")),
             );
         }
         tasks.spawn({
             let shutdown = shutdown.clone();
-            async move { imds.serve(imds_listener, shutdown).await }
+            async move { imds.serve(imds_listener, metadata_limiter, shutdown).await }
                 .instrument(tracing::info_span!("imds"))
         });
         // A server that stops before shutdown takes the process down, loudly.

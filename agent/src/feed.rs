@@ -9,7 +9,7 @@
 
 use std::time::Duration;
 
-use podiam_common::feed::{Held, WatchNode};
+use podiam_common::feed::{self, Held, WatchNode};
 use rand::Rng;
 use tokio_util::sync::CancellationToken;
 
@@ -97,6 +97,8 @@ async fn subscribe(
         let held = table
             .held()
             .into_iter()
+            // A server refuses more (a node never runs that many pods).
+            .take(feed::MAX_HELD)
             .map(|(uid, version)| Held { uid, version })
             .collect();
         let mut request = tonic::Request::new(WatchNode {

@@ -3,7 +3,10 @@
 //! Pods reach it at `169.254.170.23:80` or `[fd00:ec2::23]:80` (redirected to this
 //! listener by [`crate::intercept`], like the metadata address); their SDKs send
 //! `GET /v1/credentials` with the pod's projected ServiceAccount token as `Authorization`.
-//! The token is the identity: the caller's address plays no part. The agent checks what it
+//! The token is the identity, and it is bound to its pod: the agent forwards the caller's
+//! address, and the server answers only when it is one of the token's pod's addresses (a
+//! host-network pod's are the node's). A pod that has read another pod's token gets
+//! nothing with it, which EKS's agent cannot say. The agent checks what it
 //! can alone, in the order EKS's agent does (the `Host` must be one of the endpoint's
 //! addresses, the token present, shaped like a JWT, and not expired), then forwards the
 //! token to a podiam server, which has the API server review it and finds the pod it is
@@ -11,8 +14,8 @@
 //!
 //! Through a server outage, a pod keeps getting the credentials last handed to it for the
 //! same token while they have 15 minutes left and the node feed still lists the pod (by
-//! UID) on this node: the server's last answer vouches for the token, the feed for the
-//! pod. Without a synced feed there is no such fallback, and a server's refusal forgets
+//! UID) on this node with the caller's address: the server's last answer vouches for the
+//! token, the feed for the pod and its address. Without a synced feed there is no such fallback, and a server's refusal forgets
 //! what was held.
 //!
 //! Each source address may ask `--pod-identity-rate` times a second (bursts of five times
@@ -154,7 +157,12 @@ impl PodIdentity {
     }
 
     /// Serves HTTP/1 on `listener` until `shutdown` (see [`crate::pods::serve`]).
-    pub async fn serve(self, listener: TcpListener, shutdown: CancellationToken) {
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        limiter: podiam_common::listen::Limiter,
+        shutdown: CancellationToken,
+    ) {
         let admit = |peer: std::net::SocketAddr| {
             let ok = self.is_pod_source(peer.ip());
             if !ok {
@@ -172,6 +180,7 @@ impl PodIdentity {
             listener,
             shutdown,
             "container-credentials endpoint",
+            limiter,
             admit,
             handle,
         )
@@ -191,7 +200,10 @@ impl PodIdentity {
     pub async fn handle<B>(&self, source: IpAddr, req: Request<B>) -> Response<Full<Bytes>> {
         let started = tokio::time::Instant::now();
         let answer = match self.allowed(source) {
-            true => self.answer(req.method(), req.uri(), req.headers()).await,
+            true => {
+                self.answer(source, req.method(), req.uri(), req.headers())
+                    .await
+            }
             false => Err(Refusal::TooManyRequests),
         };
         let (result, rsp) = match answer {
@@ -209,13 +221,16 @@ impl PodIdentity {
 
     async fn answer(
         &self,
+        source: IpAddr,
         method: &Method,
         uri: &http::Uri,
         headers: &HeaderMap,
     ) -> Result<(CredentialsDocument, &'static str), Refusal> {
         let token = vet(method, uri, headers, self.inner.clock.now())?;
+        let source = canonical(source);
         let request = PodIdentityRequest {
             token: Secret::new(token),
+            ip: Some(source),
         };
         let mut key = [0u8; 32];
         key.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, token.as_bytes()).as_ref());
@@ -227,7 +242,7 @@ impl PodIdentity {
                     if refusal != Refusal::Unavailable {
                         // A server said no: what was held for this token is not handed out again.
                         self.inner.held.invalidate(&key);
-                    } else if let Some(document) = self.held(&key) {
+                    } else if let Some(document) = self.held(&key, source) {
                         tracing::debug!(
                             "no server answered: credentials held for this token handed out again"
                         );
@@ -254,11 +269,12 @@ impl PodIdentity {
     }
 
     /// Credentials held for the token hashed as `key`, if they have [`HELD_MIN`] left and
-    /// the synced node table still lists their pod on this node.
-    fn held(&self, key: &[u8; 32]) -> Option<CredentialsDocument> {
+    /// the synced node table still lists their pod on this node with `source` among its
+    /// addresses (the server's rule: a token is worth something only from its own pod).
+    fn held(&self, key: &[u8; 32], source: IpAddr) -> Option<CredentialsDocument> {
         let held = self.inner.held.get(key)?;
         let table = self.inner.table.as_ref()?;
-        if table.holds_pod(&held.uid) != Some(true) {
+        if table.pod_has_ip(&held.uid, source) != Some(true) {
             return None;
         }
         let left = held
@@ -378,6 +394,10 @@ fn refused(error: &ServerError) -> Refusal {
             Refusal::AccessDenied
         }
         ErrorCode::StsError => Refusal::Unavailable,
+        ErrorCode::Throttled => {
+            tracing::debug!(message = %body.message, "throttled by the server");
+            Refusal::TooManyRequests
+        }
         ErrorCode::AmbiguousIp
         | ErrorCode::Unauthenticated
         | ErrorCode::InvalidRequest

@@ -13,6 +13,7 @@ use hyper_util::{
     rt::{TokioIo, TokioTimer},
     server::graceful::GracefulShutdown,
 };
+use podiam_common::listen::{ConnectionLimits, Limiter};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -20,6 +21,13 @@ use tokio_util::sync::CancellationToken;
 /// projected token 1–2 KB).
 const MAX_HEADERS_BYTES: usize = 16 * 1024;
 const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The default caps of each pod-facing listener: a node runs a few hundred pods at most,
+/// whose SDKs hold a connection or two each; a connection costs the agent about 7 KB.
+pub const DEFAULT_LIMITS: ConnectionLimits = ConnectionLimits {
+    total: 2048,
+    per_source: 64,
+};
 const GRACE: Duration = Duration::from_secs(5);
 
 /// Whether `ip` may be a pod's: in one of `sources` (`--pod-sources`; empty: any, as the
@@ -30,12 +38,17 @@ pub fn is_pod_source(sources: &[ipnet::IpNet], ip: std::net::IpAddr) -> bool {
 }
 
 /// Serves `handle` on `listener` until `shutdown`. `admit` says whether a peer may be
-/// answered at all (it counts and logs the ones it refuses); `what` names the listener in
-/// logs.
+/// answered at all (it counts and logs the ones it refuses); `limiter` caps the
+/// connections held at once, in total and per source address (a pod that opens thousands
+/// of idle connections is refused beyond its share at accept, and the others keep theirs);
+/// `what` names the listener in logs. A connection with no request in progress for
+/// [`HEADER_TIMEOUT`] is closed (hyper's header-read timeout runs while a keep-alive
+/// connection waits for its next request too).
 pub async fn serve<A, H, F>(
     listener: TcpListener,
     shutdown: CancellationToken,
     what: &'static str,
+    limiter: Limiter,
     admit: A,
     handle: H,
 ) where
@@ -52,6 +65,10 @@ pub async fn serve<A, H, F>(
         if !admit(peer) {
             continue;
         }
+        let Ok(slot) = limiter.admit(peer.ip()) else {
+            tracing::debug!(%peer, listener = what, "connection closed at accept: over its cap");
+            continue;
+        };
         // Small request/response exchanges: Nagle plus delayed ACKs would add 40 ms.
         let _ = tcp.set_nodelay(true);
         let handle = handle.clone();
@@ -66,6 +83,7 @@ pub async fn serve<A, H, F>(
             .serve_connection(TokioIo::new(tcp), service);
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
+            let _slot = slot;
             if let Err(error) = conn.await {
                 tracing::debug!(%peer, %error, listener = what, "connection ended with an error");
             }

@@ -229,11 +229,14 @@ impl NodeTable {
         self.inner.state.read().connected
     }
 
-    /// Whether the pod with `uid` is on this node as of the last sync (`None`: the table
-    /// has never been synced, so it cannot say).
-    pub fn holds_pod(&self, uid: &str) -> Option<bool> {
+    /// Whether the pod with `uid` is on this node with `ip` among its addresses, as of the
+    /// last sync (`None`: the table has never been synced, so it cannot say).
+    pub fn pod_has_ip(&self, uid: &str, ip: IpAddr) -> Option<bool> {
+        let ip = canonical(ip);
         let state = self.inner.state.read();
-        state.synced.then(|| state.pods.contains_key(uid))
+        state
+            .synced
+            .then(|| state.pods.get(uid).is_some_and(|e| e.ips.contains(&ip)))
     }
 
     /// Number of pods held.

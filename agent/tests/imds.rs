@@ -704,3 +704,92 @@ async fn only_pod_sources_are_answered() {
         1.0
     );
 }
+
+/// Raises this process's open-file limit to at least `n` (as root), so that a test can
+/// hold `n` connections; the limit it has.
+fn raise_nofile(n: u64) -> u64 {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return 0;
+    };
+    if soft >= n {
+        return soft;
+    }
+    let hard = hard.max(n);
+    if setrlimit(Resource::RLIMIT_NOFILE, n, hard).is_ok() {
+        return n;
+    }
+    soft
+}
+
+#[tokio::test]
+async fn a_pods_twenty_thousand_idle_connections_cost_its_neighbours_nothing() {
+    const HOSTILE: &str = "127.0.0.66";
+    // 20,000 where the open-file limit allows (this process holds its end of each, and
+    // a machine whose hard limit is 20,000 leaves room for a little less).
+    let limit = raise_nofile(20_000 + 2048);
+    let connections = usize::try_from(limit.saturating_sub(2048).min(20_000)).unwrap_or(0);
+    if connections < 10_000 {
+        eprintln!(
+            "*** SKIPPING: the open-file limit ({limit}) leaves room for fewer than 10,000 connections ***"
+        );
+        return;
+    }
+    eprintln!("holding {connections} idle connections from one pod");
+    let n = node(&[]).await;
+    let token = n.token(WEB).await;
+    let web = format!("{CREDS}web");
+    assert_eq!(n.get(WEB, &web, Some(&token)).await.status, 200);
+    let quiet = n.agent.rss_kib().unwrap();
+
+    // One pod opens (about) 20,000 connections to the metadata endpoint, sends nothing.
+    let mut idle = Vec::with_capacity(connections);
+    let mut failed = 0usize;
+    for start in (0..connections).step_by(500) {
+        let batch = (start..connections.min(start + 500))
+            .map(|_| imds_client::connect(ip(HOSTILE), n.imds));
+        for c in futures::future::join_all(batch).await {
+            match c {
+                Ok(c) => idle.push(c),
+                Err(_) => failed += 1,
+            }
+        }
+    }
+    // Every other pod keeps being answered at once, while those are held.
+    for _ in 0..20 {
+        let started = Instant::now();
+        let c = n.get(WEB, &web, Some(&token)).await;
+        assert_eq!(c.status, 200, "{c:?}");
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "a neighbour waited {:?}",
+            started.elapsed()
+        );
+    }
+    let busy = n.agent.rss_kib().unwrap();
+    assert!(
+        busy < 64 * 1024,
+        "agent RSS {quiet} KiB → {busy} KiB under {} idle connections ({failed} failed)",
+        idle.len()
+    );
+    let refused = metric(
+        n.agent.admin,
+        r#"podiam_listener_refused_total{listener="metadata",reason="per_source"}"#,
+    )
+    .await;
+    // Beyond its 64, the pod's connections were closed at accept (its admitted ones are
+    // closed after 5 s of silence, so a few more got in over the run).
+    assert!(
+        refused >= (connections - failed) as f64 / 2.0,
+        "refused {refused} of {connections}"
+    );
+    assert!(
+        metric(
+            n.agent.admin,
+            r#"podiam_listener_connections{listener="metadata"}"#
+        )
+        .await
+            <= 64.0 + 1.0
+    );
+    drop(idle);
+}

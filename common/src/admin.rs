@@ -66,10 +66,15 @@ impl prometheus::core::Collector for RuntimeTasks {
 /// Admin server flags.
 #[derive(Clone, Debug, clap::Args)]
 pub struct AdminArgs {
-    /// Address of the admin server (/healthz, /readyz, /metrics).
-    #[arg(long, env = "PODIAM_ADMIN_ADDR", default_value = "0.0.0.0:9620")]
-    pub admin_addr: SocketAddr,
+    /// Address of the admin server (/healthz, /readyz, /metrics). Default: port 9620 on
+    /// every address for the server (a pod); for the agent, on the address of its
+    /// metadata endpoint (the node's, $HOST_IP), not on every address of the host network.
+    #[arg(long, env = "PODIAM_ADMIN_ADDR")]
+    pub admin_addr: Option<SocketAddr>,
 }
+
+/// The admin server's port when `--admin-addr` names none.
+pub const DEFAULT_PORT: u16 = 9620;
 
 /// What the admin server serves.
 #[derive(Clone, Debug)]

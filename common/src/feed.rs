@@ -32,6 +32,16 @@ pub use generated::{node_feed_client, node_feed_server};
 /// The gRPC path prefix of the service (the server routes on it).
 pub const SERVICE_PREFIX: &str = "/podiam.v1.NodeFeed/";
 
+/// Most pods an agent names in [`WatchNode::held`]: more than any node runs (the kubelet's
+/// `--max-pods` is 110 by default, a few hundred on the largest instances). An agent that
+/// holds more names the first this many (the server then resends the others); a server
+/// refuses a longer list.
+pub const MAX_HELD: usize = 4096;
+
+/// Largest [`WatchNode`] a server decodes: [`MAX_HELD`] entries of a UID (36 bytes) and a
+/// version, with their framing, and room for the node's name.
+pub const MAX_SUBSCRIPTION_BYTES: usize = MAX_HELD * 64 + 1024;
+
 /// An agent's subscription.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct WatchNode {

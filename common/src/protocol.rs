@@ -49,12 +49,18 @@ pub struct CredentialsRequest {
 }
 
 /// Credentials for the pod this token was issued to (its projected ServiceAccount token,
-/// as the pod sent it to the container-credentials endpoint). The caller's address plays
-/// no part: the token, reviewed by the API server, is the identity.
+/// as the pod sent it to the container-credentials endpoint). The token, reviewed by the
+/// API server, is the identity; the caller's address binds it to its pod.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PodIdentityRequest {
     /// The pod's token.
     pub token: Secret,
+    /// The address the request came from, as the agent saw it: the server requires it to
+    /// be one of the token's pod's addresses (a host-network pod's are the node's), so a
+    /// token read by another pod is worth nothing there. Absent from agents older than
+    /// this check, whose requests are answered as before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<IpAddr>,
 }
 
 /// A pod's credentials.
@@ -118,6 +124,8 @@ pub enum ErrorCode {
     StsError,
     /// The server is not ready (caches not synced yet).
     NotReady,
+    /// The asking node has its share of work in flight (e.g. TokenReviews); retry shortly.
+    Throttled,
     /// Anything else.
     Internal,
 }
@@ -131,6 +139,7 @@ impl ErrorCode {
             ErrorCode::Forbidden | ErrorCode::NodeMismatch => 403,
             ErrorCode::PodNotFound | ErrorCode::RoleMismatch => 404,
             ErrorCode::AmbiguousIp => 409,
+            ErrorCode::Throttled => 429,
             ErrorCode::StsError => 502,
             ErrorCode::NotReady => 503,
             ErrorCode::Internal => 500,
@@ -150,6 +159,7 @@ impl ErrorCode {
             ErrorCode::Forbidden,
             ErrorCode::StsError,
             ErrorCode::NotReady,
+            ErrorCode::Throttled,
             ErrorCode::Internal,
         ]
         .into_iter()
@@ -169,6 +179,7 @@ impl ErrorCode {
             ErrorCode::Forbidden => "forbidden",
             ErrorCode::StsError => "sts_error",
             ErrorCode::NotReady => "not_ready",
+            ErrorCode::Throttled => "throttled",
             ErrorCode::Internal => "internal",
         }
     }

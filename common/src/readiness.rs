@@ -80,6 +80,13 @@ impl Readiness {
         let _ = rx.wait_for(|ready| *ready).await;
     }
 
+    /// Resolves once some gate is closed (at once if one is).
+    pub async fn wait_not_ready(&self) {
+        let mut rx = self.inner.ready.subscribe();
+        // As in `wait_ready`: the sender outlives the receiver.
+        let _ = rx.wait_for(|ready| !*ready).await;
+    }
+
     fn set(&self, index: usize, open: bool) {
         let mut gates = self.inner.gates.lock();
         if let Some(gate) = gates.get_mut(index) {
@@ -130,7 +137,15 @@ mod tests {
         ns.open();
         wait.await.unwrap();
         assert!(r.is_ready());
+        let closed = tokio::spawn({
+            let r = r.clone();
+            async move { r.wait_not_ready().await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!closed.is_finished());
         pods.close();
+        closed.await.unwrap();
         assert!(!r.is_ready());
+        r.wait_not_ready().await;
     }
 }

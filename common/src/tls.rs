@@ -136,6 +136,22 @@ impl TlsArgs {
         self.reloading(Side::Server, metrics, shutdown, webhook_config)
     }
 
+    /// Like [`TlsArgs::webhook_server`], but every client must present a certificate that
+    /// chains to `client_ca` (the API server's `--kubeconfig` of its admission
+    /// configuration names the client certificate it presents to webhooks).
+    pub fn webhook_server_verifying(
+        &self,
+        client_ca: &Path,
+        metrics: TlsMetrics,
+        shutdown: CancellationToken,
+    ) -> Result<Reloading<ServerConfig>, TlsError> {
+        let files = TlsArgs {
+            ca: Some(client_ca.to_path_buf()),
+            ..self.clone()
+        };
+        files.reloading(Side::Server, metrics, shutdown, webhook_mtls_config)
+    }
+
     /// Builds the client-side configuration (HTTP/2 only) and keeps reloading it until
     /// `shutdown`.
     pub fn client(
@@ -330,6 +346,12 @@ fn webhook_config(l: &Loaded) -> Result<ServerConfig, TlsError> {
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
         .with_single_cert(l.certs.clone(), l.key.clone_key())?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+fn webhook_mtls_config(l: &Loaded) -> Result<ServerConfig, TlsError> {
+    let mut config = server_config(l)?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(config)
 }

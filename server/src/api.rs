@@ -15,13 +15,11 @@ use hyper::{
     body::{Body, Incoming},
     service::service_fn,
 };
-use hyper_util::{
-    rt::{TokioExecutor, TokioIo, TokioTimer},
-    server::graceful::GracefulShutdown,
-};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use podiam_common::{
     arn::RoleArn,
     feed::{self, node_feed_server::NodeFeedServer},
+    listen::{self, Activity, ConnectionLimits, IdleLimits, Limiter, ListenerMetrics},
     protocol::{
         CREDENTIALS_PATH, CredentialsRequest, CredentialsResponse, ErrorBody, ErrorCode,
         HEALTH_PATH, POD_IDENTITY_PATH, PodIdentityRequest, ROLE_PATH, RoleRequest, RoleResponse,
@@ -33,7 +31,7 @@ use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
 use rustls::ServerConfig;
 use serde::{Serialize, de::DeserializeOwned};
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tower::Service;
 
 use crate::{
@@ -44,8 +42,22 @@ use crate::{
 
 /// Requests larger than this are refused.
 const MAX_BODY: usize = 16 * 1024;
-/// A TLS handshake that takes longer is dropped.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A TLS handshake that takes longer is dropped (an agent's takes milliseconds; a
+/// connection that never completes one holds a slot of its source's share meanwhile).
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// A connection's first request must come this soon after its handshake, and a connection
+/// with no request in progress (agents check health every few seconds, and a node feed is
+/// a request in progress) is closed after the idle limit.
+const IDLE: IdleLimits = IdleLimits {
+    first_request: Duration::from_secs(5),
+    idle: Duration::from_secs(120),
+};
+/// Streams at once on one connection (an agent's requests in flight, and its feed).
+const MAX_STREAMS: u32 = 256;
+/// A request body must arrive within this (the JSON bodies are a few hundred bytes).
+const BODY_TIMEOUT: Duration = Duration::from_secs(5);
+/// The listener's name in metrics.
+const LISTENER: &str = "agent_api";
 /// In-flight requests get this long after shutdown starts.
 const GRACE: Duration = Duration::from_secs(10);
 
@@ -120,19 +132,29 @@ impl AgentApi {
 
     /// Serves mutual-TLS HTTP/2 on `listener` until `shutdown`, then lets in-flight
     /// requests finish for a grace period. The node `feed` (gRPC) shares the listener.
+    /// Connections are bounded by `limits` (closed at accept beyond them, before any TLS
+    /// work), must finish their handshake within [`HANDSHAKE_TIMEOUT`] and send a first
+    /// request soon after, and are closed when idle.
     pub async fn serve(
         self,
         feed: Feed,
         listener: TcpListener,
         tls: Reloading<ServerConfig>,
+        limits: ConnectionLimits,
+        listeners: ListenerMetrics,
         shutdown: CancellationToken,
     ) {
-        let graceful = GracefulShutdown::new();
+        let limiter = Limiter::new(LISTENER, limits, &listeners);
+        let tracker = TaskTracker::new();
         loop {
             let Some((tcp, peer)) =
                 podiam_common::listen::accept(&listener, &shutdown, "agent API").await
             else {
                 break;
+            };
+            let Ok(slot) = limiter.admit(peer.ip()) else {
+                tracing::debug!(%peer, "agent API connection closed at accept: over its cap");
+                continue;
             };
             // Small request/response exchanges: Nagle plus delayed ACKs would add 40 ms.
             if let Err(error) = tcp.set_nodelay(true) {
@@ -140,9 +162,11 @@ impl AgentApi {
             }
             let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
             let api = self.clone();
-            let grpc = NodeFeedServer::new(feed.clone());
-            let watcher = graceful.watcher();
-            tokio::spawn(async move {
+            let grpc = NodeFeedServer::new(feed.clone())
+                .max_decoding_message_size(feed::MAX_SUBSCRIPTION_BYTES);
+            let (shutdown, listeners) = (shutdown.clone(), listeners.clone());
+            tracker.spawn(async move {
+                let _slot = slot;
                 let handshakes = &api.inner.metrics.handshakes;
                 let stream =
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
@@ -160,34 +184,43 @@ impl AgentApi {
                             return;
                         }
                     };
-                let service = service_fn(move |req: Request<Incoming>| {
-                    let api = api.clone();
-                    let mut grpc = grpc.clone();
-                    async move {
-                        if req.uri().path().starts_with(feed::SERVICE_PREFIX) {
-                            let rsp = grpc.call(req).await?;
-                            return Ok::<_, Infallible>(rsp.map(Either::Right));
+                let activity = Activity::new();
+                let service = service_fn({
+                    let activity = activity.clone();
+                    move |req: Request<Incoming>| {
+                        let api = api.clone();
+                        let mut grpc = grpc.clone();
+                        let active = activity.start();
+                        let activity = activity.clone();
+                        async move {
+                            let rsp = if req.uri().path().starts_with(feed::SERVICE_PREFIX) {
+                                grpc.call(req).await?.map(Either::Right)
+                            } else {
+                                api.handle(req).await.map(Either::Left)
+                            };
+                            // A feed's response streams for as long as it lasts: the
+                            // connection is not idle meanwhile.
+                            Ok::<_, Infallible>(rsp.map(|body| activity.track(body, active)))
                         }
-                        Ok(api.handle(req).await.map(Either::Left))
                     }
                 });
                 let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                     .timer(TokioTimer::new())
                     .keep_alive_interval(Some(Duration::from_secs(30)))
-                    .max_concurrent_streams(1024)
+                    .keep_alive_timeout(Duration::from_secs(20))
+                    .max_concurrent_streams(MAX_STREAMS)
                     // Bounds what one connection buffers for a slow reader (the node
                     // feed's streams are long-lived; a thousand agents each hold one).
                     .max_send_buf_size(64 * 1024)
                     .serve_connection(TokioIo::new(stream), service);
-                if let Err(error) = watcher.watch(conn).await {
+                let driven = listen::drive(conn, &activity, IDLE, &shutdown, &listeners, LISTENER);
+                if let Err(error) = driven.await {
                     tracing::debug!(%peer, %error, "API connection ended with an error");
                 }
             });
         }
-        if tokio::time::timeout(GRACE, graceful.shutdown())
-            .await
-            .is_err()
-        {
+        tracker.close();
+        if tokio::time::timeout(GRACE, tracker.wait()).await.is_err() {
             tracing::warn!("API: requests still in flight after the grace period");
         }
     }
@@ -300,10 +333,11 @@ impl AgentApi {
         let (caller, request): (Caller, PodIdentityRequest) = self.admit(req).await?;
         let token = path
             .reviewer
-            .review(Some(request.token.expose()))
+            .review_for(Some(request.token.expose()), caller.node.as_ref())
             .await
             .map_err(|error| match error {
                 AuthError::Unavailable(_) => (ErrorCode::NotReady, error.to_string()),
+                AuthError::Busy => (ErrorCode::Throttled, error.to_string()),
                 // Counted by result; per request at debug level (a pod may send many).
                 _ => {
                     tracing::debug!(%error, "pod token refused");
@@ -313,7 +347,7 @@ impl AgentApi {
         let issued = self
             .inner
             .issuer
-            .pod_identity(&token, &caller)
+            .pod_identity(&token, &caller, request.ip)
             .await
             .map_err(refusal)?;
         self.count_issued(&issued.role_arn);
@@ -359,15 +393,23 @@ impl AgentApi {
             .authenticate(token.as_deref())
             .await
             .map_err(|error| match error {
-                AuthError::Unavailable(_) => (ErrorCode::NotReady, error.to_string()),
+                AuthError::Unavailable(_) | AuthError::Busy => {
+                    (ErrorCode::NotReady, error.to_string())
+                }
                 _ => {
                     tracing::info!(%error, "agent refused");
                     (ErrorCode::Unauthenticated, error.to_string())
                 }
             })?;
-        let body = Limited::new(req.into_body(), MAX_BODY)
-            .collect()
+        let read = Limited::new(req.into_body(), MAX_BODY).collect();
+        let body = tokio::time::timeout(BODY_TIMEOUT, read)
             .await
+            .map_err(|_| {
+                (
+                    ErrorCode::InvalidRequest,
+                    "the body took too long".to_string(),
+                )
+            })?
             .map_err(|e| (ErrorCode::InvalidRequest, format!("reading the body: {e}")))?
             .to_bytes();
         let request = serde_json::from_slice(&body)

@@ -11,6 +11,7 @@ use podiam_common::{
     admin::AdminArgs,
     annotations,
     arn::{BaseRoleArn, RoleArn},
+    listen::ConnectionLimits,
     logging::LogArgs,
     pod_identity,
     tls::TlsArgs,
@@ -24,7 +25,7 @@ use crate::{
     policy::{MAX_SESSION, MIN_SESSION, PolicyConfig},
     run,
     sts::{BrokerConfig, aws::StsSettings},
-    webhook::WebhookSettings,
+    webhook::{self, WebhookSettings},
 };
 
 /// podiam server: maps pod IPs to pods and pods to IAM roles, checks each role against its
@@ -139,6 +140,9 @@ struct ServeArgs {
 
     #[command(flatten)]
     pod_identity: PodIdentityArgs,
+
+    #[command(flatten)]
+    limits: LimitsArgs,
 
     /// Derive --base-role-arn from the server's own AWS account (sts:GetCallerIdentity)
     /// when it is not given (kiam: --role-base-arn-autodetect).
@@ -298,10 +302,53 @@ struct PodIdentityArgs {
     #[arg(long, env = "PODIAM_WEBHOOK_LISTEN", default_value = "0.0.0.0:9443")]
     webhook_listen: SocketAddr,
 
+    /// Require a client certificate that chains to this CA (PEM) on the webhook: set it
+    /// when the API server presents one to webhooks (its --admission-control-config-file
+    /// names a kubeconfig with a client certificate for the webhook's host), so that only
+    /// the API server can call the webhook. Default: none (any client that reaches the
+    /// port, which the NetworkPolicy narrows).
+    #[arg(long, env = "PODIAM_WEBHOOK_CLIENT_CA", value_name = "PATH")]
+    webhook_client_ca: Option<PathBuf>,
+
     /// The endpoint URI the webhook gives pods (http://[fd00:ec2::23]/v1/credentials on
     /// IPv6-only clusters).
     #[arg(long, env = "PODIAM_POD_IDENTITY_URI", default_value = pod_identity::FULL_URI_V4)]
     pod_identity_uri: String,
+}
+
+/// What one party (a node, an address that reaches a port) may make the server hold.
+#[derive(Clone, Debug, clap::Args)]
+struct LimitsArgs {
+    /// Connections to the agent API at once (each agent holds one or two per replica);
+    /// more are closed at accept.
+    #[arg(long, env = "PODIAM_MAX_AGENT_CONNECTIONS", default_value_t = 16_384)]
+    max_agent_connections: usize,
+
+    /// Connections to the agent API at once from one address (a node's agent needs two).
+    #[arg(
+        long,
+        env = "PODIAM_MAX_AGENT_CONNECTIONS_PER_SOURCE",
+        default_value_t = 16
+    )]
+    max_agent_connections_per_source: usize,
+
+    /// Node feed subscriptions of one node at once; a newer one ends the oldest (an agent
+    /// keeps one, and two while it moves between replicas).
+    #[arg(long, env = "PODIAM_MAX_FEEDS_PER_NODE", default_value_t = 2)]
+    max_feeds_per_node: usize,
+
+    /// Container-credentials TokenReviews in flight at once for one node's agent (64 at
+    /// most in all): one node's flood of forged tokens waits for its own share.
+    #[arg(long, env = "PODIAM_MAX_TOKEN_REVIEWS_PER_NODE", default_value_t = 8)]
+    max_token_reviews_per_node: usize,
+
+    /// Connections to the admission webhook at once; more are closed at accept.
+    #[arg(long, env = "PODIAM_MAX_WEBHOOK_CONNECTIONS", default_value_t = webhook::DEFAULT_LIMITS.total)]
+    max_webhook_connections: usize,
+
+    /// Connections to the admission webhook at once from one address.
+    #[arg(long, env = "PODIAM_MAX_WEBHOOK_CONNECTIONS_PER_SOURCE", default_value_t = webhook::DEFAULT_LIMITS.per_source)]
+    max_webhook_connections_per_source: usize,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -381,6 +428,7 @@ impl ServeArgs {
             sts,
             binding,
             pod_identity,
+            limits,
             base_role_arn_autodetect,
             watch_stale_after,
             ip_lookup_wait,
@@ -390,6 +438,10 @@ impl ServeArgs {
             metrics_role_labels,
         } = self;
         let AdminArgs { admin_addr } = admin;
+        let admin_addr = admin_addr.unwrap_or(SocketAddr::from((
+            [0, 0, 0, 0],
+            podiam_common::admin::DEFAULT_PORT,
+        )));
         if watch_stale_after < Duration::from_secs(1) {
             bail!(
                 "--watch-stale-after must be at least 1s (a single watch error would make the index stale)"
@@ -409,8 +461,35 @@ impl ServeArgs {
             cluster_name,
             cluster_arn,
             webhook_listen,
+            webhook_client_ca,
             pod_identity_uri,
         } = pod_identity;
+        let LimitsArgs {
+            max_agent_connections,
+            max_agent_connections_per_source,
+            max_feeds_per_node,
+            max_token_reviews_per_node,
+            max_webhook_connections,
+            max_webhook_connections_per_source,
+        } = limits;
+        for (flag, value) in [
+            ("--max-agent-connections", max_agent_connections),
+            (
+                "--max-agent-connections-per-source",
+                max_agent_connections_per_source,
+            ),
+            ("--max-feeds-per-node", max_feeds_per_node),
+            ("--max-token-reviews-per-node", max_token_reviews_per_node),
+            ("--max-webhook-connections", max_webhook_connections),
+            (
+                "--max-webhook-connections-per-source",
+                max_webhook_connections_per_source,
+            ),
+        ] {
+            if value == 0 {
+                bail!("{flag} must be at least 1");
+            }
+        }
         if ![pod_identity::FULL_URI_V4, pod_identity::FULL_URI_V6]
             .contains(&pod_identity_uri.as_str())
         {
@@ -447,6 +526,11 @@ impl ServeArgs {
                     full_uri: pod_identity_uri,
                     token_expiration: pod_identity::TOKEN_EXPIRATION_SECS,
                 },
+                ConnectionLimits {
+                    total: max_webhook_connections,
+                    per_source: max_webhook_connections_per_source,
+                },
+                webhook_client_ca,
             )
         });
         let autodetect = base_role_arn_autodetect && non_empty(&policy.base_role_arn).is_none();
@@ -464,8 +548,13 @@ impl ServeArgs {
             pod_tokens: pod_identity.then(|| {
                 Box::new(move |client| {
                     TokenReviewer::new(client, pod_identity_audience, token_review_cache)
+                        .per_party(max_token_reviews_per_node)
                 }) as Box<dyn FnOnce(kube::Client) -> TokenReviewer + Send>
             }),
+            api_limits: ConnectionLimits {
+                total: max_agent_connections,
+                per_source: max_agent_connections_per_source,
+            },
             webhook,
             kube,
             policy: Box::new(move |detected| policy.config(detected)),
@@ -477,6 +566,7 @@ impl ServeArgs {
             },
             feed: FeedSettings {
                 heartbeat: feed_heartbeat,
+                max_per_node: max_feeds_per_node,
             },
             event_interval,
             metrics_role_labels,

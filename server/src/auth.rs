@@ -86,6 +86,9 @@ pub enum AuthError {
     /// The TokenReview call failed.
     #[error("TokenReview failed: {0}")]
     Unavailable(String),
+    /// The asking party already has its share of reviews in flight.
+    #[error("too many TokenReviews in flight for this node; try again shortly")]
+    Busy,
 }
 
 /// Whose a token is, as the API server's TokenReview said.
@@ -133,6 +136,15 @@ pub struct TokenReviewer {
     now: Arc<dyn Fn() -> SystemTime + Send + Sync>,
     /// Bounds the reviews in flight ([`MAX_REVIEWS_IN_FLIGHT`]).
     permits: Arc<tokio::sync::Semaphore>,
+    /// Reviews in flight per asking party (a node), and the most one may have.
+    parties: Arc<Mutex<HashMap<Arc<str>, usize>>>,
+    per_party: usize,
+}
+
+/// A party's place among the reviews in flight; released when dropped.
+struct PartySlot {
+    parties: Arc<Mutex<HashMap<Arc<str>, usize>>>,
+    party: Arc<str>,
 }
 
 type Review = Shared<BoxFuture<'static, Result<Reviewed, AuthError>>>;
@@ -187,6 +199,20 @@ impl fmt::Debug for AgentTokens {
     }
 }
 
+// === impl PartySlot ===
+
+impl Drop for PartySlot {
+    fn drop(&mut self) {
+        let mut parties = self.parties.lock();
+        if let Some(n) = parties.get_mut(&self.party) {
+            *n -= 1;
+            if *n == 0 {
+                parties.remove(&self.party);
+            }
+        }
+    }
+}
+
 // === impl TokenReviewer ===
 
 impl TokenReviewer {
@@ -212,7 +238,16 @@ impl TokenReviewer {
             inflight: Arc::new(Mutex::new(HashMap::new())),
             now: Arc::new(|| SystemClock.now()),
             permits: Arc::new(tokio::sync::Semaphore::new(MAX_REVIEWS_IN_FLIGHT)),
+            parties: Arc::new(Mutex::new(HashMap::new())),
+            per_party: MAX_REVIEWS_IN_FLIGHT,
         }
+    }
+
+    /// The same reviewer letting one party (see [`TokenReviewer::review_for`]) have at most
+    /// `n` reviews in flight, so that one node's forged tokens wait for their own share.
+    pub fn per_party(mut self, n: usize) -> Self {
+        self.per_party = n.clamp(1, MAX_REVIEWS_IN_FLIGHT);
+        self
     }
 
     /// The same reviewer reading the time from `now` (for tests of expiry).
@@ -233,6 +268,17 @@ impl TokenReviewer {
 
     /// Whose `token` is: from memory, or from a TokenReview.
     pub fn review(&self, token: Option<&str>) -> BoxFuture<'static, Result<Reviewed, AuthError>> {
+        self.review_for(token, None)
+    }
+
+    /// Like [`TokenReviewer::review`], on behalf of `party` (the asking agent's node): a
+    /// review that must start while the party has its share in flight is refused with
+    /// [`AuthError::Busy`] (tokens remembered, or already under review, are answered).
+    pub fn review_for(
+        &self,
+        token: Option<&str>,
+        party: Option<&Arc<str>>,
+    ) -> BoxFuture<'static, Result<Reviewed, AuthError>> {
         let Some(token) = token.map(str::trim).filter(|t| !t.is_empty()) else {
             return futures::future::ready(Err(AuthError::Missing)).boxed();
         };
@@ -249,18 +295,32 @@ impl TokenReviewer {
         if let Some(error) = self.rejected.get(&key) {
             return futures::future::ready(Err(error)).boxed();
         }
-        self.single_flight(token, key).boxed()
+        match self.single_flight(token, key, party) {
+            Some(review) => review.boxed(),
+            None => futures::future::ready(Err(AuthError::Busy)).boxed(),
+        }
     }
 
-    /// The review of `token` in flight, started if there is none.
-    fn single_flight(&self, token: &str, key: [u8; 32]) -> Review {
+    /// The review of `token` in flight, started if there is none (`None`: `party` has its
+    /// share in flight already).
+    fn single_flight(
+        &self,
+        token: &str,
+        key: [u8; 32],
+        party: Option<&Arc<str>>,
+    ) -> Option<Review> {
         let mut inflight = self.inflight.lock();
         if let Some(review) = inflight.get(&key) {
-            return review.clone();
+            return Some(review.clone());
         }
+        let slot = match party {
+            Some(party) => Some(self.party_slot(party)?),
+            None => None,
+        };
         let this = self.clone();
         let token = token.to_string();
         let task = tokio::spawn(async move {
+            let _slot = slot;
             let verdict = this.clone().ask(token, key).await;
             // Removed here, once the caches hold the verdict, and whether or not anyone
             // still waits: a finished review must never answer a later request.
@@ -278,7 +338,21 @@ impl TokenReviewer {
         .boxed()
         .shared();
         inflight.insert(key, review.clone());
-        review
+        Some(review)
+    }
+
+    /// A place for one more review of `party`'s, if it has fewer than its share.
+    fn party_slot(&self, party: &Arc<str>) -> Option<PartySlot> {
+        let mut parties = self.parties.lock();
+        let n = parties.entry(party.clone()).or_default();
+        if *n >= self.per_party {
+            return None;
+        }
+        *n += 1;
+        Some(PartySlot {
+            parties: self.parties.clone(),
+            party: party.clone(),
+        })
     }
 
     async fn ask(self, token: String, key: [u8; 32]) -> Result<Reviewed, AuthError> {

@@ -8,12 +8,14 @@
 
 use std::{collections::HashMap, fmt, net::IpAddr, sync::Arc, time::Duration};
 
+use futures::{FutureExt, future::BoxFuture};
 use parking_lot::Mutex;
 
 use podiam_common::{
     arn::RoleArn,
     feed::{self, PodState},
     protocol::{Credentials, ErrorCode},
+    readiness::Readiness,
 };
 
 use crate::{
@@ -22,7 +24,7 @@ use crate::{
     cluster::ClusterIndex,
     pods::{IpLookup, PodInfo, PodKey, PodPhase},
     policy::{Decision, Denial, Grant, PolicyConfig, RoleSource},
-    sts::{Broker, SessionKey, StsError},
+    sts::{Broker, Demand, SessionKey, StsError},
 };
 
 /// STS's longest role-chained session.
@@ -106,6 +108,14 @@ pub enum IssueError {
         pod: PodKey,
         /// The UID the token names.
         uid: String,
+    },
+    /// A pod's token came from an address that is not one of that pod's.
+    #[error("the token of pod {pod} was sent from {ip}, which is not one of that pod's addresses")]
+    TokenFromElsewhere {
+        /// The pod the token is bound to.
+        pod: PodKey,
+        /// Where the request came from.
+        ip: IpAddr,
     },
     /// No live pod has the IP.
     #[error("no live pod has IP {0}")]
@@ -191,6 +201,18 @@ struct Inner {
     audited_since_sweep: std::sync::atomic::AtomicUsize,
     /// hostNetwork pods with a role, already told that they get the node's role.
     host_network_warned: moka::sync::Cache<PodKey, ()>,
+    /// The pods each session was handed to or fetched for (a few per session), so that a
+    /// session is refreshed only while one of them still maps to it. Pruned when asked
+    /// and in [`Issuer::forget_gone_pods`]'s sweep.
+    users: Mutex<HashMap<SessionKey, Vec<PodKey>>>,
+}
+
+/// What the broker asks before fetching ahead of a request: the server's readiness (its
+/// view is current) and the issuer (a pod the index holds now maps to the session).
+#[derive(Debug)]
+pub struct IssuerDemand {
+    issuer: std::sync::Weak<Inner>,
+    readiness: Readiness,
 }
 
 const AUDIT_MEMORY: Duration = Duration::from_secs(13 * 3600);
@@ -199,6 +221,29 @@ const AUDIT_MEMORY: Duration = Duration::from_secs(13 * 3600);
 /// pod's pair for 13 hours: about 35 MB more each hour.
 const AUDIT_SWEEP: usize = 4096;
 const MAX_SESSION_NAME: usize = 64;
+/// Pods remembered per session (a role-scoped or annotation-named session may be shared by
+/// many; any one still mapping to it keeps it refreshed, and the others are added again
+/// when they ask).
+const USERS_PER_SESSION: usize = 16;
+
+// === impl IssuerDemand ===
+
+impl Demand for IssuerDemand {
+    fn current(&self) -> bool {
+        self.readiness.is_ready()
+    }
+
+    fn until_current(&self) -> BoxFuture<'static, ()> {
+        let readiness = self.readiness.clone();
+        async move { readiness.wait_ready().await }.boxed()
+    }
+
+    fn wants(&self, key: &SessionKey) -> bool {
+        self.issuer
+            .upgrade()
+            .is_some_and(|inner| Issuer { inner }.wants(key))
+    }
+}
 
 // === impl IssueError ===
 
@@ -206,7 +251,9 @@ impl IssueError {
     /// The protocol error code: the one place refusals become codes (and so statuses).
     pub fn code(&self) -> ErrorCode {
         match self {
-            IssueError::InvalidToken(_) => ErrorCode::InvalidToken,
+            IssueError::InvalidToken(_) | IssueError::TokenFromElsewhere { .. } => {
+                ErrorCode::InvalidToken
+            }
             IssueError::PodNotFound(_) | IssueError::TokenPodGone { .. } => ErrorCode::PodNotFound,
             IssueError::AmbiguousIp { .. } => ErrorCode::AmbiguousIp,
             IssueError::NodeMismatch { .. } => ErrorCode::NodeMismatch,
@@ -283,8 +330,68 @@ impl Issuer {
                     .max_capacity(100_000)
                     .time_to_live(Duration::from_secs(24 * 3600))
                     .build(),
+                users: Mutex::new(HashMap::new()),
             }),
         }
+    }
+
+    /// The broker's [`Demand`]: sessions are fetched ahead only while `readiness` (the
+    /// server's: its watches are current) is open and a pod still maps to them.
+    pub fn demand(&self, readiness: Readiness) -> IssuerDemand {
+        IssuerDemand {
+            issuer: Arc::downgrade(&self.inner),
+            readiness,
+        }
+    }
+
+    /// Remembers that `pod` uses `key`.
+    fn record_user(&self, key: &SessionKey, pod: &PodKey) {
+        let mut users = self.inner.users.lock();
+        if let Some(list) = users.get_mut(key) {
+            if list.len() < USERS_PER_SESSION && !list.contains(pod) {
+                list.push(pod.clone());
+            }
+        } else {
+            users.insert(key.clone(), vec![pod.clone()]);
+        }
+    }
+
+    /// Whether a pod the index holds now maps to `key`; forgets the ones that no longer do.
+    fn wants(&self, key: &SessionKey) -> bool {
+        let Some(users) = self.inner.users.lock().get(key).cloned() else {
+            return false;
+        };
+        let pods: Vec<(PodKey, Option<Arc<PodInfo>>)> = {
+            let index = self.inner.index.pods();
+            users
+                .into_iter()
+                .map(|k| {
+                    let p = index.get(&k);
+                    (k, p)
+                })
+                .collect()
+        };
+        let still: Vec<PodKey> = pods
+            .into_iter()
+            .filter(|(_, pod)| {
+                pod.as_ref()
+                    .is_some_and(|pod| self.session_keys(pod).iter().flatten().any(|k| k == key))
+            })
+            .map(|(k, _)| k)
+            .collect();
+        let wanted = !still.is_empty();
+        let mut map = self.inner.users.lock();
+        if wanted {
+            map.insert(key.clone(), still);
+        } else {
+            map.remove(key);
+        }
+        wanted
+    }
+
+    /// The sessions `pod` may use now: its metadata path's and its container path's.
+    fn session_keys(&self, pod: &PodInfo) -> [Option<SessionKey>; 2] {
+        [self.metadata_key(pod), self.container_key(pod)]
     }
 
     /// The role of the pod with `ip`, if it may have one.
@@ -321,6 +428,7 @@ impl Issuer {
     /// Credentials for `pod` under `grant`, audited; an STS failure is told to its Events.
     async fn issue(&self, pod: Arc<PodInfo>, grant: Grant) -> Result<Issued, IssueError> {
         let key = self.session_key(&pod, &grant);
+        self.record_user(&key, &pod.key);
         match self.inner.broker.credentials(&key).await {
             Ok(credentials) => {
                 self.audit(&pod, &grant.role_arn, &credentials);
@@ -347,13 +455,28 @@ impl Issuer {
     /// Credentials on the container-credentials path: for the pod `token` (reviewed by the
     /// API server) is bound to, with its ServiceAccount's role. The pod must be live in
     /// the index with the token's UID, on the caller's node, and run as the token's
-    /// ServiceAccount; its address plays no part.
+    /// ServiceAccount; and the request must come from one of its addresses (`from`, as
+    /// the agent saw it; a host-network pod's addresses are its node's), so that a token
+    /// another pod has read is worth nothing to it.
     pub async fn pod_identity(
         &self,
         token: &Reviewed,
         caller: &Caller,
+        from: Option<IpAddr>,
     ) -> Result<Issued, IssueError> {
         let pod = self.token_pod(token, caller).await?;
+        if let Some(ip) = from.map(podiam_common::net::canonical)
+            && !pod.ips.iter().any(|own| own == ip)
+        {
+            let err = IssueError::TokenFromElsewhere {
+                pod: pod.key.clone(),
+                ip,
+            };
+            self.inner
+                .notifier
+                .pod_warning(&pod, "TokenUsedElsewhere", err.to_string());
+            return Err(err);
+        }
         let account = account_of(pod.as_ref());
         let role = self.inner.index.accounts().role_of(&account);
         let namespace = self.inner.index.namespace(&pod.key.namespace);
@@ -443,10 +566,11 @@ impl Issuer {
     /// Queues a prefetch of `pod`'s session if it may have a role (a pod appeared or
     /// changed). Pods that are finished, unscheduled or denied are skipped.
     pub fn prefetch(&self, pod: &PodInfo) {
-        if let Some(key) = self.prefetch_key(pod) {
-            self.inner.broker.prefetch(key);
-        }
-        if let Some(key) = self.pod_identity_prefetch_key(pod) {
+        for key in [self.prefetch_key(pod), self.pod_identity_prefetch_key(pod)]
+            .into_iter()
+            .flatten()
+        {
+            self.record_user(&key, &pod.key);
             self.inner.broker.prefetch(key);
         }
     }
@@ -464,6 +588,7 @@ impl Issuer {
             .into_iter()
             .flatten()
             {
+                self.record_user(&key, &pod.key);
                 self.inner.broker.prefetch_later(key);
                 queued += 1;
             }
@@ -473,7 +598,15 @@ impl Issuer {
 
     fn prefetch_key(&self, pod: &PodInfo) -> Option<SessionKey> {
         // On the index update path: no decision work when there is nothing to prefetch.
-        if !self.inner.broker.prefetching() || !pod.claims_ips() || pod.node_name.is_none() {
+        if !self.inner.broker.prefetching() {
+            return None;
+        }
+        self.metadata_key(pod)
+    }
+
+    /// The metadata path's session of `pod`, if it may have one now.
+    fn metadata_key(&self, pod: &PodInfo) -> Option<SessionKey> {
+        if !pod.claims_ips() || pod.node_name.is_none() {
             return None;
         }
         let namespace = self.inner.index.namespace(&pod.key.namespace)?;
@@ -488,11 +621,16 @@ impl Issuer {
     fn pod_identity_prefetch_key(&self, pod: &PodInfo) -> Option<SessionKey> {
         // Only pods the webhook gave the path: an IRSA-annotated ServiceAccount's other pods
         // would each cost a session they never ask for.
-        if !pod.pod_identity
-            || !self.inner.broker.prefetching()
-            || pod.node_name.is_none()
-            || matches!(pod.phase, PodPhase::Succeeded | PodPhase::Failed)
-        {
+        if !pod.pod_identity || !self.inner.broker.prefetching() {
+            return None;
+        }
+        self.container_key(pod)
+    }
+
+    /// The container-credentials path's session of `pod`, if its ServiceAccount has a
+    /// role it may have now.
+    fn container_key(&self, pod: &PodInfo) -> Option<SessionKey> {
+        if pod.node_name.is_none() || matches!(pod.phase, PodPhase::Succeeded | PodPhase::Failed) {
             return None;
         }
         let account = account_of(pod);
@@ -636,13 +774,15 @@ impl Issuer {
 
     /// The broker's credentials for `key` if it holds them with enough life left
     /// (marked as used, so that they are refreshed); no STS call.
-    pub fn held_credentials(&self, key: &SessionKey) -> Option<Credentials> {
+    pub fn held_credentials(&self, pod: &PodInfo, key: &SessionKey) -> Option<Credentials> {
+        self.record_user(key, &pod.key);
         self.inner.broker.held(key)
     }
 
-    /// Asks for `key` to be fetched soon (prefetch, at the bounded rate); the broker's
-    /// [`Issuer::fetched`] says when.
-    pub fn fetch_soon(&self, key: SessionKey) {
+    /// Asks for `pod`'s `key` to be fetched soon (prefetch, at the bounded rate); the
+    /// broker's [`Issuer::fetched`] says when.
+    pub fn fetch_soon(&self, pod: &PodInfo, key: SessionKey) {
+        self.record_user(&key, &pod.key);
         self.inner.broker.prefetch(key);
     }
 
@@ -659,8 +799,15 @@ impl Issuer {
         let pods = self.inner.index.pods();
         let pairs = sweep(&self.inner.audited, |(pod, _)| pods.contains(pod));
         let warnings = sweep(&self.inner.host_network_warned, |pod| pods.contains(pod));
+        let mut users = self.inner.users.lock();
+        users.retain(|_, list| {
+            list.retain(|pod| pods.contains(pod));
+            !list.is_empty()
+        });
+        let sessions = users.len();
+        drop(users);
         drop(pods);
-        tracing::debug!(pairs, warnings, "forgot pods gone from the index");
+        tracing::debug!(pairs, warnings, sessions, "forgot pods gone from the index");
     }
 
     /// How many (pod, access key) pairs the audit log remembers (for tests and metrics).

@@ -11,17 +11,29 @@
 //! restart do not stampede STS; the broker's announcement of the fetch wakes the feed. A
 //! pod still without credentials is looked at again at each heartbeat (a failed fetch
 //! is retried then, never in a loop).
+//!
+//! Nothing is sent from a stale view: when the server's readiness gate closes (a watch
+//! failing past `--watch-stale-after`), every open stream ends with `Unavailable` ("server
+//! not ready") and new subscriptions are refused until it opens, so agents turn to a
+//! fresh replica and meanwhile serve only what they hold. What one node can make a
+//! server hold is bounded: a subscription's held list ([`feed::MAX_HELD`], and the
+//! decoder's message size), and its subscriptions at once (`--max-feeds-per-node`: a
+//! newer one ends the oldest).
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{HashMap, HashSet, VecDeque},
     pin::Pin,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
 use futures::Stream;
+use parking_lot::Mutex;
 use podiam_common::{
-    feed::{FeedCredentials, NodeUpdate, PodState, WatchNode, node_feed_server::NodeFeed},
+    feed::{self, FeedCredentials, NodeUpdate, PodState, WatchNode, node_feed_server::NodeFeed},
     readiness::Readiness,
 };
 use prometheus::{IntCounterVec, IntGauge, Opts, Registry};
@@ -46,6 +58,8 @@ use crate::{
 pub struct FeedSettings {
     /// An update (empty if nothing changed) is sent at least this often.
     pub heartbeat: Duration,
+    /// Subscriptions of one node at once; a newer one ends the oldest.
+    pub max_per_node: usize,
 }
 
 /// The feed service; cheap to clone.
@@ -63,6 +77,9 @@ struct Inner {
     settings: FeedSettings,
     metrics: FeedMetrics,
     shutdown: CancellationToken,
+    /// Open subscriptions by node, oldest first: their ids and how to end them.
+    nodes: Mutex<HashMap<Arc<str>, VecDeque<Open>>>,
+    next_id: AtomicU64,
 }
 
 /// Feed metrics.
@@ -72,10 +89,14 @@ pub struct FeedMetrics {
     subscriptions: IntCounterVec,
     updates: IntCounterVec,
     pods_sent: prometheus::IntCounter,
+    ended: IntCounterVec,
 }
 
 /// Pods per message at most.
 const PODS_PER_MESSAGE: usize = 16;
+
+/// An open subscription: its id, and how to end it.
+type Open = (u64, CancellationToken);
 
 /// The stream handed to tonic.
 pub type UpdateStream = Pin<Box<dyn Stream<Item = Result<NodeUpdate, Status>> + Send>>;
@@ -84,12 +105,42 @@ pub type UpdateStream = Pin<Box<dyn Stream<Item = Result<NodeUpdate, Status>> + 
 struct Subscription {
     feed: Feed,
     node: Arc<str>,
+    /// Its place among the node's subscriptions.
+    id: u64,
+    /// Cancelled when a newer subscription of the node replaces this one.
+    replaced: CancellationToken,
     /// Pod UID → version the agent holds.
     sent: HashMap<String, u64>,
     /// Sessions the node's allowed pods use (to react to the broker's fetches).
     keys: HashSet<SessionKey>,
     /// Allowed pods still without credentials (looked at again at each heartbeat).
     missing: usize,
+}
+
+/// Why a subscription ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum End {
+    /// The server's view went stale (its readiness gate closed).
+    NotReady,
+    /// A newer subscription of the same node took its place.
+    Replaced,
+    /// The agent went away.
+    AgentGone,
+    /// The server is stopping.
+    Shutdown,
+}
+
+// === impl End ===
+
+impl End {
+    fn as_str(self) -> &'static str {
+        match self {
+            End::NotReady => "not_ready",
+            End::Replaced => "replaced",
+            End::AgentGone => "agent_gone",
+            End::Shutdown => "shutdown",
+        }
+    }
 }
 
 // === impl Feed ===
@@ -114,7 +165,35 @@ impl Feed {
                 settings,
                 metrics,
                 shutdown,
+                nodes: Mutex::new(HashMap::new()),
+                next_id: AtomicU64::new(0),
             }),
+        }
+    }
+
+    /// Registers a subscription of `node`, ending the oldest beyond the node's share.
+    fn register(&self, node: &Arc<str>) -> (u64, CancellationToken) {
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let token = CancellationToken::new();
+        let mut nodes = self.inner.nodes.lock();
+        let open = nodes.entry(node.clone()).or_default();
+        open.push_back((id, token.clone()));
+        while open.len() > self.inner.settings.max_per_node.max(1) {
+            if let Some((_, oldest)) = open.pop_front() {
+                oldest.cancel();
+            }
+        }
+        (id, token)
+    }
+
+    /// Forgets subscription `id` of `node`.
+    fn unregister(&self, node: &Arc<str>, id: u64) {
+        let mut nodes = self.inner.nodes.lock();
+        if let Some(open) = nodes.get_mut(node) {
+            open.retain(|(i, _)| *i != id);
+            if open.is_empty() {
+                nodes.remove(node);
+            }
         }
     }
 
@@ -166,6 +245,14 @@ impl NodeFeed for Feed {
             .and_then(|v| v.strip_prefix("Bearer "))
             .map(str::to_string);
         let watch = request.into_inner();
+        if watch.held.len() > feed::MAX_HELD {
+            m.subscriptions.with_label_values(&["refused"]).inc();
+            return Err(Status::invalid_argument(format!(
+                "the held list names {} pods; a node holds at most {}",
+                watch.held.len(),
+                feed::MAX_HELD
+            )));
+        }
         let node = match self.node(token.as_deref(), &watch.node).await {
             Ok(node) => node,
             Err(status) => {
@@ -179,9 +266,12 @@ impl NodeFeed for Feed {
         // Few messages queued per agent: an agent that reads slowly holds back its own
         // feed, not the server's memory.
         let (tx, rx) = mpsc::channel(2);
+        let (id, replaced) = self.register(&node);
         let sub = Subscription {
             feed: self.clone(),
             node,
+            id,
+            replaced,
             sent: watch.held.into_iter().map(|h| (h.uid, h.version)).collect(),
             keys: HashSet::new(),
             missing: 0,
@@ -204,7 +294,11 @@ impl Subscription {
         let heartbeat_ms = u32::try_from(heartbeat.as_millis()).unwrap_or(u32::MAX);
         let mut synced = false;
         let mut beat_at = Instant::now() + heartbeat;
-        loop {
+        let ended = loop {
+            // Checked before every look at the index: a stale view sends nothing.
+            if !inner.readiness.is_ready() {
+                break End::NotReady;
+            }
             node_changed.borrow_and_update();
             let mut update = self.changes();
             update.heartbeat_ms = heartbeat_ms;
@@ -220,41 +314,73 @@ impl Subscription {
             if !kind.is_empty() {
                 inner.metrics.updates.with_label_values(&[kind]).inc();
                 inner.metrics.pods_sent.inc_by(update.pods.len() as u64);
-                if !self.send_chunked(&tx, update).await {
-                    break;
+                if let Err(end) = self.send_chunked(&tx, update).await {
+                    break end;
                 }
                 beat_at = Instant::now() + heartbeat;
             }
             let next = 'wait: loop {
                 tokio::select! {
-                    _ = inner.shutdown.cancelled() => break 'wait None,
-                    _ = tx.closed() => break 'wait None,
-                    r = node_changed.changed() => break 'wait r.ok(),
+                    biased;
+                    _ = inner.shutdown.cancelled() => break 'wait Err(End::Shutdown),
+                    _ = self.replaced.cancelled() => break 'wait Err(End::Replaced),
+                    _ = inner.readiness.wait_not_ready() => break 'wait Err(End::NotReady),
+                    _ = tx.closed() => break 'wait Err(End::AgentGone),
+                    r = node_changed.changed() => break 'wait r.map_err(|_| End::Shutdown),
                     key = fetched.recv() => match key {
-                        Ok(key) if self.keys.contains(&key) => break 'wait Some(()),
+                        Ok(key) if self.keys.contains(&key) => break 'wait Ok(()),
                         Ok(_) => continue,
-                        Err(broadcast::error::RecvError::Lagged(_)) => break 'wait Some(()),
-                        Err(broadcast::error::RecvError::Closed) => break 'wait None,
+                        Err(broadcast::error::RecvError::Lagged(_)) => break 'wait Ok(()),
+                        Err(broadcast::error::RecvError::Closed) => break 'wait Err(End::Shutdown),
                     },
                     _ = tokio::time::sleep_until(beat_at) => {
                         let beat = NodeUpdate { heartbeat_ms, ..NodeUpdate::default() };
                         inner.metrics.updates.with_label_values(&["heartbeat"]).inc();
-                        if !self.send(&tx, beat).await {
-                            break 'wait None;
+                        if let Err(end) = self.send(&tx, beat).await {
+                            break 'wait Err(end);
                         }
                         beat_at = Instant::now() + heartbeat;
                         if self.missing > 0 {
-                            break 'wait Some(());
+                            break 'wait Ok(());
                         }
                     }
                 }
             };
-            if next.is_none() {
-                break;
+            if let Err(end) = next {
+                break end;
             }
-        }
+        };
+        self.feed.unregister(&self.node, self.id);
         inner.metrics.streams.dec();
-        tracing::info!(node = %self.node, "node feed ended");
+        inner
+            .metrics
+            .ended
+            .with_label_values(&[ended.as_str()])
+            .inc();
+        // The agent is told why, so it turns to another replica at once rather than after
+        // three silent heartbeats (nothing to tell one that has gone).
+        let status = match ended {
+            End::NotReady => Some(Status::unavailable(format!(
+                "server not ready: waiting for {}",
+                inner.readiness.waiting_for().join(", ")
+            ))),
+            End::Replaced => Some(Status::aborted(
+                "a newer subscription of this node replaced this one",
+            )),
+            End::Shutdown => Some(Status::unavailable("server shutting down")),
+            End::AgentGone => None,
+        };
+        if let Some(status) = status {
+            // At most the channel's two queued messages wait before it; a reader that
+            // takes longer than a heartbeat is gone anyway.
+            let _ = tokio::time::timeout(heartbeat, tx.send(Err(status))).await;
+        }
+        match ended {
+            End::NotReady | End::Replaced => {
+                tracing::warn!(node = %self.node, reason = ended.as_str(), "node feed ended")
+            }
+            _ => tracing::info!(node = %self.node, reason = ended.as_str(), "node feed ended"),
+        }
     }
 
     /// Sends `u` as messages of at most [`PODS_PER_MESSAGE`] pods (the sync mark on the
@@ -263,7 +389,7 @@ impl Subscription {
         &self,
         tx: &mpsc::Sender<Result<NodeUpdate, Status>>,
         mut u: NodeUpdate,
-    ) -> bool {
+    ) -> Result<(), End> {
         while u.pods.len() > PODS_PER_MESSAGE {
             let rest = u.pods.split_off(PODS_PER_MESSAGE);
             let part = NodeUpdate {
@@ -271,17 +397,25 @@ impl Subscription {
                 heartbeat_ms: u.heartbeat_ms,
                 ..NodeUpdate::default()
             };
-            if !self.send(tx, part).await {
-                return false;
-            }
+            self.send(tx, part).await?;
         }
         self.send(tx, u).await
     }
 
-    async fn send(&self, tx: &mpsc::Sender<Result<NodeUpdate, Status>>, u: NodeUpdate) -> bool {
+    /// Sends `u` unless the stream must end first (an agent that reads slowly is not
+    /// waited for past a shutdown, a replacement or a stale view).
+    async fn send(
+        &self,
+        tx: &mpsc::Sender<Result<NodeUpdate, Status>>,
+        u: NodeUpdate,
+    ) -> Result<(), End> {
+        let inner = &self.feed.inner;
         tokio::select! {
-            _ = self.feed.inner.shutdown.cancelled() => false,
-            sent = tx.send(Ok(u)) => sent.is_ok(),
+            biased;
+            _ = inner.shutdown.cancelled() => Err(End::Shutdown),
+            _ = self.replaced.cancelled() => Err(End::Replaced),
+            _ = inner.readiness.wait_not_ready() => Err(End::NotReady),
+            sent = tx.send(Ok(u)) => sent.map_err(|_| End::AgentGone),
         }
     }
 
@@ -319,12 +453,12 @@ impl Subscription {
         let issuer = &self.feed.inner.issuer;
         let (mut state, session) = issuer.feed_state(pod);
         if let Some((role, key)) = session {
-            if let Some(credentials) = issuer.held_credentials(&key) {
+            if let Some(credentials) = issuer.held_credentials(pod, &key) {
                 issuer.audit_feed(pod, &role, &credentials);
                 state.credentials = Some(FeedCredentials::from(&credentials));
             } else {
                 self.missing += 1;
-                issuer.fetch_soon(key.clone());
+                issuer.fetch_soon(pod, key.clone());
             }
             self.keys.insert(key);
         }
@@ -362,12 +496,22 @@ impl FeedMetrics {
         registry.register(Box::new(streams.clone()))?;
         registry.register(Box::new(subscriptions.clone()))?;
         registry.register(Box::new(updates.clone()))?;
+        let ended = IntCounterVec::new(
+            Opts::new(
+                "podiam_feed_ended_total",
+                "Node feed streams ended, by reason (not_ready: the server's view went stale; \
+                 replaced: a newer subscription of the same node; agent_gone; shutdown)",
+            ),
+            &["reason"],
+        )?;
         registry.register(Box::new(pods_sent.clone()))?;
+        registry.register(Box::new(ended.clone()))?;
         Ok(Self {
             streams,
             subscriptions,
             updates,
             pods_sent,
+            ended,
         })
     }
 }

@@ -3,11 +3,12 @@
 //! the node feed, then the tasks (listeners, watches, the start-up prefetch), any of which
 //! ending before shutdown takes the process down.
 
-use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+use std::{future::Future, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::{Context, bail};
 use podiam_common::{
     admin::Admin,
+    listen::{ConnectionLimits, ListenerMetrics},
     readiness::Readiness,
     shutdown,
     tls::{TlsArgs, TlsMetrics},
@@ -51,8 +52,16 @@ pub(crate) struct Serve {
         Box<dyn FnOnce(kube::Client) -> anyhow::Result<Arc<dyn Authenticate>> + Send>,
     /// The container-credentials path, if on: the reviewer of pods' tokens.
     pub pod_tokens: Option<Box<dyn FnOnce(kube::Client) -> TokenReviewer + Send>>,
-    /// The admission webhook's address and settings (with the container-credentials path).
-    pub webhook: Option<(SocketAddr, WebhookSettings)>,
+    /// The admission webhook's address, settings, connection limits and client CA (with
+    /// the container-credentials path).
+    pub webhook: Option<(
+        SocketAddr,
+        WebhookSettings,
+        ConnectionLimits,
+        Option<PathBuf>,
+    )>,
+    /// Connections to the agent API.
+    pub api_limits: ConnectionLimits,
     pub kube: KubeArgs,
     /// The policy, given the base role ARN detected at start-up (if asked to).
     pub policy: Box<dyn FnOnce(Option<String>) -> anyhow::Result<PolicyConfig> + Send>,
@@ -82,6 +91,7 @@ pub(crate) async fn serve(s: Serve) -> anyhow::Result<()> {
         authenticator,
         pod_tokens,
         webhook,
+        api_limits,
         kube,
         policy,
         autodetect,
@@ -95,8 +105,13 @@ pub(crate) async fn serve(s: Serve) -> anyhow::Result<()> {
     let registry = Registry::new();
     let readiness = Readiness::new();
     let tls_metrics = TlsMetrics::register(&registry)?;
+    let listeners = ListenerMetrics::register(&registry)?;
     let webhook_tls = match &webhook {
-        Some(_) => Some(
+        Some((_, _, _, Some(client_ca))) => Some(
+            tls.webhook_server_verifying(client_ca, tls_metrics.clone(), shutdown.clone())
+                .context("loading the webhook's TLS files and --webhook-client-ca")?,
+        ),
+        Some((_, _, _, None)) => Some(
             tls.webhook_server(tls_metrics.clone(), shutdown.clone())
                 .context("loading the webhook's TLS files")?,
         ),
@@ -125,6 +140,7 @@ pub(crate) async fn serve(s: Serve) -> anyhow::Result<()> {
         shutdown.clone(),
     );
     SessionsCollector::register(&registry, broker.clone())?;
+    let broker_handle = broker.clone();
     let notifier = KubeEvents::start(
         client.clone(),
         std::env::var("POD_NAME").ok(),
@@ -141,6 +157,8 @@ pub(crate) async fn serve(s: Serve) -> anyhow::Result<()> {
         IssuerMetrics::register(&registry)?,
         Arc::new(notifier),
     );
+    // Nothing is prefetched or refreshed from a stale index.
+    broker_handle.set_demand(Arc::new(issuer.demand(readiness.clone())));
     // The container-credentials path's own readiness (its watches): a missing CRD or a
     // revoked right stops that path, not the metadata path.
     let pod_identity_ready = Readiness::new();
@@ -177,8 +195,9 @@ pub(crate) async fn serve(s: Serve) -> anyhow::Result<()> {
     });
 
     let webhook = match webhook {
-        Some((addr, settings)) => Some((
+        Some((addr, settings, limits, _)) => Some((
             addr,
+            limits,
             Webhook::new(
                 index.clone(),
                 [readiness.clone(), pod_identity_ready.clone()],
@@ -199,18 +218,21 @@ pub(crate) async fn serve(s: Serve) -> anyhow::Result<()> {
             Ok(())
         }
     });
-    if let (Some((addr, webhook)), Some(tls)) = (webhook, webhook_tls) {
+    if let (Some((addr, limits, webhook)), Some(tls)) = (webhook, webhook_tls) {
         let listener = bind(addr, "admission webhook").await?;
-        let shutdown = shutdown.clone();
+        let (shutdown, listeners) = (shutdown.clone(), listeners.clone());
         tasks.spawn("admission webhook", "webhook", async move {
-            webhook.serve(listener, tls, shutdown).await;
+            webhook
+                .serve(listener, tls, limits, listeners, shutdown)
+                .await;
             Ok(())
         });
     }
     tasks.spawn("agent API", "api", {
         let shutdown = shutdown.clone();
         async move {
-            api.serve(feed, api_listener, tls, shutdown).await;
+            api.serve(feed, api_listener, tls, api_limits, listeners, shutdown)
+                .await;
             Ok(())
         }
     });

@@ -23,18 +23,23 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::{body::Body, service::service_fn};
 use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
-    server::{conn::auto, graceful::GracefulShutdown},
+    server::conn::auto,
 };
 use k8s_openapi::api::core::v1::{
     Container, EnvVar, Pod, ProjectedVolumeSource, ServiceAccountTokenProjection, Volume,
     VolumeMount, VolumeProjection,
 };
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview};
-use podiam_common::{pod_identity, readiness::Readiness, tls::Reloading};
+use podiam_common::{
+    listen::{self, Activity, ConnectionLimits, IdleLimits, Limiter, ListenerMetrics},
+    pod_identity,
+    readiness::Readiness,
+    tls::Reloading,
+};
 use prometheus::{IntCounterVec, Opts, Registry};
 use rustls::ServerConfig;
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     accounts::{AccountKey, AccountRole},
@@ -48,10 +53,23 @@ const MAX_BODY: usize = 2 * 1024 * 1024;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The API server gives a call 3 s (`timeoutSeconds`); a slower body is no API server's.
 const BODY_TIMEOUT: Duration = Duration::from_secs(5);
-/// Connections at once; more are closed at once. The webhook answers anyone who can
-/// reach its port (no client certificate), so it must not let them hold the server's
-/// memory: connections × streams × body.
-const MAX_CONNECTIONS: usize = 128;
+/// Connections at once, in total and per source address (`--max-webhook-connections`,
+/// `--max-webhook-connections-per-source`). Unless `--webhook-client-ca` is set, the
+/// webhook answers anyone who can reach its port, so it must not let them hold the
+/// server's memory (connections × streams × body) nor the API server's slots.
+pub const DEFAULT_LIMITS: ConnectionLimits = ConnectionLimits {
+    total: 256,
+    per_source: 32,
+};
+/// The first request must follow the handshake within this; a connection with no review
+/// in progress for the idle limit is closed (the API server opens another when it needs
+/// one).
+const IDLE: IdleLimits = IdleLimits {
+    first_request: Duration::from_secs(5),
+    idle: Duration::from_secs(60),
+};
+/// The listener's name in metrics.
+const LISTENER: &str = "webhook";
 /// Streams per HTTP/2 connection.
 const MAX_STREAMS: u32 = 8;
 /// Reviews read and answered at once; others wait up to [`BODY_TIMEOUT`], then get 503.
@@ -115,30 +133,35 @@ impl Webhook {
         })
     }
 
-    /// Serves HTTPS (HTTP/1.1 and HTTP/2) on `listener` until `shutdown`.
+    /// Serves HTTPS (HTTP/1.1 and HTTP/2) on `listener` until `shutdown`. Connections are
+    /// bounded by `limits` in total and per source address (closed at accept beyond
+    /// them), must send a request soon after their handshake, and are closed when idle:
+    /// no party that reaches the port can hold the slots the API server needs.
     pub async fn serve(
         self,
         listener: TcpListener,
         tls: Reloading<ServerConfig>,
+        limits: ConnectionLimits,
+        listeners: ListenerMetrics,
         shutdown: CancellationToken,
     ) {
-        let graceful = GracefulShutdown::new();
-        let connections = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+        let limiter = Limiter::new(LISTENER, limits, &listeners);
+        let tracker = TaskTracker::new();
         loop {
             let Some((tcp, peer)) =
                 podiam_common::listen::accept(&listener, &shutdown, "webhook").await
             else {
                 break;
             };
-            let Ok(slot) = connections.clone().try_acquire_owned() else {
+            let Ok(slot) = limiter.admit(peer.ip()) else {
                 self.count("too_many_connections");
-                tracing::debug!(%peer, "webhook connection closed: too many open");
+                tracing::debug!(%peer, "webhook connection closed at accept: over its cap");
                 continue;
             };
             let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
             let this = self.clone();
-            let watcher = graceful.watcher();
-            tokio::spawn(async move {
+            let (shutdown, listeners) = (shutdown.clone(), listeners.clone());
+            tracker.spawn(async move {
                 let _slot = slot;
                 let stream =
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
@@ -149,9 +172,18 @@ impl Webhook {
                         }
                         Err(_) => return,
                     };
-                let service = service_fn(move |req| {
-                    let this = this.clone();
-                    async move { Ok::<_, Infallible>(this.handle(req).await) }
+                let activity = Activity::new();
+                let service = service_fn({
+                    let activity = activity.clone();
+                    move |req| {
+                        let this = this.clone();
+                        let active = activity.start();
+                        let activity = activity.clone();
+                        async move {
+                            let rsp = this.handle(req).await;
+                            Ok::<_, Infallible>(rsp.map(|body| activity.track(body, active)))
+                        }
+                    }
                 });
                 let mut builder = auto::Builder::new(TokioExecutor::new());
                 builder
@@ -161,17 +193,18 @@ impl Webhook {
                 builder
                     .http2()
                     .timer(TokioTimer::new())
+                    .keep_alive_interval(Some(Duration::from_secs(20)))
+                    .keep_alive_timeout(Duration::from_secs(10))
                     .max_concurrent_streams(MAX_STREAMS);
                 let conn = builder.serve_connection(TokioIo::new(stream), service);
-                if let Err(error) = watcher.watch(conn.into_owned()).await {
+                let driven = listen::drive(conn, &activity, IDLE, &shutdown, &listeners, LISTENER);
+                if let Err(error) = driven.await {
                     tracing::debug!(%peer, %error, "webhook connection ended with an error");
                 }
             });
         }
-        if tokio::time::timeout(GRACE, graceful.shutdown())
-            .await
-            .is_err()
-        {
+        tracker.close();
+        if tokio::time::timeout(GRACE, tracker.wait()).await.is_err() {
             tracing::warn!("webhook: requests still in flight after the grace period");
         }
     }

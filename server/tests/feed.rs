@@ -187,3 +187,138 @@ async fn a_subscription_is_for_the_agents_own_node_only() {
         3.0
     );
 }
+
+/// The next message: an update, or the status the stream ended with.
+async fn next_result(stream: &mut Stream) -> Result<Option<NodeUpdate>, tonic::Status> {
+    tokio::time::timeout(Duration::from_secs(10), stream.message())
+        .await
+        .expect("a message or an end within 10 s")
+}
+
+/// Reads until the stream ends; the status it ended with.
+async fn ended(stream: &mut Stream) -> tonic::Status {
+    loop {
+        match next_result(stream).await {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("the stream ended without a status"),
+            Err(status) => return status,
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_stale_view_ends_every_feed_and_refuses_new_ones_until_it_is_current_again() {
+    let kube = FakeKube::start().await.unwrap();
+    for object in team_a(TeamA {
+        web: "10.0.0.1",
+        denied: "10.0.0.2",
+        other_node: "10.0.0.3",
+    }) {
+        kube.apply(object);
+    }
+    kube.add_token(AGENT_A, agent_identity("node-a"));
+    let env = ServerStack::start(
+        std::path::Path::new(BIN),
+        kube,
+        &["--feed-heartbeat", "300ms", "--watch-stale-after", "1s"],
+    )
+    .await
+    .expect("server stack (moto: run scripts/setup)");
+    let mut stream = subscribe(&env, Some(AGENT_A), "", vec![]).await.unwrap();
+    assert!(next(&mut stream).await.synced);
+
+    // The API server goes away: the watches fail, and past --watch-stale-after the view
+    // is stale. The open stream must end, not go on sending from the frozen index.
+    env.kube
+        .refuse_reads(Some(http::StatusCode::SERVICE_UNAVAILABLE));
+    env.kube.drop_watches();
+    let status = ended(&mut stream).await;
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("not ready"), "{status:?}");
+    assert_eq!(
+        env.metric(r#"podiam_feed_ended_total{reason="not_ready"}"#)
+            .await,
+        1.0
+    );
+    let refused = subscribe(&env, Some(AGENT_A), "", vec![])
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+
+    // Back: a fresh list opens the gate, and agents subscribe again.
+    env.kube.refuse_reads(None);
+    let mut resubscribed = None;
+    for _ in 0..100 {
+        match subscribe(&env, Some(AGENT_A), "", vec![]).await {
+            Ok(stream) => {
+                resubscribed = Some(stream);
+                break;
+            }
+            Err(status) => assert_eq!(status.code(), tonic::Code::Unavailable),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut stream = resubscribed.expect("subscribed again once the view is current");
+    assert!(next(&mut stream).await.synced);
+}
+
+#[tokio::test]
+async fn one_node_cannot_make_a_server_hold_more_than_its_share() {
+    let env = start().await;
+    let held = |n: usize, uid_len: usize| -> Vec<Held> {
+        (0..n)
+            .map(|i| Held {
+                uid: format!("{i:0>uid_len$}"),
+                version: u64::MAX,
+            })
+            .collect()
+    };
+    // A held list longer than any node's pods.
+    let refused = subscribe(&env, Some(AGENT_A), "", held(4097, 36))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+
+    // Eight subscriptions of 3.75 MB each (250,000 invented UIDs, the review's attack):
+    // refused by the decoder, and the server's memory stays where it was.
+    let quiet = env.server.rss_kib().unwrap();
+    let attacks: Vec<_> = (0..8)
+        .map(|_| subscribe(&env, Some(AGENT_A), "", held(250_000, 8)))
+        .collect();
+    for refused in futures::future::join_all(attacks).await {
+        let refused = refused.unwrap_err();
+        assert!(
+            matches!(
+                refused.code(),
+                tonic::Code::OutOfRange | tonic::Code::ResourceExhausted
+            ),
+            "{refused:?}"
+        );
+    }
+    let after = env.server.rss_kib().unwrap();
+    assert!(
+        after < quiet + 50 * 1024,
+        "RSS {quiet} KiB → {after} KiB under one node's oversized subscriptions"
+    );
+
+    // At most two subscriptions of one node at once: a third ends the oldest, which is
+    // told why; the newer two go on.
+    let mut first = subscribe(&env, Some(AGENT_A), "", vec![]).await.unwrap();
+    assert!(next(&mut first).await.synced);
+    let mut second = subscribe(&env, Some(AGENT_A), "", vec![]).await.unwrap();
+    assert!(next(&mut second).await.synced);
+    let mut third = subscribe(&env, Some(AGENT_A), "", vec![]).await.unwrap();
+    assert!(next(&mut third).await.synced);
+    let status = ended(&mut first).await;
+    assert_eq!(status.code(), tonic::Code::Aborted, "{status:?}");
+    for stream in [&mut second, &mut third] {
+        // Heartbeats go on.
+        assert!(next_result(stream).await.unwrap().is_some());
+    }
+    assert_eq!(
+        env.metric(r#"podiam_feed_ended_total{reason="replaced"}"#)
+            .await,
+        1.0
+    );
+    assert_eq!(env.metric("podiam_feed_streams").await, 2.0);
+}

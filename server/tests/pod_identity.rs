@@ -403,3 +403,201 @@ async fn without_the_crd_only_the_container_credentials_path_is_down() {
         "{v}"
     );
 }
+
+/// Namespace `bound` permits `app*`; ServiceAccount `app` has role `app`. On node-a:
+/// `one` (10.9.1.1), `two` (10.9.1.2) and the host-network `host` (the node's address,
+/// 10.8.0.10); on node-b: `far` (10.9.2.1).
+async fn start_bound() -> ServerStack {
+    let kube = FakeKube::start().await.unwrap();
+    kube.apply(namespace(
+        "bound",
+        &[("iam.amazonaws.com/permitted", &arn("app.*"))],
+    ));
+    kube.apply(service_account("bound", "app", Some(&arn("app"))));
+    for (name, ip, node, host) in [
+        ("one", "10.9.1.1", "node-a", false),
+        ("two", "10.9.1.2", "node-a", false),
+        ("host", "10.8.0.10", "node-a", true),
+        ("far", "10.9.2.1", "node-b", false),
+    ] {
+        let mut p = pod("bound", name).service_account("app").node(node).ip(ip);
+        if host {
+            p = p.host_network();
+        }
+        kube.apply(p.build());
+    }
+    kube.add_token(AGENT_A, agent_identity("node-a"));
+    let extra = [
+        "--pod-identity",
+        "--webhook-listen",
+        "127.0.0.1:0",
+        "--max-token-reviews-per-node",
+        "2",
+    ];
+    ServerStack::start(std::path::Path::new(BIN), kube, &extra)
+        .await
+        .expect("server stack (moto: run scripts/setup)")
+}
+
+async fn ask_from(c: &mut ApiClient, token: &str, ip: &str) -> (u16, Value) {
+    c.post(
+        "/v1/pod-identity",
+        Some(AGENT_A),
+        json!({"token": token, "ip": ip}),
+    )
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_token_is_worth_credentials_only_from_its_own_pods_address() {
+    let env = start_bound().await;
+    let mut c = client(&env).await;
+    let one = env
+        .kube
+        .issue_pod_token("bound", "one", AUDIENCE, HOUR)
+        .unwrap();
+    let (code, v) = ask_from(&mut c, &one, "10.9.1.1").await;
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["role_arn"], arn("app"));
+
+    // `two` has read `one`'s token (a shared volume, a log line): worth nothing from its
+    // own address, nor from the node's (a host-network process).
+    for thief in ["10.9.1.2", "10.8.0.10"] {
+        let (code, v) = ask_from(&mut c, &one, thief).await;
+        assert_eq!(code, 400, "from {thief}: {v}");
+        assert_eq!(v["code"], "invalid_token", "{v}");
+    }
+    assert!(
+        env.kube
+            .wait_event(|e| e["regarding"]["name"] == "one" && e["reason"] == "TokenUsedElsewhere")
+            .await
+            .is_some(),
+        "{:?}",
+        env.kube.events()
+    );
+    // A host-network pod's addresses are its node's.
+    let host = env
+        .kube
+        .issue_pod_token("bound", "host", AUDIENCE, HOUR)
+        .unwrap();
+    let (code, v) = ask_from(&mut c, &host, "10.8.0.10").await;
+    assert_eq!(code, 200, "{v}");
+    let (code, _) = ask_from(&mut c, &host, "10.9.1.2").await;
+    assert_eq!(code, 400);
+    // IPv4-mapped IPv6 is the same address.
+    let (code, v) = ask_from(&mut c, &one, "::ffff:10.9.1.1").await;
+    assert_eq!(code, 200, "{v}");
+}
+
+#[tokio::test]
+async fn one_nodes_new_tokens_wait_for_its_own_share_of_token_reviews() {
+    let env = start_bound().await;
+    let mut c = client(&env).await;
+    let token = |n: u32| {
+        env.kube
+            .issue_pod_token(
+                "bound",
+                "one",
+                AUDIENCE,
+                HOUR + Duration::from_secs(n.into()),
+            )
+            .unwrap()
+    };
+    // The agent's own token is reviewed (and remembered) first.
+    let (code, v) = ask_from(&mut c, &token(0), "10.9.1.1").await;
+    assert_eq!(code, 200, "{v}");
+    // The API server sits on every TokenReview: node-a's two reviews in flight are its
+    // share (--max-token-reviews-per-node 2), and a third new token is turned away at
+    // once rather than queued behind them (or ahead of other nodes' reviews).
+    let hold = env.kube.hold_token_reviews();
+    let before = env.kube.token_review_attempts();
+    let mut waiting = Vec::new();
+    for n in 1..=2 {
+        let config = tls_config(&env.pki.ca, Some(&env.pki.client)).unwrap();
+        let (token, api) = (token(n), env.api);
+        waiting.push(tokio::spawn(async move {
+            let mut c = ApiClient::connect(api, config).await.unwrap();
+            ask_from(&mut c, &token, "10.9.1.1").await
+        }));
+    }
+    // Both have reached the API server (and wait there).
+    for _ in 0..100 {
+        if env.kube.token_review_attempts() >= before + 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(env.kube.token_review_attempts(), before + 2);
+    let started = std::time::Instant::now();
+    let (code, throttled) = ask_from(&mut c, &token(9), "10.9.1.1").await;
+    assert_eq!(code, 429, "{throttled}");
+    assert_eq!(throttled["code"], "throttled", "{throttled}");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "turned away at once"
+    );
+    assert_eq!(env.kube.token_review_attempts(), before + 2, "never sent");
+    drop(hold);
+    for w in waiting {
+        w.await.unwrap();
+    }
+    // The share is free again.
+    let (code, v) = ask_from(&mut c, &token(10), "10.9.1.1").await;
+    assert_eq!(code, 200, "{v}");
+}
+
+#[tokio::test]
+async fn idle_connections_from_one_address_cannot_switch_the_webhook_off() {
+    use tokio::io::AsyncReadExt;
+    const HOSTILE: &str = "127.0.0.77";
+    let env = start().await;
+    let addr = env
+        .server
+        .logs()
+        .iter()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .find(|v| v["message"] == "admission webhook listening")
+        .and_then(|v| v["addr"].as_str()?.parse::<std::net::SocketAddr>().ok())
+        .unwrap();
+    // One address that reaches the port holds 300 idle TLS connections (the review's
+    // attack needed 128 to fill every slot).
+    let config = tls_config(&env.pki.ca, None).unwrap();
+    let mut idle = Vec::new();
+    for _ in 0..300 {
+        let from = HOSTILE.parse().unwrap();
+        if let Ok(tls) = podiam_tests::api_client::idle_tls(from, addr, config.clone()).await {
+            idle.push(tls);
+        }
+    }
+    // The API server, from its own address, still gets its answer.
+    let pod = json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "x", "namespace": "team"},
+        "spec": {"serviceAccountName": "app", "containers": [{"name": "c", "image": "i"}]}});
+    let admitted = admit(addr, &env.pki.ca, "team", &pod).await.unwrap();
+    assert!(
+        admitted["spec"]["containers"][0]["env"]
+            .to_string()
+            .contains("AWS_CONTAINER_CREDENTIALS_FULL_URI"),
+        "{admitted}"
+    );
+    let refused = env
+        .metric(r#"podiam_listener_refused_total{listener="webhook",reason="per_source"}"#)
+        .await;
+    assert!(refused >= (300 - 32) as f64, "refused {refused}");
+    // A connection that sends no request is closed soon after its handshake.
+    let mut held = idle
+        .pop()
+        .expect("some connections get through the handshake");
+    let mut buf = [0u8; 64];
+    let closed = tokio::time::timeout(Duration::from_secs(15), held.read(&mut buf)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+        "an idle connection still open: {closed:?}"
+    );
+    assert!(
+        env.metric(r#"podiam_listener_idle_closed_total{listener="webhook",when="first"}"#)
+            .await
+            >= 1.0
+    );
+}

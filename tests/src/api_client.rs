@@ -46,6 +46,25 @@ pub fn tls_config(ca: &std::path::Path, client: Option<&Pair>) -> anyhow::Result
     Ok(config)
 }
 
+/// A TLS connection from `from` (a loopback address standing for some party) to `addr`
+/// as `localhost`, handshake done and nothing sent: an idle client.
+pub async fn idle_tls(
+    from: std::net::IpAddr,
+    addr: SocketAddr,
+    config: ClientConfig,
+) -> anyhow::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let socket = match from {
+        std::net::IpAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        std::net::IpAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.bind(SocketAddr::new(from, 0))?;
+    let tcp = socket.connect(addr).await?;
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    Ok(connector
+        .connect(ServerName::try_from("localhost")?, tcp)
+        .await?)
+}
+
 /// An HTTP/2 connection over TLS to `addr` as `localhost`, for request bodies `B`.
 pub async fn h2_connection<B>(
     addr: SocketAddr,

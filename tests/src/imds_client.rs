@@ -23,7 +23,8 @@ pub struct Answer {
     pub body: String,
 }
 
-async fn connect(from: IpAddr, to: SocketAddr) -> std::io::Result<TcpStream> {
+/// A TCP connection from `from` (a loopback address standing for a pod) to `to`.
+pub async fn connect(from: IpAddr, to: SocketAddr) -> std::io::Result<TcpStream> {
     let socket = match from {
         IpAddr::V4(_) => TcpSocket::new_v4()?,
         IpAddr::V6(_) => TcpSocket::new_v6()?,

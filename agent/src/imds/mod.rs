@@ -153,7 +153,12 @@ impl Imds {
     }
 
     /// Serves HTTP/1 on `listener` until `shutdown` (see [`crate::pods::serve`]).
-    pub async fn serve(self, listener: TcpListener, shutdown: CancellationToken) {
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        limiter: podiam_common::listen::Limiter,
+        shutdown: CancellationToken,
+    ) {
         let admit = |peer: SocketAddr| {
             let ok = self.is_pod_source(peer.ip());
             if !ok {
@@ -172,7 +177,15 @@ impl Imds {
             let imds = imds.clone();
             async move { imds.handle(peer, req).await }
         };
-        crate::pods::serve(listener, shutdown, "metadata endpoint", admit, handle).await;
+        crate::pods::serve(
+            listener,
+            shutdown,
+            "metadata endpoint",
+            limiter,
+            admit,
+            handle,
+        )
+        .await;
     }
 
     /// Whether `ip` may be a pod's (see `--pod-sources`).
@@ -493,6 +506,7 @@ fn refused(ip: IpAddr, error: &ServerError) -> Response<Full<Bytes>> {
         | ErrorCode::InvalidRequest
         | ErrorCode::InvalidToken
         | ErrorCode::NotReady
+        | ErrorCode::Throttled
         | ErrorCode::Internal => {
             tracing::warn!(%ip, code = body.code.as_str(), message = %body.message, "podiam server refused the agent");
             text(

@@ -26,6 +26,8 @@ pub struct BrokerMetrics {
     pub misses: IntCounter,
     /// Refresh-ahead attempts.
     pub refreshes: IntCounter,
+    /// Prefetches dropped and refreshes skipped because no pod maps to the session now.
+    pub unwanted: IntCounter,
     /// Prefetch requests waiting (never dropped: a queue that stays long says that
     /// `--prefetch-rate` is too low for the pods' churn).
     pub prefetch_queued: IntGauge,
@@ -68,6 +70,11 @@ impl BrokerMetrics {
                 "podiam_credential_refreshes_total",
                 "Refresh-ahead attempts for sessions in use",
             )?,
+            unwanted: IntCounter::new(
+                "podiam_credential_unwanted_total",
+                "Prefetches dropped and refreshes skipped because no pod the index holds now \
+                 maps to the session (deleted, role changed, or no longer permitted)",
+            )?,
             prefetch_queued: IntGauge::new(
                 "podiam_prefetch_queue_depth",
                 "Prefetch requests waiting (delayed by --prefetch-rate, never dropped)",
@@ -80,6 +87,7 @@ impl BrokerMetrics {
         registry.register(Box::new(m.hits.clone()))?;
         registry.register(Box::new(m.misses.clone()))?;
         registry.register(Box::new(m.refreshes.clone()))?;
+        registry.register(Box::new(m.unwanted.clone()))?;
         registry.register(Box::new(m.prefetch_queued.clone()))?;
         Ok(m)
     }

@@ -16,6 +16,12 @@
 //!   a prefetch that fails for a reason that may pass (throttling, STS unreachable or at
 //!   fault) is queued again after a jittered backoff, up to [`PREFETCH_ATTEMPTS`] times.
 //!
+//! Nothing is fetched ahead of a request from a stale view: a [`Demand`] (the issuer, in
+//! production) says whether the view is current and whether a session is still wanted (a
+//! pod the index holds now maps to it, and its namespace permits it). The prefetcher waits
+//! while the view is stale and drops keys nobody wants; a refresh timer lets an unwanted
+//! session expire.
+//!
 //! Expiry decisions read an injected [`Clock`]. The STS itself is behind [`AssumeRole`]
 //! ([`aws::AwsSts`] in production). Nothing here knows about Kubernetes.
 
@@ -23,7 +29,7 @@ use std::{
     collections::{HashMap, HashSet, VecDeque},
     fmt,
     sync::{
-        Arc,
+        Arc, OnceLock,
         atomic::{AtomicBool, Ordering},
     },
     time::{Duration, SystemTime},
@@ -72,6 +78,16 @@ pub use podiam_common::clock::{Clock, SystemClock};
 pub trait AssumeRole: Send + Sync + fmt::Debug + 'static {
     /// Assumes `key.role_arn` as described by `key`.
     fn assume_role(&self, key: &SessionKey) -> BoxFuture<'static, Result<Credentials, StsError>>;
+}
+
+/// Whether fetching ahead of a request (prefetch, refresh) is still called for.
+pub trait Demand: Send + Sync + fmt::Debug + 'static {
+    /// Whether the view the sessions were decided from is current.
+    fn current(&self) -> bool;
+    /// Resolves once the view is current.
+    fn until_current(&self) -> BoxFuture<'static, ()>;
+    /// Whether some pod the view holds now maps to `key` (and may have it).
+    fn wants(&self, key: &SessionKey) -> bool;
 }
 
 /// Why STS gave no credentials.
@@ -133,6 +149,8 @@ struct Inner {
     fetched: broadcast::Sender<SessionKey>,
     metrics: BrokerMetrics,
     shutdown: CancellationToken,
+    /// Asked before fetching ahead of a request; none: always.
+    demand: OnceLock<Arc<dyn Demand>>,
 }
 
 type Fetch = Shared<BoxFuture<'static, Result<Credentials, StsError>>>;
@@ -271,10 +289,27 @@ impl Broker {
                 metrics,
                 shutdown,
                 config,
+                demand: OnceLock::new(),
             }),
         };
         tokio::spawn(broker.clone().prefetcher());
         broker
+    }
+
+    /// Sets what decides whether a prefetch or a refresh is still called for (once; a
+    /// second call is ignored).
+    pub fn set_demand(&self, demand: Arc<dyn Demand>) {
+        if self.inner.demand.set(demand).is_err() {
+            tracing::warn!("the broker's demand was already set");
+        }
+    }
+
+    /// Whether fetching `key` ahead of a request is called for now.
+    fn wanted(&self, key: &SessionKey) -> bool {
+        self.inner
+            .demand
+            .get()
+            .is_none_or(|d| d.current() && d.wants(key))
     }
 
     /// Credentials for `key`: cached if they have enough life left, else fetched (sharing
@@ -546,6 +581,23 @@ impl Broker {
                 tracing::debug!(role.arn = %key.role_arn, session = %key.session_name, "unused since the last fetch: left to expire");
                 return;
             }
+            if let Some(demand) = inner.demand.get() {
+                // A stale view decides nothing: wait for a current one (while the old
+                // credentials last), then ask whether a pod still maps to the session.
+                if !demand.current() {
+                    let left = self.remaining(&entry.credentials);
+                    tokio::select! {
+                        _ = inner.shutdown.cancelled() => return,
+                        _ = demand.until_current() => {}
+                        _ = tokio::time::sleep(left) => return,
+                    }
+                }
+                if !demand.wants(&key) {
+                    inner.metrics.unwanted.inc();
+                    tracing::debug!(role.arn = %key.role_arn, session = %key.session_name, "no pod maps to the session any more: left to expire");
+                    return;
+                }
+            }
             inner.metrics.refreshes.inc();
             if self.fetch(key.clone()).await.is_ok() {
                 // The new entry has its own timer.
@@ -583,6 +635,20 @@ impl Broker {
             let Ok(permit) = limit.clone().acquire_owned().await else {
                 return;
             };
+            // Nothing is fetched ahead from a stale view: wait until it is current, then
+            // drop keys that no pod maps to any more (a policy narrowed meanwhile).
+            if let Some(demand) = inner.demand.get()
+                && !demand.current()
+            {
+                tokio::select! {
+                    _ = inner.shutdown.cancelled() => return,
+                    _ = demand.until_current() => {}
+                }
+            }
+            if !self.wanted(&q.key) {
+                inner.metrics.unwanted.inc();
+                continue;
+            }
             // `peek`, not `cached`: a session is not "used" until a pod asks for it.
             if self.peek(&q.key).is_some() {
                 continue;
