@@ -380,19 +380,22 @@ impl Cli {
             (Some(port), Some(interceptor)) => interceptor.pod_identity_listens(port),
             (Some(port), None) => vec![SocketAddr::new(listen.ip(), port)],
         };
+        // The node's own addresses: where host-network pods' requests come from.
+        let node_ips: Vec<std::net::IpAddr> = std::iter::once(listen.ip())
+            .chain(extra_listens.iter().map(SocketAddr::ip))
+            .collect();
         let pod_identity = PodIdentity::new(
             servers.clone(),
             table.clone(),
             pod_sources.clone(),
             std::num::NonZeroU32::new(pod_identity_rate),
+            node_ips.clone(),
             Arc::new(SystemClock),
             PodIdentityMetrics::register(&registry)?,
         );
         let imds = Imds::new(
             ImdsConfig {
-                node_ips: std::iter::once(listen.ip())
-                    .chain(extra_listens.iter().map(SocketAddr::ip))
-                    .collect(),
+                node_ips,
                 pod_sources,
                 key,
                 require_v2: require_imdsv2,

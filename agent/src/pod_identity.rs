@@ -79,13 +79,23 @@ struct Inner {
     table: Option<NodeTable>,
     /// The last credentials handed out per token (by SHA-256 of the token).
     held: moka::sync::Cache<[u8; 32], Arc<Held>>,
-    /// Requests per source address (`None`: no limit).
+    /// Requests per source address, or per pod from the node's addresses (`None`: no
+    /// limit).
     limiter: Option<PerSource>,
 }
 
-/// A rate limit per source address: `rate` a second, in bursts of five times that.
+/// A rate limit per source address: `rate` a second, in bursts of five times that. The
+/// node's own addresses are shared by every host-network pod and node process: there the
+/// limit is per pod the token names (unverified, so a forger only spreads its requests over
+/// buckets of its own), under an aggregate of eight times the rate for the address.
 #[derive(Debug)]
-struct PerSource(governor::DefaultKeyedRateLimiter<IpAddr>);
+struct PerSource {
+    by_source: governor::DefaultKeyedRateLimiter<IpAddr>,
+    /// The node's addresses, all their pods together.
+    by_node: governor::DefaultKeyedRateLimiter<IpAddr>,
+    by_pod: governor::DefaultKeyedRateLimiter<(IpAddr, String)>,
+    node_ips: Vec<IpAddr>,
+}
 
 /// Credentials handed to a pod, for a server outage.
 #[derive(Debug)]
@@ -136,10 +146,11 @@ impl PodIdentity {
         table: Option<NodeTable>,
         pod_sources: Vec<ipnet::IpNet>,
         rate: Option<std::num::NonZeroU32>,
+        node_ips: Vec<IpAddr>,
         clock: Arc<dyn Clock>,
         metrics: PodIdentityMetrics,
     ) -> Self {
-        let limiter = rate.map(PerSource::new);
+        let limiter = rate.map(|rate| PerSource::new(rate, node_ips));
         Self {
             inner: Arc::new(Inner {
                 servers,
@@ -188,8 +199,11 @@ impl PodIdentity {
     }
 
     /// Whether `source` may ask now (see `--pod-identity-rate`).
-    fn allowed(&self, source: IpAddr) -> bool {
-        self.inner.limiter.as_ref().is_none_or(|l| l.allow(source))
+    fn allowed(&self, source: IpAddr, headers: &HeaderMap) -> bool {
+        self.inner
+            .limiter
+            .as_ref()
+            .is_none_or(|l| l.allow(source, headers))
     }
 
     fn is_pod_source(&self, ip: IpAddr) -> bool {
@@ -199,7 +213,7 @@ impl PodIdentity {
     /// Answers one request from `source` (bodies are never read).
     pub async fn handle<B>(&self, source: IpAddr, req: Request<B>) -> Response<Full<Bytes>> {
         let started = tokio::time::Instant::now();
-        let answer = match self.allowed(source) {
+        let answer = match self.allowed(source, req.headers()) {
             true => {
                 self.answer(source, req.method(), req.uri(), req.headers())
                     .await
@@ -423,20 +437,56 @@ fn json<T: Serialize>(status: StatusCode, body: &T) -> Response<Full<Bytes>> {
 // === impl PerSource ===
 
 impl PerSource {
-    fn new(rate: std::num::NonZeroU32) -> Self {
-        let burst = rate.saturating_mul(std::num::NonZeroU32::MIN.saturating_add(4));
-        Self(governor::RateLimiter::keyed(
-            governor::Quota::per_second(rate).allow_burst(burst),
-        ))
+    fn new(rate: std::num::NonZeroU32, node_ips: Vec<IpAddr>) -> Self {
+        let quota = |rate: std::num::NonZeroU32| {
+            let burst = rate.saturating_mul(std::num::NonZeroU32::MIN.saturating_add(4));
+            governor::Quota::per_second(rate).allow_burst(burst)
+        };
+        let node_rate = rate.saturating_mul(std::num::NonZeroU32::MIN.saturating_add(7));
+        Self {
+            by_source: governor::RateLimiter::keyed(quota(rate)),
+            by_node: governor::RateLimiter::keyed(quota(node_rate)),
+            by_pod: governor::RateLimiter::keyed(quota(rate)),
+            node_ips: node_ips.into_iter().map(canonical).collect(),
+        }
     }
 
-    fn allow(&self, source: IpAddr) -> bool {
-        // Forget addresses that have not asked lately, now and then.
-        if self.0.len() > 4096 {
-            self.0.retain_recent();
+    fn allow(&self, source: IpAddr, headers: &HeaderMap) -> bool {
+        let source = canonical(source);
+        // Forget keys that have not asked lately, now and then.
+        if self.by_source.len() > 4096 {
+            self.by_source.retain_recent();
         }
-        self.0.check_key(&canonical(source)).is_ok()
+        if !self.node_ips.contains(&source) {
+            return self.by_source.check_key(&source).is_ok();
+        }
+        let Some(pod) = claimed_pod(headers) else {
+            return self.by_source.check_key(&source).is_ok();
+        };
+        if self.by_pod.len() > 4096 {
+            self.by_pod.retain_recent();
+        }
+        // The pod's own bucket first: its refusals cost the node's other pods nothing.
+        self.by_pod.check_key(&(source, pod)).is_ok() && self.by_node.check_key(&source).is_ok()
     }
+}
+
+/// The pod UID a token's payload names (`kubernetes.io.pod.uid`), unverified: only to
+/// give each host-network pod its own rate bucket.
+fn claimed_pod(headers: &HeaderMap) -> Option<String> {
+    let token = headers.get(header::AUTHORIZATION)?.to_str().ok()?.trim();
+    let payload = token.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .ok()?;
+    let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    let uid = claims
+        .get("kubernetes.io")?
+        .get("pod")?
+        .get("uid")?
+        .as_str()?;
+    // A UID is 36 characters; a longer claim is no pod's.
+    (uid.len() <= 64).then(|| uid.to_string())
 }
 
 // === impl Refusal ===
@@ -544,6 +594,40 @@ mod tests {
     }
 
     #[test]
+    fn host_network_pods_each_get_their_own_rate_bucket_under_the_nodes() {
+        let node: IpAddr = "10.8.0.10".parse().unwrap();
+        let pod: IpAddr = "10.9.1.1".parse().unwrap();
+        let limiter = PerSource::new(std::num::NonZeroU32::new(1).unwrap(), vec![node]);
+        let headers = |uid: &str| {
+            let mut h = HeaderMap::new();
+            let token = jwt(&format!(
+                r#"{{"kubernetes.io":{{"pod":{{"uid":"{uid}"}}}}}}"#
+            ));
+            h.insert(header::AUTHORIZATION, token.parse().unwrap());
+            h
+        };
+        // A pod address: one bucket (a burst of 5), whatever its tokens say.
+        let from_pod = (0..10)
+            .filter(|i| limiter.allow(pod, &headers(&format!("u{i}"))))
+            .count();
+        assert_eq!(from_pod, 5);
+        // The node's address: a bucket per pod the token names...
+        let a = (0..10)
+            .filter(|_| limiter.allow(node, &headers("a")))
+            .count();
+        assert_eq!(a, 5);
+        assert!(limiter.allow(node, &headers("b")), "b has its own bucket");
+        // ...under the node's aggregate (eight times the rate, bursts of 40): a forger of
+        // ever new UIDs gets no more than that.
+        let forged = (0..100)
+            .filter(|i| limiter.allow(node, &headers(&format!("f{i}"))))
+            .count();
+        assert_eq!(forged, 40 - 5 - 1);
+        // No UID claimed: the address's own bucket.
+        assert!(limiter.allow(node, &HeaderMap::new()));
+    }
+
+    #[test]
     fn tokens_are_checked_for_shape_and_time() {
         let now = at(2_000_000_000);
         assert_eq!(check_token(&jwt(r#"{"exp":2000000100}"#), now), Ok(()));
@@ -610,15 +694,16 @@ mod tests {
 
     #[test]
     fn each_source_address_has_its_own_bounded_rate() {
-        let limit = PerSource::new(std::num::NonZeroU32::MIN);
+        let limit = PerSource::new(std::num::NonZeroU32::MIN, Vec::new());
+        let none = HeaderMap::new();
         let a: IpAddr = "100.64.1.2".parse().unwrap();
         let b: IpAddr = "100.64.1.3".parse().unwrap();
-        let allowed = (0..20).filter(|_| limit.allow(a)).count();
+        let allowed = (0..20).filter(|_| limit.allow(a, &none)).count();
         assert_eq!(allowed, 5, "a burst of five times the rate, then no more");
-        assert!(limit.allow(b), "another address is not held back");
+        assert!(limit.allow(b, &none), "another address is not held back");
         let mapped: IpAddr = "::ffff:100.64.1.2".parse().unwrap();
         assert!(
-            !limit.allow(mapped),
+            !limit.allow(mapped, &none),
             "an IPv4-mapped address is the same address"
         );
     }

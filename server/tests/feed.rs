@@ -195,15 +195,20 @@ async fn next_result(stream: &mut Stream) -> Result<Option<NodeUpdate>, tonic::S
         .expect("a message or an end within 10 s")
 }
 
-/// Reads until the stream ends; the status it ended with.
+/// Reads until the stream ends (within 20 s); the status it ended with.
 async fn ended(stream: &mut Stream) -> tonic::Status {
-    loop {
-        match next_result(stream).await {
-            Ok(Some(_)) => continue,
-            Ok(None) => panic!("the stream ended without a status"),
-            Err(status) => return status,
+    let end = async {
+        loop {
+            match next_result(stream).await {
+                Ok(Some(_)) => continue,
+                Ok(None) => panic!("the stream ended without a status"),
+                Err(status) => return status,
+            }
         }
-    }
+    };
+    tokio::time::timeout(Duration::from_secs(20), end)
+        .await
+        .expect("the stream still going after 20 s")
 }
 
 #[tokio::test]

@@ -206,6 +206,14 @@ impl Loader {
                         .to_string();
                     let next = self.nodes.len();
                     let (index, count) = self.nodes.entry(node.clone()).or_insert((next, 0));
+                    let host_network = doc["spec"]["hostNetwork"].as_bool() == Some(true);
+                    if host_network && doc["status"]["podIP"].as_str().is_none() {
+                        // As a kubelet reports it: a host-network pod's addresses are its
+                        // node's.
+                        let ip = node_ip(*index);
+                        doc["status"]["podIP"] = json!(ip);
+                        doc["status"]["podIPs"] = json!([{ "ip": ip }]);
+                    }
                     if doc["status"]["podIP"].as_str().is_none() {
                         *count = count
                             .checked_add(1)
@@ -230,7 +238,7 @@ impl Loader {
                             [self.role_key.as_deref().unwrap_or("iam.amazonaws.com/role")]
                         .as_str()
                         .map(str::to_string),
-                        host_network: doc["spec"]["hostNetwork"].as_bool() == Some(true),
+                        host_network,
                         running: doc["status"]["phase"].as_str() == Some("Running"),
                         service_account: doc["spec"]["serviceAccountName"]
                             .as_str()
@@ -268,4 +276,10 @@ impl Loader {
         }
         Ok(Parsed { docs: out, loaded })
     }
+}
+
+/// The sandbox's address of the node at `index` (in [`Loader::nodes`] order), on its link
+/// to the control namespace: what a kubelet reports as a host-network pod's IP there.
+pub fn node_ip(index: usize) -> String {
+    format!("100.100.{index}.2")
 }

@@ -355,7 +355,10 @@ impl Supervisor {
             bail!("the sandbox supports up to 251 nodes");
         }
         let netns = node_netns(&self.state.name, node);
-        let (ctl_side, node_ip) = (format!("100.100.{index}.1"), format!("100.100.{index}.2"));
+        let (ctl_side, node_ip) = (
+            format!("100.100.{index}.1"),
+            crate::manifests::node_ip(index),
+        );
         let veth = format!("vnode{index}");
         // Recorded only once created: `down` never deletes a namespace it did not make.
         ip(&["netns", "add", &netns])?;
