@@ -115,6 +115,13 @@ struct ImdsArgs {
     /// its share, and every other pod keeps its own.
     #[arg(long, env = "PODIAM_MAX_POD_CONNECTIONS_PER_SOURCE", default_value_t = pods::DEFAULT_LIMITS.per_source)]
     max_pod_connections_per_source: usize,
+
+    /// Requests per second one source address may make of the pod-facing endpoints
+    /// together, in bursts of twice that (EC2's own metadata service throttles too). A pod
+    /// over it is answered at the rate, not refused: its next request waits, and its
+    /// connection is not read meanwhile. 0: no limit.
+    #[arg(long, env = "PODIAM_POD_REQUEST_RATE", default_value_t = 500)]
+    pod_request_rate: u32,
 }
 
 /// The container-credentials endpoint (EKS Pod Identity's, on any cluster).
@@ -242,6 +249,7 @@ impl Cli {
             metadata_timeout,
             max_pod_connections,
             max_pod_connections_per_source,
+            pod_request_rate,
         } = imds;
         if max_pod_connections == 0 || max_pod_connections_per_source == 0 {
             bail!("--max-pod-connections and --max-pod-connections-per-source must be at least 1");
@@ -288,8 +296,18 @@ impl Cli {
         let readiness = Readiness::new();
         let imds_metrics = ImdsMetrics::register(&registry)?;
         let listeners = ListenerMetrics::register(&registry)?;
-        let metadata_limiter = Limiter::new("metadata", pod_limits, &listeners);
-        let container_limiter = Limiter::new("container_credentials", pod_limits, &listeners);
+        let pace = match std::num::NonZeroU32::new(pod_request_rate) {
+            Some(rate) => Some(Arc::new(pods::Pace::new(rate, &registry)?)),
+            None => None,
+        };
+        let metadata_limits = pods::SourceLimits {
+            connections: Limiter::new("metadata", pod_limits, &listeners),
+            pace: pace.clone(),
+        };
+        let container_limits = pods::SourceLimits {
+            connections: Limiter::new("container_credentials", pod_limits, &listeners),
+            pace,
+        };
         // The rules go in before anything else that can fail at start (TLS files, the
         // token key, server addresses): a misconfigured agent leaves pods with refused
         // connections, never with the node's credentials.
@@ -470,27 +488,27 @@ impl Cli {
         });
         // One limiter per endpoint, shared by its IPv4 and IPv6 listeners.
         for listener in extra_listeners {
-            let (imds, limiter, shutdown) =
-                (imds.clone(), metadata_limiter.clone(), shutdown.clone());
+            let (imds, limits, shutdown) =
+                (imds.clone(), metadata_limits.clone(), shutdown.clone());
             tasks.spawn(
-                async move { imds.serve(listener, limiter, shutdown).await }
+                async move { imds.serve(listener, limits, shutdown).await }
                     .instrument(tracing::info_span!("imds")),
             );
         }
         for listener in pod_identity_listeners {
-            let (endpoint, limiter, shutdown) = (
+            let (endpoint, limits, shutdown) = (
                 pod_identity.clone(),
-                container_limiter.clone(),
+                container_limits.clone(),
                 shutdown.clone(),
             );
             tasks.spawn(
-                async move { endpoint.serve(listener, limiter, shutdown).await }
+                async move { endpoint.serve(listener, limits, shutdown).await }
                     .instrument(tracing::info_span!("pod_identity")),
             );
         }
         tasks.spawn({
             let shutdown = shutdown.clone();
-            async move { imds.serve(imds_listener, metadata_limiter, shutdown).await }
+            async move { imds.serve(imds_listener, metadata_limits, shutdown).await }
                 .instrument(tracing::info_span!("imds"))
         });
         // A server that stops before shutdown takes the process down, loudly.

@@ -171,7 +171,7 @@ impl PodIdentity {
     pub async fn serve(
         self,
         listener: TcpListener,
-        limiter: podiam_common::listen::Limiter,
+        limits: crate::pods::SourceLimits,
         shutdown: CancellationToken,
     ) {
         let admit = |peer: std::net::SocketAddr| {
@@ -191,7 +191,7 @@ impl PodIdentity {
             listener,
             shutdown,
             "container-credentials endpoint",
-            limiter,
+            limits,
             admit,
             handle,
         )

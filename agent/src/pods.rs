@@ -3,7 +3,13 @@
 //! unanswered, header size and read-time limits, one task per connection, and in-flight
 //! requests given a grace period at shutdown.
 
-use std::{convert::Infallible, future::Future, net::SocketAddr, time::Duration};
+use std::{
+    convert::Infallible,
+    future::Future,
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
 
 use bytes::Bytes;
 use http::{Request, Response};
@@ -37,18 +43,36 @@ pub fn is_pod_source(sources: &[ipnet::IpNet], ip: std::net::IpAddr) -> bool {
     sources.is_empty() || sources.iter().any(|net| net.contains(&ip))
 }
 
+/// What one source address may make a pod-facing listener do.
+#[derive(Clone, Debug)]
+pub struct SourceLimits {
+    /// Connections held at once, in total and per source address: a pod that opens
+    /// thousands of idle connections is refused beyond its share at accept, and the others
+    /// keep theirs.
+    pub connections: Limiter,
+    /// Requests per second per source address (`None`: no limit). A source over its rate
+    /// is not answered faster than it: its next request waits (its connection is not read
+    /// meanwhile), so a pod in a tight loop costs the agent only its share.
+    pub pace: Option<Arc<Pace>>,
+}
+
+/// Requests per second per source address, in bursts of twice that.
+#[derive(Debug)]
+pub struct Pace {
+    limiter: governor::DefaultKeyedRateLimiter<IpAddr>,
+    paced: prometheus::IntCounter,
+}
+
 /// Serves `handle` on `listener` until `shutdown`. `admit` says whether a peer may be
-/// answered at all (it counts and logs the ones it refuses); `limiter` caps the
-/// connections held at once, in total and per source address (a pod that opens thousands
-/// of idle connections is refused beyond its share at accept, and the others keep theirs);
-/// `what` names the listener in logs. A connection with no request in progress for
-/// [`HEADER_TIMEOUT`] is closed (hyper's header-read timeout runs while a keep-alive
-/// connection waits for its next request too).
+/// answered at all (it counts and logs the ones it refuses); `limits` bounds what one
+/// source may hold and ask ([`SourceLimits`]); `what` names the listener in logs. A
+/// connection with no request in progress for [`HEADER_TIMEOUT`] is closed (hyper's
+/// header-read timeout runs while a keep-alive connection waits for its next request too).
 pub async fn serve<A, H, F>(
     listener: TcpListener,
     shutdown: CancellationToken,
     what: &'static str,
-    limiter: Limiter,
+    limits: SourceLimits,
     admit: A,
     handle: H,
 ) where
@@ -65,16 +89,22 @@ pub async fn serve<A, H, F>(
         if !admit(peer) {
             continue;
         }
-        let Ok(slot) = limiter.admit(peer.ip()) else {
+        let Ok(slot) = limits.connections.admit(peer.ip()) else {
             tracing::debug!(%peer, listener = what, "connection closed at accept: over its cap");
             continue;
         };
         // Small request/response exchanges: Nagle plus delayed ACKs would add 40 ms.
         let _ = tcp.set_nodelay(true);
         let handle = handle.clone();
+        let pace = limits.pace.clone();
         let service = service_fn(move |req| {
-            let answer = handle(peer, req);
-            async move { Ok::<_, Infallible>(answer.await) }
+            let (handle, pace) = (handle.clone(), pace.clone());
+            async move {
+                if let Some(pace) = pace {
+                    pace.wait(peer.ip()).await;
+                }
+                Ok::<_, Infallible>(handle(peer, req).await)
+            }
         });
         let conn = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
@@ -97,5 +127,66 @@ pub async fn serve<A, H, F>(
             listener = what,
             "requests still in flight after the grace period"
         );
+    }
+}
+
+// === impl Pace ===
+
+impl Pace {
+    /// `rate` requests a second per source address, counted in `registry` when paced.
+    pub fn new(
+        rate: std::num::NonZeroU32,
+        registry: &prometheus::Registry,
+    ) -> prometheus::Result<Self> {
+        let paced = prometheus::IntCounter::new(
+            "podiam_agent_requests_paced_total",
+            "Pod requests held back because their source address was over \
+             --pod-request-rate (answered later, at the rate)",
+        )?;
+        registry.register(Box::new(paced.clone()))?;
+        let burst = rate.saturating_mul(std::num::NonZeroU32::MIN.saturating_add(1));
+        Ok(Self {
+            limiter: governor::RateLimiter::keyed(
+                governor::Quota::per_second(rate).allow_burst(burst),
+            ),
+            paced,
+        })
+    }
+
+    /// Returns once `source` may be answered.
+    async fn wait(&self, source: IpAddr) {
+        let source = podiam_common::net::canonical(source);
+        // Forget addresses that have not asked lately, now and then.
+        if self.limiter.len() > 4096 {
+            self.limiter.retain_recent();
+        }
+        if self.limiter.check_key(&source).is_err() {
+            self.paced.inc();
+            self.limiter.until_key_ready(&source).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_source_over_its_rate_waits_and_the_others_do_not() {
+        let registry = prometheus::Registry::new();
+        let pace = Pace::new(std::num::NonZeroU32::new(50).unwrap(), &registry).unwrap();
+        let a: IpAddr = "198.18.0.1".parse().unwrap();
+        let b: IpAddr = "198.18.0.2".parse().unwrap();
+        let started = std::time::Instant::now();
+        // A burst of twice the rate at once, then the rate: 10 more take 200 ms.
+        for _ in 0..110 {
+            pace.wait(a).await;
+        }
+        let a_took = started.elapsed();
+        assert!(a_took >= Duration::from_millis(150), "{a_took:?}");
+        let started = std::time::Instant::now();
+        pace.wait(b).await;
+        assert!(started.elapsed() < Duration::from_millis(20));
+        assert!(pace.paced.get() >= 10);
     }
 }

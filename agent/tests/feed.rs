@@ -16,7 +16,7 @@ use podiam_tests::{
     http,
     imds_client::{self, Answer},
     kube_api::FakeKube,
-    objects::{TeamA, pod, team_a},
+    objects::{TeamA, namespace, pod, team_a},
     process::Process,
     stack::{ServerStack, agent_command, agent_identity, metric, sibling},
 };
@@ -39,6 +39,11 @@ struct Cluster {
 }
 
 async fn cluster() -> Cluster {
+    cluster_with(&[]).await
+}
+
+/// [`cluster`] with `extra` flags for both server replicas.
+async fn cluster_with(extra: &[&str]) -> Cluster {
     let kube = FakeKube::start().await.unwrap();
     for object in team_a(TeamA {
         web: WEB,
@@ -49,10 +54,14 @@ async fn cluster() -> Cluster {
     }
     kube.add_token(AGENT_TOKEN, agent_identity("node-a"));
     let server = sibling(BIN, "podiam-server");
-    let stack = ServerStack::start(&server, kube, &["--feed-heartbeat", "200ms"])
+    let flags: Vec<&str> = ["--feed-heartbeat", "200ms"]
+        .into_iter()
+        .chain(extra.iter().copied())
+        .collect();
+    let stack = ServerStack::start(&server, kube, &flags)
         .await
         .expect("server stack (run scripts/setup)");
-    let (replica, replica_api) = stack.replica(&server).await.unwrap();
+    let (replica, replica_api) = stack.replica_with(&server, extra).await.unwrap();
     let metadata = FakeImds::start().await.unwrap();
     let key_file = stack.dir.path().join("imds.key");
     let token_file = stack.dir.path().join("sa-token");
@@ -230,4 +239,50 @@ async fn through_a_server_outage_known_pods_keep_their_credentials_and_nothing_e
     let ready = http::get(c.agent.admin, "/readyz").await.unwrap();
     assert_ne!(ready.0, 200, "{ready:?}");
     assert!(ready.1.contains("servers"), "{ready:?}");
+}
+
+#[tokio::test]
+async fn a_stale_view_ends_the_feed_and_a_revocation_made_meanwhile_reaches_the_node() {
+    let c = cluster_with(&["--watch-stale-after", "1s"]).await;
+    c.feed_connected(true).await;
+    c.warm().await;
+
+    // The API server goes away: past --watch-stale-after both replicas' views are stale,
+    // and they end the agent's feed rather than go on from a frozen index.
+    c.stack
+        .kube
+        .refuse_reads(Some(::http::StatusCode::SERVICE_UNAVAILABLE));
+    c.stack.kube.drop_watches();
+    c.feed_connected(false).await;
+    // Meanwhile the pod keeps what the agent holds (15-minute rule)...
+    assert_eq!(c.get(WEB, &format!("{CREDS}web")).await.status, 200);
+    // ...and the cluster takes its role away while no server can see it.
+    c.stack.kube.apply(namespace(
+        "team-a",
+        &[(
+            "iam.amazonaws.com/permitted",
+            "arn:aws:iam::123456789012:role/nothing",
+        )],
+    ));
+
+    // Back: the fresh view reaches the node, and the held copy is dropped at once, not
+    // served for its 15 minutes.
+    c.stack.kube.refuse_reads(None);
+    c.feed_connected(true).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let a = c.get(WEB, &format!("{CREDS}web")).await;
+        if a.status == 403 {
+            break;
+        }
+        assert_eq!(a.status, 200, "{a:?}");
+        assert!(
+            Instant::now() < deadline,
+            "the revoked role still served 10 s after the feed came back"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for _ in 0..20 {
+        assert_eq!(c.get(WEB, &format!("{CREDS}web")).await.status, 403);
+    }
 }

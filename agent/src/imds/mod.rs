@@ -156,7 +156,7 @@ impl Imds {
     pub async fn serve(
         self,
         listener: TcpListener,
-        limiter: podiam_common::listen::Limiter,
+        limits: crate::pods::SourceLimits,
         shutdown: CancellationToken,
     ) {
         let admit = |peer: SocketAddr| {
@@ -181,7 +181,7 @@ impl Imds {
             listener,
             shutdown,
             "metadata endpoint",
-            limiter,
+            limits,
             admit,
             handle,
         )

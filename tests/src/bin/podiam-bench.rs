@@ -20,6 +20,13 @@
 //!
 //! `podiam-bench prefetch`: the share of new pods whose first request is served from the
 //! cache, with pods created at a given rate and STS answering after a fixed delay.
+//!
+//! `podiam-bench hostile`: a node's other pods while one pod holds thousands of idle
+//! connections or sends forged tokens in a tight loop; the server under one node's hostile
+//! feed subscriptions.
+//!
+//! `podiam-bench revocation`: from the API write that takes a pod's role away to the
+//! agent's first refusal.
 
 // Benchmarks and the sandbox measure and wait in real time.
 #![allow(clippy::disallowed_methods)]
@@ -27,13 +34,14 @@
 use std::{
     path::{Path, PathBuf},
     process::Command,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use podiam_tests::{
-    api_client::{ApiClient, tls_config},
+    api_client::{self, ApiClient, tls_config},
     certs::Pki,
     http, imds_client,
     kube_api::{FakeKube, Kind},
@@ -204,6 +212,46 @@ enum Bench {
         #[arg(long)]
         server: Option<PathBuf>,
     },
+    /// The hostile neighbour: a node's other pods' warm requests (p50, p99) and the agent's
+    /// memory, quiet and while one pod holds --connections idle connections or sends forged
+    /// tokens in a tight loop; and the server's memory under one node's hostile feed
+    /// subscriptions.
+    Hostile {
+        /// Idle connections the hostile pod holds.
+        #[arg(long, default_value_t = 20_000)]
+        connections: usize,
+        /// Keep-alive clients of the neighbour pod.
+        #[arg(long, default_value_t = 8)]
+        clients: usize,
+        /// How long each case is measured.
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        duration: Duration,
+        /// The server binary (the agent is taken from the same directory).
+        #[arg(long)]
+        server: Option<PathBuf>,
+    },
+    /// Revocation: from the API write that takes a pod's role away (its namespace's policy
+    /// narrowed, its annotation changed, the pod deleted) to the agent's first refusal of
+    /// the old role, over --changes writes.
+    Revocation {
+        /// Writes, spread over the three kinds.
+        #[arg(long, default_value_t = 120)]
+        changes: usize,
+        /// The server binary (the agent is taken from the same directory).
+        #[arg(long)]
+        server: Option<PathBuf>,
+    },
+    /// (internal) Holds `count` idle connections from `from` to `to` until killed, for
+    /// `hostile` (each process has its own open-file limit).
+    #[command(hide = true)]
+    Hold {
+        /// Where to.
+        to: std::net::SocketAddr,
+        /// From which address.
+        from: std::net::IpAddr,
+        /// How many.
+        count: usize,
+    },
     /// (internal) The floor for `agent`: a bare hyper server answering `body` to GETs and
     /// `token` to PUTs.
     #[command(hide = true)]
@@ -277,6 +325,14 @@ async fn run(bench: Bench) -> anyhow::Result<()> {
     match bench {
         Bench::Sts { .. } => bail!("the sts bench runs on its own paused runtime"),
         Bench::Floor { body, token } => floor(&body, &token).await?,
+        Bench::Hold { to, from, count } => hold(to, from, count).await?,
+        Bench::Hostile {
+            connections,
+            clients,
+            duration,
+            server,
+        } => hostile(&server_path(server)?, connections, clients, duration).await?,
+        Bench::Revocation { changes, server } => revocation(&server_path(server)?, changes).await?,
         Bench::Churn {
             pods,
             namespaces,
@@ -473,61 +529,13 @@ async fn agent(
 ) -> anyhow::Result<()> {
     let stack = ServerStack::start(server, bench_cluster().await?, &[]).await?;
     let agent_bin = server.with_file_name("podiam-agent");
-    let token_file = stack.dir.path().join("sa-token");
-    std::fs::write(&token_file, "agent")?;
-    let servers = stack.api.to_string();
-    let key_file = stack.dir.path().join("imds.key");
-    let mut cmd = agent_command(
-        &agent_bin,
-        &stack.pki,
-        &servers,
-        "127.0.0.1:9",
-        &key_file,
-        &token_file,
-    );
-    cmd.args(["--log-level", "warn,podiam_agent=info"]);
-    // Loopback callers stand for pods; their addresses live behind no veth to bind to.
-    cmd.args(["--pod-sources", "127.0.0.0/8", "--interface-binding", "off"]);
-    let agent =
-        tokio::task::spawn_blocking(move || Process::spawn_announcing(cmd, &["metadata endpoint"]))
-            .await??;
-    http::wait_ready(agent.admin, Duration::from_secs(30)).await?;
-    let imds = agent
-        .addr("metadata endpoint")
-        .context("no endpoint address")?;
-    let from: std::net::IpAddr = "127.0.0.1".parse()?;
-    let token = imds_client::request(
-        from,
+    let Warm {
+        agent,
         imds,
-        ::http::Method::PUT,
-        "/latest/api/token",
-        &[("x-aws-ec2-metadata-token-ttl-seconds", "21600")],
-    )
-    .await?
-    .body;
-    let path = "/latest/meta-data/iam/security-credentials/web";
-    // Warm: until the agent answers from its node table (the feed has the credentials).
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let warm = loop {
-        let warm = imds_client::request(
-            from,
-            imds,
-            ::http::Method::GET,
-            path,
-            &[("x-aws-ec2-metadata-token", &token)],
-        )
-        .await?;
-        if warm.status != 200 {
-            bail!("warm-up request failed: {} {}", warm.status, warm.body);
-        }
-        if stack::metric(agent.admin, TABLE_ANSWERS).await > 0.0 {
-            break warm;
-        }
-        if Instant::now() > deadline {
-            bail!("the agent never answered from its node table (is the feed up?)");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+        token,
+        warm,
+    } = warm_agent(&stack, &agent_bin, &["--pod-request-rate", "0"]).await?;
+    let path = WEB_PATH;
     // The floor answers the very bytes the agent answered, from its own process.
     let body_file = stack.dir.path().join("floor-body");
     std::fs::write(&body_file, &warm.body)?;
@@ -622,6 +630,424 @@ async fn agent(
 }
 
 const TABLE_ANSWERS: &str = r#"podiam_agent_credentials_answered_total{source="table"}"#;
+/// The bench pod's credentials.
+const WEB_PATH: &str = "/latest/meta-data/iam/security-credentials/web";
+
+/// An agent on loopback for `stack`, answering the bench pod (127.0.0.1) from its node
+/// table, with the pod's IMDSv2 token and the warm answer.
+struct Warm {
+    agent: Process,
+    imds: std::net::SocketAddr,
+    token: String,
+    warm: imds_client::Answer,
+}
+
+async fn warm_agent(stack: &ServerStack, agent_bin: &Path, extra: &[&str]) -> anyhow::Result<Warm> {
+    let token_file = stack.dir.path().join("sa-token");
+    std::fs::write(&token_file, "agent")?;
+    let servers = stack.api.to_string();
+    let key_file = stack.dir.path().join("imds.key");
+    let mut cmd = agent_command(
+        agent_bin,
+        &stack.pki,
+        &servers,
+        "127.0.0.1:9",
+        &key_file,
+        &token_file,
+    );
+    cmd.args(["--log-level", "warn,podiam_agent=info"]);
+    // Loopback callers stand for pods; their addresses live behind no veth to bind to.
+    cmd.args(["--pod-sources", "127.0.0.0/8", "--interface-binding", "off"]);
+    cmd.args(extra);
+    let agent =
+        tokio::task::spawn_blocking(move || Process::spawn_announcing(cmd, &["metadata endpoint"]))
+            .await??;
+    http::wait_ready(agent.admin, Duration::from_secs(30)).await?;
+    let imds = agent
+        .addr("metadata endpoint")
+        .context("no endpoint address")?;
+    let from: std::net::IpAddr = "127.0.0.1".parse()?;
+    let token = imds_client::request(
+        from,
+        imds,
+        ::http::Method::PUT,
+        "/latest/api/token",
+        &[("x-aws-ec2-metadata-token-ttl-seconds", "21600")],
+    )
+    .await?
+    .body;
+    // Warm: until the agent answers from its node table (the feed has the credentials).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let warm = imds_client::request(
+            from,
+            imds,
+            ::http::Method::GET,
+            WEB_PATH,
+            &[("x-aws-ec2-metadata-token", &token)],
+        )
+        .await?;
+        if warm.status != 200 {
+            bail!("warm-up request failed: {} {}", warm.status, warm.body);
+        }
+        if stack::metric(agent.admin, TABLE_ANSWERS).await > 0.0 {
+            return Ok(Warm {
+                agent,
+                imds,
+                token,
+                warm,
+            });
+        }
+        if Instant::now() > deadline {
+            bail!("the agent never answered from its node table (is the feed up?)");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Holds `count` idle connections from `from` to `to`; says `held N` on stdout, then
+/// waits to be killed.
+async fn hold(
+    to: std::net::SocketAddr,
+    from: std::net::IpAddr,
+    count: usize,
+) -> anyhow::Result<()> {
+    let mut held = Vec::with_capacity(count);
+    for start in (0..count).step_by(500) {
+        let batch = (start..count.min(start + 500)).map(|_| imds_client::connect(from, to));
+        held.extend(
+            futures::future::join_all(batch)
+                .await
+                .into_iter()
+                .filter_map(Result::ok),
+        );
+    }
+    println!("held {}", held.len());
+    std::future::pending::<()>().await;
+    Ok(())
+}
+
+/// A child process holding connections (see [`hold`]); killed when dropped.
+struct Holder(std::process::Child);
+
+impl Holder {
+    fn start(to: std::net::SocketAddr, from: &str, count: usize) -> anyhow::Result<(Self, usize)> {
+        use std::io::BufRead;
+        let mut child = Command::new(std::env::current_exe()?)
+            .args(["hold", &to.to_string(), from, &count.to_string()])
+            .stdout(std::process::Stdio::piped())
+            .spawn()?;
+        let stdout = child.stdout.take().context("no stdout")?;
+        let mut line = String::new();
+        std::io::BufReader::new(stdout).read_line(&mut line)?;
+        let held = line
+            .trim()
+            .strip_prefix("held ")
+            .and_then(|n| n.parse().ok())
+            .context("the holder said nothing")?;
+        Ok((Self(child), held))
+    }
+}
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// See [`Bench::Hostile`].
+async fn hostile(
+    server: &Path,
+    connections: usize,
+    clients: usize,
+    duration: Duration,
+) -> anyhow::Result<()> {
+    const HOSTILE: &str = "127.0.0.66";
+    let stack = ServerStack::start(server, bench_cluster().await?, &[]).await?;
+    let Warm {
+        agent, imds, token, ..
+    } = warm_agent(&stack, &server.with_file_name("podiam-agent"), &[]).await?;
+    let mib = |kib: Option<u64>| kib.unwrap_or(0) as f64 / 1024.0;
+    // A busy neighbour, well within --pod-request-rate: each client asks every 20 ms.
+    let every = Some(Duration::from_millis(20));
+    println!(
+        "one node: the neighbour pod (127.0.0.1, {clients} keep-alive clients asking every 20 ms, IMDSv2 credentials) while one pod ({HOSTILE}) misbehaves; {duration:?} per case\n"
+    );
+    println!(
+        "| case | neighbour p50 | neighbour p99 | p99 / quiet | neighbour req/s | agent RSS | agent CPU |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|");
+    let mut quiet_p99 = 0.0;
+    let row = |case: &str, l: &Load, rss: f64, cpu: f64, quiet: &mut f64| {
+        if *quiet == 0.0 {
+            *quiet = l.p99;
+        }
+        println!(
+            "| {case} | {:.2} ms | {:.2} ms | {:.2} | {:.0} | {rss:.1} MiB | {cpu:.2} |",
+            l.p50 * 1e3,
+            l.p99 * 1e3,
+            l.p99 / *quiet,
+            l.rps
+        );
+    };
+    let cores = |before: Duration, started: Instant| {
+        agent
+            .cpu_time()
+            .unwrap_or_default()
+            .saturating_sub(before)
+            .as_secs_f64()
+            / started.elapsed().as_secs_f64()
+    };
+    let (c0, t0) = (agent.cpu_time().unwrap_or_default(), Instant::now());
+    let quiet = load_every(imds, WEB_PATH, &token, false, clients, duration, every).await?;
+    row(
+        "quiet",
+        &quiet,
+        mib(agent.rss_kib()),
+        cores(c0, t0),
+        &mut quiet_p99,
+    );
+
+    // Idle connections: two holders (each process has its own open-file limit).
+    let half = connections / 2;
+    let (a, held_a) = Holder::start(imds, HOSTILE, half)?;
+    let (b, held_b) = Holder::start(imds, HOSTILE, connections - half)?;
+    let (c0, t0) = (agent.cpu_time().unwrap_or_default(), Instant::now());
+    let under = load_every(imds, WEB_PATH, &token, false, clients, duration, every).await?;
+    let case = format!("{} idle connections held", held_a + held_b);
+    row(
+        &case,
+        &under,
+        mib(agent.rss_kib()),
+        cores(c0, t0),
+        &mut quiet_p99,
+    );
+    let refused = stack::metric(
+        agent.admin,
+        r#"podiam_listener_refused_total{listener="metadata",reason="per_source"}"#,
+    )
+    .await;
+    drop((a, b));
+
+    // Forged IMDSv2 tokens in a tight loop: 64 keep-alive connections.
+    let stop = Instant::now() + duration;
+    let forgers: Vec<_> = (0..64)
+        .map(|_| {
+            tokio::spawn(async move {
+                let mut sent = 0u64;
+                let Ok(stream) = imds_client::connect(HOSTILE.parse()?, imds).await else {
+                    return anyhow::Ok(sent);
+                };
+                let (mut sender, conn) =
+                    hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                        .await?;
+                tokio::spawn(conn);
+                while Instant::now() < stop {
+                    use http_body_util::{BodyExt, Empty};
+                    let req = ::http::Request::get(WEB_PATH)
+                        .header("x-aws-ec2-metadata-token", "forged")
+                        .body(Empty::<bytes::Bytes>::new())?;
+                    if sender.ready().await.is_err() {
+                        break;
+                    }
+                    let Ok(rsp) = sender.send_request(req).await else {
+                        break;
+                    };
+                    rsp.into_body().collect().await?;
+                    sent += 1;
+                }
+                anyhow::Ok(sent)
+            })
+        })
+        .collect();
+    let (c0, t0) = (agent.cpu_time().unwrap_or_default(), Instant::now());
+    let forged = load_every(imds, WEB_PATH, &token, false, clients, duration, every).await?;
+    let cpu = cores(c0, t0);
+    let mut sent = 0;
+    for f in forgers {
+        sent += f.await??;
+    }
+    let case = format!(
+        "forged tokens, 64 connections ({:.0} req/s answered 401)",
+        sent as f64 / duration.as_secs_f64()
+    );
+    row(&case, &forged, mib(agent.rss_kib()), cpu, &mut quiet_p99);
+    println!(
+        "\nconnections of the hostile pod closed at accept: {refused:.0}; agent peak RSS {:.1} MiB",
+        mib(agent.peak_rss_kib())
+    );
+
+    // The server: one node's hostile feed subscriptions.
+    let config = api_client::tls_config(&stack.pki.ca, Some(&stack.pki.client))?;
+    let quiet_rss = mib(stack.server.rss_kib());
+    let held = |n: usize| -> Vec<podiam_common::feed::Held> {
+        (0..n)
+            .map(|i| podiam_common::feed::Held {
+                uid: format!("{i:0>8}"),
+                version: u64::MAX,
+            })
+            .collect()
+    };
+    let oversized: Vec<_> = (0..8)
+        .map(|_| {
+            api_client::watch_feed(stack.api, config.clone(), Some("agent"), "", held(250_000))
+        })
+        .collect();
+    let refused_big = futures::future::join_all(oversized)
+        .await
+        .into_iter()
+        .filter(|r| matches!(r, Ok(Err(_))))
+        .count();
+    let mut open = Vec::new();
+    for _ in 0..20 {
+        if let Ok(Ok(stream)) =
+            api_client::watch_feed(stack.api, config.clone(), Some("agent"), "", held(4096)).await
+        {
+            open.push(stream);
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    println!(
+        "\nserver: quiet RSS {quiet_rss:.1} MiB; after 8 subscriptions of 3.75 MB ({refused_big} refused by the decoder) and 20 of a full held list from one node ({:.0} still open): {:.1} MiB",
+        stack.metric("podiam_feed_streams").await,
+        mib(stack.server.rss_kib()),
+    );
+    drop(open);
+    Ok(())
+}
+
+/// The bench pod's credentials request: its status (0: no answer).
+async fn web_status(imds: std::net::SocketAddr, token: String) -> u16 {
+    let from = std::net::IpAddr::from([127, 0, 0, 1]);
+    imds_client::request(
+        from,
+        imds,
+        ::http::Method::GET,
+        WEB_PATH,
+        &[("x-aws-ec2-metadata-token", &token)],
+    )
+    .await
+    .map(|a| a.status)
+    .unwrap_or(0)
+}
+
+/// See [`Bench::Revocation`].
+async fn revocation(server: &Path, changes: usize) -> anyhow::Result<()> {
+    let stack = ServerStack::start(server, bench_cluster().await?, &[]).await?;
+    // The agent lives as long as `_agent`.
+    let Warm {
+        agent: _agent,
+        imds,
+        token,
+        ..
+    } = warm_agent(&stack, &server.with_file_name("podiam-agent"), &[]).await?;
+    let get = move |token: String| web_status(imds, token);
+    // From `t0`, a request every 2 ms (each on its own connection, as an SDK's first
+    // call): the time of the first one refused, measured from `t0`.
+    let first_refusal = |t0: Instant| {
+        let token = token.clone();
+        async move {
+            let refused = Arc::new(parking_lot::Mutex::new(None::<Duration>));
+            let mut tasks = Vec::new();
+            while refused.lock().is_none() && t0.elapsed() < Duration::from_secs(10) {
+                let (sent, token, refused) = (t0.elapsed(), token.clone(), refused.clone());
+                tasks.push(tokio::spawn(async move {
+                    if get(token).await != 200 {
+                        let mut r = refused.lock();
+                        if r.is_none_or(|t| sent < t) {
+                            *r = Some(sent);
+                        }
+                    }
+                }));
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            futures::future::join_all(tasks).await;
+            *refused.lock()
+        }
+    };
+    let until_ok = || {
+        let token = token.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while get(token.clone()).await != 200 {
+                if Instant::now() > deadline {
+                    bail!("the pod never got its role back");
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            anyhow::Ok(())
+        }
+    };
+    let permitted = |regex: &str| namespace("bench", &[("iam.amazonaws.com/permitted", regex)]);
+    let web = |role: &str| {
+        pod("bench", "web")
+            .ip("127.0.0.1")
+            .role(role)
+            .node("node-a")
+            .build()
+    };
+    let kinds = [
+        "namespace policy narrowed",
+        "pod annotation changed",
+        "pod deleted",
+    ];
+    let mut times: Vec<Vec<Duration>> = vec![Vec::new(); kinds.len()];
+    let mut missed = [0usize; 3];
+    for i in 0..changes {
+        let kind = i % kinds.len();
+        let t0 = Instant::now();
+        match kind {
+            0 => {
+                stack
+                    .kube
+                    .apply(permitted("arn:aws:iam::123456789012:role/nothing"));
+            }
+            1 => {
+                stack.kube.apply(web("other"));
+            }
+            _ => {
+                stack.kube.delete_pod("bench", "web");
+            }
+        }
+        match first_refusal(t0).await {
+            Some(t) => times[kind].push(t),
+            None => missed[kind] += 1,
+        }
+        match kind {
+            0 => {
+                stack.kube.apply(permitted(".*"));
+            }
+            _ => {
+                stack.kube.apply(web("web"));
+            }
+        }
+        until_ok().await?;
+    }
+    println!(
+        "{changes} writes that take the bench pod's role away, each undone before the next; from the API write to the first request the agent refuses (a request every 2 ms)\n"
+    );
+    println!("| change | writes | median | p99 | max | never refused in 10 s |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    for (kind, name) in kinds.iter().enumerate() {
+        let mut t = times[kind].clone();
+        if t.is_empty() {
+            println!("| {name} | 0 | | | | {} |", missed[kind]);
+            continue;
+        }
+        t.sort();
+        let pct = |p: f64| t[((t.len() as f64 * p) as usize).min(t.len() - 1)];
+        println!(
+            "| {name} | {} | {:.1} ms | {:.1} ms | {:.1} ms | {} |",
+            t.len(),
+            pct(0.5).as_secs_f64() * 1e3,
+            pct(0.99).as_secs_f64() * 1e3,
+            t[t.len() - 1].as_secs_f64() * 1e3,
+            missed[kind]
+        );
+    }
+    Ok(())
+}
 const SERVER_CREDENTIALS: &str = r#"podiam_api_requests_total{endpoint="credentials",result="ok"}"#;
 
 /// The node feed at scale: `nodes` stand-in agents, `per_node` pods each.
@@ -1077,7 +1503,8 @@ struct Round {
     server_cpu: f64,
 }
 
-/// `clients` keep-alive clients against `addr` for `duration`.
+/// `clients` keep-alive clients against `addr` for `duration`, each as fast as it is
+/// answered.
 async fn load(
     addr: std::net::SocketAddr,
     path: &'static str,
@@ -1086,12 +1513,27 @@ async fn load(
     clients: usize,
     duration: Duration,
 ) -> anyhow::Result<Load> {
+    load_every(addr, path, token, fresh_token, clients, duration, None).await
+}
+
+/// [`load`], each client asking once per `every` at most (`None`: at once again).
+async fn load_every(
+    addr: std::net::SocketAddr,
+    path: &'static str,
+    token: &str,
+    fresh_token: bool,
+    clients: usize,
+    duration: Duration,
+    every: Option<Duration>,
+) -> anyhow::Result<Load> {
     let started = Instant::now();
     let deadline = started + duration;
     let tasks: Vec<_> = (0..clients)
         .map(|_| {
             let token = token.to_string();
-            tokio::spawn(async move { pod_client(addr, path, token, fresh_token, deadline).await })
+            tokio::spawn(async move {
+                pod_client(addr, path, token, fresh_token, deadline, every).await
+            })
         })
         .collect();
     let mut all = Vec::new();
@@ -1168,6 +1610,7 @@ async fn pod_client(
     token: String,
     fresh_token: bool,
     deadline: Instant,
+    every: Option<Duration>,
 ) -> anyhow::Result<Vec<Duration>> {
     use http_body_util::{BodyExt, Empty};
     let socket = tokio::net::TcpSocket::new_v4()?;
@@ -1201,6 +1644,9 @@ async fn pod_client(
             bail!("status {status}");
         }
         latencies.push(t.elapsed());
+        if let Some(every) = every {
+            tokio::time::sleep_until((t + every).into()).await;
+        }
     }
     Ok(latencies)
 }
