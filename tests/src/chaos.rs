@@ -54,6 +54,10 @@ pub enum Fault {
     ServerDown,
     /// The API server refuses every read and its watches are cut for the hold time.
     ApiDown,
+    /// The API server away past the server's staleness bound; meanwhile a pod's namespace
+    /// stops permitting its role. No credentials of that role may be issued from then on,
+    /// and none served once the node's feed is back; then the policy is restored.
+    ApiDownRevoked,
     /// The agent of the first node is stopped and started again at once.
     AgentRestart,
     /// The agent of the first node is stopped for the hold time: its pods must be refused
@@ -78,11 +82,12 @@ pub enum Fault {
 
 impl Fault {
     /// Every fault, in the order of the matrix.
-    pub const ALL: [Fault; 11] = [
+    pub const ALL: [Fault; 12] = [
         Fault::CertRotate,
         Fault::ServerRestart,
         Fault::ServerDown,
         Fault::ApiDown,
+        Fault::ApiDownRevoked,
         Fault::WatchesCut,
         Fault::WatchesExpired,
         Fault::StsThrottle,
@@ -98,6 +103,7 @@ impl Fault {
             Fault::ServerRestart => "server-restart",
             Fault::ServerDown => "server-down",
             Fault::ApiDown => "api-down",
+            Fault::ApiDownRevoked => "api-down-revoked",
             Fault::AgentRestart => "agent-restart",
             Fault::AgentDown => "agent-down",
             Fault::StsThrottle => "sts-throttle",
@@ -136,6 +142,7 @@ impl Fault {
             self,
             Fault::ServerDown
                 | Fault::ApiDown
+                | Fault::ApiDownRevoked
                 | Fault::AgentDown
                 | Fault::StsThrottle
                 | Fault::StsError
@@ -219,6 +226,29 @@ pub struct Row {
     pub example: Option<String>,
 }
 
+/// A pod whose role its namespace stopped permitting while the server could not see it.
+#[derive(Clone, Debug)]
+struct Revoked {
+    /// The target.
+    pod: usize,
+    /// When the server's view went stale (the revocation was written after).
+    since: Instant,
+    /// The access keys the pod had been answered before.
+    known: std::collections::HashSet<String>,
+    /// When its node's feed was back (from then on, nothing of the role may be served).
+    fed: Option<Instant>,
+    /// When the policy was restored.
+    until: Option<Instant>,
+}
+
+/// The namespace whose policy [`Fault::ApiDownRevoked`] narrows (with its `/`), and the
+/// policy it is given back (as in `examples/sandbox.yaml`).
+const REVOKED_NAMESPACE: &str = "payments/";
+const REVOKED_POLICY: &str = "arn:aws:iam::123456789012:role/payments-.*";
+
+/// Answers already in flight when a node's feed comes back.
+const FEED_GRACE: Duration = Duration::from_secs(1);
+
 /// The running load and the sandbox it runs against.
 #[derive(Debug)]
 pub struct Chaos {
@@ -231,6 +261,8 @@ pub struct Chaos {
     threads: Vec<std::thread::JoinHandle<()>>,
     /// Access key → the role STS says it belongs to.
     identities: HashMap<String, String>,
+    /// Roles taken away from a pod meanwhile ([`Fault::ApiDownRevoked`]).
+    revoked: Vec<Revoked>,
     /// When the load started.
     started: Instant,
 }
@@ -296,6 +328,7 @@ impl Chaos {
             stop,
             threads,
             identities: HashMap::new(),
+            revoked: Vec::new(),
             started: Instant::now(),
         })
     }
@@ -349,6 +382,10 @@ impl Chaos {
             Fault::ApiDown => {
                 self.sandbox(&["api", "stop"])?;
             }
+            Fault::ApiDownRevoked => {
+                self.sandbox(&["api", "stop"])?;
+                self.revoke()?;
+            }
             Fault::AgentRestart | Fault::AgentDown => {
                 self.sandbox(&["agent", "stop", &node])?;
             }
@@ -392,6 +429,10 @@ impl Chaos {
             }
             Fault::ApiDown => {
                 self.sandbox(&["api", "start"])?;
+            }
+            Fault::ApiDownRevoked => {
+                self.sandbox(&["api", "start"])?;
+                self.restore_after_feed()?;
             }
             Fault::AgentRestart | Fault::AgentDown => {
                 self.sandbox(&["agent", "start", &node])?;
@@ -440,6 +481,128 @@ impl Chaos {
             exited,
             example,
         })
+    }
+
+    /// Waits until the server's view is stale (its readiness gate closed), then narrows
+    /// the policy of the first metadata-path pod's namespace so that it no longer permits
+    /// that pod's role (it still permits every other target's there).
+    fn revoke(&mut self) -> anyhow::Result<()> {
+        let state = State::load(&self.name)?;
+        let admin: SocketAddr = state
+            .server_admin
+            .as_deref()
+            .context("no server admin address")?
+            .parse()?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while crate::netns::get(&state.ctl, admin, "/readyz")?.0 == 200 {
+            if Instant::now() > deadline {
+                bail!("the server stayed ready 60 s after the API server went away");
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let since = Instant::now();
+        let victim = self
+            .targets
+            .iter()
+            .position(|t| t.token_file.is_none() && t.pod.starts_with(REVOKED_NAMESPACE))
+            .with_context(|| format!("no metadata-path pod in {REVOKED_NAMESPACE} under load"))?;
+        let others: Vec<&str> = self
+            .targets
+            .iter()
+            .enumerate()
+            .filter(|(i, t)| *i != victim && t.pod.starts_with(REVOKED_NAMESPACE))
+            .map(|(_, t)| t.role.as_str())
+            .collect();
+        let permitted = format!("arn:aws:iam::{ACCOUNT}:role/({})", others.join("|"));
+        self.apply_namespace(&permitted)?;
+        let known = self
+            .samples
+            .lock()
+            .iter()
+            .filter(|s| s.pod == victim)
+            .filter_map(|s| match &s.outcome {
+                Outcome::Ok(a) => Some(a.access_key.clone()),
+                _ => None,
+            })
+            .collect();
+        self.revoked.push(Revoked {
+            pod: victim,
+            since,
+            known,
+            fed: None,
+            until: None,
+        });
+        Ok(())
+    }
+
+    /// Once the revoked pod's node has its feed again (and the pod has been refused),
+    /// restores its namespace's policy.
+    fn restore_after_feed(&mut self) -> anyhow::Result<()> {
+        let r = self.revoked.last().cloned().context("nothing revoked")?;
+        let state = State::load(&self.name)?;
+        let node = state
+            .nodes
+            .iter()
+            .find(|n| n.name == self.targets[r.pod].node)
+            .context("the revoked pod's node is gone")?;
+        let admin: SocketAddr =
+            format!("{}:{}", node.ip, crate::sandbox::AGENT_ADMIN_PORT).parse()?;
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            let (_, text) = crate::netns::get(&node.netns, admin, "/metrics")?;
+            if text.lines().any(|l| l == "podiam_agent_feed_connected 1") {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("{}'s feed not back within 90 s", node.name);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let fed = Instant::now();
+        if let Some(last) = self.revoked.last_mut() {
+            last.fed = Some(fed);
+        }
+        // The pod is refused from now on (a few rounds to see it).
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let refused = self
+                .samples
+                .lock()
+                .iter()
+                .any(|s| s.pod == r.pod && s.at > fed && s.outcome == Outcome::Refused);
+            if refused {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{} never refused after the feed came back",
+                    self.targets[r.pod].pod
+                );
+            }
+            std::thread::sleep(PACE);
+        }
+        std::thread::sleep(FEED_GRACE * 2);
+        self.apply_namespace(REVOKED_POLICY)?;
+        if let Some(last) = self.revoked.last_mut() {
+            last.until = Some(Instant::now());
+        }
+        Ok(())
+    }
+
+    /// Applies [`REVOKED_NAMESPACE`] with `permitted` as its policy.
+    fn apply_namespace(&self, permitted: &str) -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let file = dir.path().join("namespace.yaml");
+        let name = REVOKED_NAMESPACE.trim_end_matches('/');
+        std::fs::write(
+            &file,
+            format!(
+                "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {name}\n  annotations:\n    \
+                 iam.amazonaws.com/permitted: \"{permitted}\"\n"
+            ),
+        )?;
+        self.sandbox(&["apply", &file.to_string_lossy()])?;
+        Ok(())
     }
 
     /// Checks the checker: the last credentials each pod got belong, in STS, to that pod's
@@ -578,6 +741,24 @@ impl Chaos {
     /// What is wrong with the answer of `s`, if anything: not the pod's role, or
     /// credentials that STS says are another role's.
     fn verdict(&mut self, s: &Sample) -> anyhow::Result<Option<String>> {
+        if let Outcome::Ok(answered) = &s.outcome
+            && let Some(r) = self.revoked.iter().find(|r| {
+                r.pod == s.pod && s.at >= r.since && r.until.is_none_or(|until| s.at < until)
+            })
+        {
+            let pod = &self.targets[s.pod].pod;
+            if !r.known.contains(&answered.access_key) {
+                return Ok(Some(format!(
+                    "{pod}: credentials {} issued after its role was revoked and the server's view went stale",
+                    answered.access_key
+                )));
+            }
+            if r.fed.is_some_and(|fed| s.at > fed + FEED_GRACE) {
+                return Ok(Some(format!(
+                    "{pod}: its revoked role still served after its node's feed came back"
+                )));
+            }
+        }
         Ok(match &s.outcome {
             Outcome::Wrong(what) => Some(what.clone()),
             Outcome::Ok(answered) => {

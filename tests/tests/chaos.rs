@@ -61,6 +61,9 @@ fn under_load_no_fault_hands_out_wrong_credentials_or_stops_a_process() {
     }
     // A pod that appears while STS fails is refused (503 for SDKs to retry), then served.
     assert!(row(Fault::StsThrottle).refused > 0, "{table}");
+    // A role revoked while the server's view was stale: refused once the feed is back
+    // (and, checked above, never issued anew meanwhile nor served after).
+    assert!(row(Fault::ApiDownRevoked).refused > 0, "{table}");
     // A stopped agent fails closed: its pods' requests go unanswered, never elsewhere.
     assert!(row(Fault::AgentDown).failed > 0, "{table}");
     drop(load);
