@@ -296,18 +296,7 @@ impl Cli {
         let readiness = Readiness::new();
         let imds_metrics = ImdsMetrics::register(&registry)?;
         let listeners = ListenerMetrics::register(&registry)?;
-        let pace = match std::num::NonZeroU32::new(pod_request_rate) {
-            Some(rate) => Some(Arc::new(pods::Pace::new(rate, &registry)?)),
-            None => None,
-        };
-        let metadata_limits = pods::SourceLimits {
-            connections: Limiter::new("metadata", pod_limits, &listeners),
-            pace: pace.clone(),
-        };
-        let container_limits = pods::SourceLimits {
-            connections: Limiter::new("container_credentials", pod_limits, &listeners),
-            pace,
-        };
+
         // The rules go in before anything else that can fail at start (TLS files, the
         // token key, server addresses): a misconfigured agent leaves pods with refused
         // connections, never with the node's credentials.
@@ -402,6 +391,24 @@ impl Cli {
         let node_ips: Vec<std::net::IpAddr> = std::iter::once(listen.ip())
             .chain(extra_listens.iter().map(SocketAddr::ip))
             .collect();
+        // Host-network pods share the node's addresses: they are not paced as one source
+        // (the container path's rate limit tells them apart by pod).
+        let pace = match std::num::NonZeroU32::new(pod_request_rate) {
+            Some(rate) => Some(Arc::new(pods::Pace::new(
+                rate,
+                node_ips.clone(),
+                &registry,
+            )?)),
+            None => None,
+        };
+        let metadata_limits = pods::SourceLimits {
+            connections: Limiter::new("metadata", pod_limits, &listeners),
+            pace: pace.clone(),
+        };
+        let container_limits = pods::SourceLimits {
+            connections: Limiter::new("container_credentials", pod_limits, &listeners),
+            pace,
+        };
         let pod_identity = PodIdentity::new(
             servers.clone(),
             table.clone(),
@@ -483,7 +490,8 @@ impl Cli {
         let admin = Admin::new(registry, readiness);
         tasks.spawn({
             let shutdown = shutdown.clone();
-            async move { admin.serve(admin_listener, shutdown).await }
+            let listeners = listeners.clone();
+            async move { admin.serve(admin_listener, &listeners, shutdown).await }
                 .instrument(tracing::info_span!("admin"))
         });
         // One limiter per endpoint, shared by its IPv4 and IPv6 listeners.

@@ -246,15 +246,19 @@ impl PodIdentity {
             token: Secret::new(token),
             ip: Some(source),
         };
-        let mut key = [0u8; 32];
-        key.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, token.as_bytes()).as_ref());
+        // Keyed by the token and the address it came from: a refusal of a copy sent from
+        // elsewhere (a pod that read another's token) forgets nothing of the owner's.
+        let key = held_key(token, source);
         let rsp: CredentialsResponse =
             match self.inner.servers.call(POD_IDENTITY_PATH, &request).await {
                 Ok(rsp) => rsp,
                 Err(error) => {
                     let refusal = refused(&error);
-                    if refusal != Refusal::Unavailable {
-                        // A server said no: what was held for this token is not handed out again.
+                    // No server could answer now (unavailable, or its share of token
+                    // reviews in flight): what was held may be handed out again. Any other
+                    // answer is a server's no, and what was held is forgotten.
+                    let retry = matches!(refusal, Refusal::Unavailable | Refusal::TooManyRequests);
+                    if !retry {
                         self.inner.held.invalidate(&key);
                     } else if let Some(document) = self.held(&key, source) {
                         tracing::debug!(
@@ -298,6 +302,18 @@ impl PodIdentity {
             .unwrap_or_default();
         (left >= HELD_MIN).then(|| held.document.clone())
     }
+}
+
+/// The `held` key of `token` sent from `source`: SHA-256 of both, so the cache holds no
+/// token.
+fn held_key(token: &str, source: IpAddr) -> [u8; 32] {
+    let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
+    digest.update(token.as_bytes());
+    digest.update(b"\0");
+    digest.update(source.to_string().as_bytes());
+    let mut key = [0u8; 32];
+    key.copy_from_slice(digest.finish().as_ref());
+    key
 }
 
 /// What the agent checks of a request alone, before a server is asked, in EKS's agent's

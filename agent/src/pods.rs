@@ -60,6 +60,8 @@ pub struct SourceLimits {
 #[derive(Debug)]
 pub struct Pace {
     limiter: governor::DefaultKeyedRateLimiter<IpAddr>,
+    /// The node's own addresses, shared by every host-network pod: not paced as one.
+    exempt: Vec<IpAddr>,
     paced: prometheus::IntCounter,
 }
 
@@ -136,6 +138,7 @@ impl Pace {
     /// `rate` requests a second per source address, counted in `registry` when paced.
     pub fn new(
         rate: std::num::NonZeroU32,
+        exempt: Vec<IpAddr>,
         registry: &prometheus::Registry,
     ) -> prometheus::Result<Self> {
         let paced = prometheus::IntCounter::new(
@@ -149,6 +152,10 @@ impl Pace {
             limiter: governor::RateLimiter::keyed(
                 governor::Quota::per_second(rate).allow_burst(burst),
             ),
+            exempt: exempt
+                .into_iter()
+                .map(podiam_common::net::canonical)
+                .collect(),
             paced,
         })
     }
@@ -156,6 +163,9 @@ impl Pace {
     /// Returns once `source` may be answered.
     async fn wait(&self, source: IpAddr) {
         let source = podiam_common::net::canonical(source);
+        if self.exempt.contains(&source) {
+            return;
+        }
         // Forget addresses that have not asked lately, now and then.
         if self.limiter.len() > 4096 {
             self.limiter.retain_recent();
@@ -174,7 +184,13 @@ mod tests {
     #[tokio::test]
     async fn a_source_over_its_rate_waits_and_the_others_do_not() {
         let registry = prometheus::Registry::new();
-        let pace = Pace::new(std::num::NonZeroU32::new(50).unwrap(), &registry).unwrap();
+        let node: IpAddr = "198.18.0.100".parse().unwrap();
+        let pace = Pace::new(
+            std::num::NonZeroU32::new(50).unwrap(),
+            vec![node],
+            &registry,
+        )
+        .unwrap();
         let a: IpAddr = "198.18.0.1".parse().unwrap();
         let b: IpAddr = "198.18.0.2".parse().unwrap();
         let started = tokio::time::Instant::now();
@@ -187,6 +203,12 @@ mod tests {
         let started = tokio::time::Instant::now();
         pace.wait(b).await;
         assert!(started.elapsed() < Duration::from_millis(20));
+        // The node's own address (host-network pods) is not paced as one source.
+        let started = tokio::time::Instant::now();
+        for _ in 0..500 {
+            pace.wait(node).await;
+        }
+        assert!(started.elapsed() < Duration::from_millis(100));
         assert!(pace.paced.get() >= 10);
     }
 }

@@ -9,14 +9,23 @@ use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::{body::Incoming, service::service_fn};
 use hyper_util::{
-    rt::{TokioExecutor, TokioIo, TokioTimer},
-    server::{conn::auto, graceful::GracefulShutdown},
+    rt::{TokioIo, TokioTimer},
+    server::graceful::GracefulShutdown,
 };
 use prometheus::{Encoder, Registry, TextEncoder};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::readiness::Readiness;
+use crate::{
+    listen::{ConnectionLimits, Limiter, ListenerMetrics},
+    readiness::Readiness,
+};
+
+/// Connections to the admin server at once: a scraper and the kubelet's probes need a few.
+pub const LIMITS: ConnectionLimits = ConnectionLimits {
+    total: 64,
+    per_source: 8,
+};
 
 /// How long in-flight admin requests may take after shutdown starts.
 const GRACE: Duration = Duration::from_secs(5);
@@ -105,30 +114,40 @@ impl Admin {
         }
     }
 
-    /// Serves until `shutdown` is cancelled, then lets open requests finish for a grace
-    /// period.
-    pub async fn serve(self, listener: TcpListener, shutdown: CancellationToken) {
+    /// Serves HTTP/1.1 (what Prometheus and the kubelet's probes speak) until `shutdown`
+    /// is cancelled, then lets open requests finish for a grace period. Connections are
+    /// bounded by [`LIMITS`] (counted in `metrics` as listener `admin`), and one with no
+    /// request for 10 s is closed: on the agent the port is on the node's address, which
+    /// pods can reach.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        metrics: &ListenerMetrics,
+        shutdown: CancellationToken,
+    ) {
         let graceful = GracefulShutdown::new();
-        let builder = {
-            let mut b = auto::Builder::new(TokioExecutor::new());
-            b.http1()
-                .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(10));
-            b
-        };
+        let limiter = Limiter::new("admin", LIMITS, metrics);
         loop {
-            let Some((stream, _)) = crate::listen::accept(&listener, &shutdown, "admin").await
+            let Some((stream, peer)) = crate::listen::accept(&listener, &shutdown, "admin").await
             else {
                 break;
+            };
+            let Ok(slot) = limiter.admit(peer.ip()) else {
+                continue;
             };
             let admin = self.clone();
             let service = service_fn(move |req| {
                 let admin = admin.clone();
                 async move { Ok::<_, Infallible>(admin.handle(&req)) }
             });
-            let conn = builder.serve_connection(TokioIo::new(stream), service);
-            let conn = graceful.watch(conn.into_owned());
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
+                .max_buf_size(16 * 1024)
+                .serve_connection(TokioIo::new(stream), service);
+            let conn = graceful.watch(conn);
             tokio::spawn(async move {
+                let _slot = slot;
                 if let Err(error) = conn.await {
                     tracing::debug!(%error, "admin connection ended with an error");
                 }

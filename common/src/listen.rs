@@ -335,6 +335,7 @@ impl Activity {
                 limits.first_request
             };
             tokio::select! {
+                biased;
                 _ = changed => continue,
                 _ = tokio::time::sleep_until(since + limit) => {
                     if self.inner.open.load(Ordering::Acquire) == 0 {
@@ -378,9 +379,14 @@ impl<B: Body + Unpin> Body for Tracked<B> {
     }
 }
 
+/// How long a connection asked to finish gracefully may take before it is dropped: an
+/// HTTP/2 peer that never sent its preface (or never reads) does not finish by itself.
+const CLOSE_GRACE: Duration = Duration::from_secs(10);
+
 /// Runs `conn` to its end. It is asked to finish gracefully (in-flight requests complete,
 /// no new ones) when `shutdown` is cancelled or when `activity` has been quiet for its
-/// limit; the second is counted for `listener`.
+/// limit (the second is counted for `listener`), and dropped if that takes longer than
+/// [`CLOSE_GRACE`].
 pub async fn drive<C>(
     conn: C,
     activity: &Activity,
@@ -402,7 +408,11 @@ where
         }
     }
     conn.as_mut().graceful_shutdown();
-    conn.await
+    match tokio::time::timeout(CLOSE_GRACE, conn).await {
+        Ok(done) => done,
+        // Dropped with the future: its socket is closed.
+        Err(_) => Ok(()),
+    }
 }
 
 #[cfg(test)]

@@ -56,6 +56,9 @@ const IDLE: IdleLimits = IdleLimits {
 const MAX_STREAMS: u32 = 256;
 /// A request body must arrive within this (the JSON bodies are a few hundred bytes).
 const BODY_TIMEOUT: Duration = Duration::from_secs(5);
+/// A node feed subscription must be read and authenticated within this (its body, then a
+/// TokenReview of the agent's token).
+const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The listener's name in metrics.
 const LISTENER: &str = "agent_api";
 /// In-flight requests get this long after shutdown starts.
@@ -194,7 +197,17 @@ impl AgentApi {
                         let activity = activity.clone();
                         async move {
                             let rsp = if req.uri().path().starts_with(feed::SERVICE_PREFIX) {
-                                grpc.call(req).await?.map(Either::Right)
+                                // The subscription's body and its authentication have a
+                                // deadline; the stream that follows has none.
+                                match tokio::time::timeout(SUBSCRIBE_TIMEOUT, grpc.call(req)).await
+                                {
+                                    Ok(rsp) => rsp?.map(Either::Right),
+                                    Err(_) => tonic::Status::deadline_exceeded(
+                                        "the subscription did not arrive in time",
+                                    )
+                                    .into_http()
+                                    .map(Either::Right),
+                                }
                             } else {
                                 api.handle(req).await.map(Either::Left)
                             };

@@ -117,6 +117,9 @@ pub enum IssueError {
         /// Where the request came from.
         ip: IpAddr,
     },
+    /// The pod a token is bound to has no address in the index yet.
+    #[error("the pod {0} has no IP address yet")]
+    NoAddressYet(PodKey),
     /// No live pod has the IP.
     #[error("no live pod has IP {0}")]
     PodNotFound(IpAddr),
@@ -208,11 +211,13 @@ struct Inner {
 }
 
 /// What the broker asks before fetching ahead of a request: the server's readiness (its
-/// view is current) and the issuer (a pod the index holds now maps to the session).
+/// view is current) and the issuer (a pod the index holds now maps to the session; a
+/// container-credentials session only while that path's view is current too).
 #[derive(Debug)]
 pub struct IssuerDemand {
     issuer: std::sync::Weak<Inner>,
     readiness: Readiness,
+    pod_identity: Option<Readiness>,
 }
 
 const AUDIT_MEMORY: Duration = Duration::from_secs(13 * 3600);
@@ -225,6 +230,8 @@ const MAX_SESSION_NAME: usize = 64;
 /// many; any one still mapping to it keeps it refreshed, and the others are added again
 /// when they ask).
 const USERS_PER_SESSION: usize = 16;
+/// Sessions whose users are remembered at most (a few per pod).
+const USERS_MAX: usize = 400_000;
 
 // === impl IssuerDemand ===
 
@@ -239,9 +246,10 @@ impl Demand for IssuerDemand {
     }
 
     fn wants(&self, key: &SessionKey) -> bool {
+        let container = self.pod_identity.as_ref().is_some_and(Readiness::is_ready);
         self.issuer
             .upgrade()
-            .is_some_and(|inner| Issuer { inner }.wants(key))
+            .is_some_and(|inner| Issuer { inner }.wants(key, container))
     }
 }
 
@@ -254,6 +262,7 @@ impl IssueError {
             IssueError::InvalidToken(_) | IssueError::TokenFromElsewhere { .. } => {
                 ErrorCode::InvalidToken
             }
+            IssueError::NoAddressYet(_) => ErrorCode::NotReady,
             IssueError::PodNotFound(_) | IssueError::TokenPodGone { .. } => ErrorCode::PodNotFound,
             IssueError::AmbiguousIp { .. } => ErrorCode::AmbiguousIp,
             IssueError::NodeMismatch { .. } => ErrorCode::NodeMismatch,
@@ -336,28 +345,34 @@ impl Issuer {
     }
 
     /// The broker's [`Demand`]: sessions are fetched ahead only while `readiness` (the
-    /// server's: its watches are current) is open and a pod still maps to them.
-    pub fn demand(&self, readiness: Readiness) -> IssuerDemand {
+    /// server's: its watches are current) is open and a pod still maps to them; sessions
+    /// of the container-credentials path only while `pod_identity` (that path's own
+    /// watches) is open too.
+    pub fn demand(&self, readiness: Readiness, pod_identity: Option<Readiness>) -> IssuerDemand {
         IssuerDemand {
             issuer: Arc::downgrade(&self.inner),
             readiness,
+            pod_identity,
         }
     }
 
-    /// Remembers that `pod` uses `key`.
+    /// Remembers that `pod` uses `key` (a new session is not remembered once
+    /// [`USERS_MAX`] are: it is then refreshed only if a pod asks for it again).
     fn record_user(&self, key: &SessionKey, pod: &PodKey) {
         let mut users = self.inner.users.lock();
         if let Some(list) = users.get_mut(key) {
             if list.len() < USERS_PER_SESSION && !list.contains(pod) {
                 list.push(pod.clone());
             }
-        } else {
+        } else if users.len() < USERS_MAX {
             users.insert(key.clone(), vec![pod.clone()]);
         }
     }
 
-    /// Whether a pod the index holds now maps to `key`; forgets the ones that no longer do.
-    fn wants(&self, key: &SessionKey) -> bool {
+    /// Whether a pod the index holds now maps to `key` (its container-credentials session
+    /// only while that path's view is current: `container`); forgets the ones that no
+    /// longer do.
+    fn wants(&self, key: &SessionKey, container: bool) -> bool {
         let Some(users) = self.inner.users.lock().get(key).cloned() else {
             return false;
         };
@@ -366,32 +381,27 @@ impl Issuer {
             users
                 .into_iter()
                 .map(|k| {
-                    let p = index.get(&k);
-                    (k, p)
+                    let pod = index.get(&k);
+                    (k, pod)
                 })
                 .collect()
         };
-        let still: Vec<PodKey> = pods
+        let maps = |pod: &PodInfo| {
+            self.metadata_key(pod).as_ref() == Some(key)
+                || (container && self.container_key(pod).as_ref() == Some(key))
+        };
+        let (still, gone): (Vec<_>, Vec<_>) = pods
             .into_iter()
-            .filter(|(_, pod)| {
-                pod.as_ref()
-                    .is_some_and(|pod| self.session_keys(pod).iter().flatten().any(|k| k == key))
-            })
-            .map(|(k, _)| k)
-            .collect();
-        let wanted = !still.is_empty();
+            .partition(|(_, pod)| pod.as_deref().is_some_and(maps));
+        // Merged, not overwritten: a pod recorded meanwhile stays.
         let mut map = self.inner.users.lock();
-        if wanted {
-            map.insert(key.clone(), still);
-        } else {
-            map.remove(key);
+        if let Some(list) = map.get_mut(key) {
+            list.retain(|p| !gone.iter().any(|(g, _)| g == p));
+            if list.is_empty() {
+                map.remove(key);
+            }
         }
-        wanted
-    }
-
-    /// The sessions `pod` may use now: its metadata path's and its container path's.
-    fn session_keys(&self, pod: &PodInfo) -> [Option<SessionKey>; 2] {
-        [self.metadata_key(pod), self.container_key(pod)]
+        !still.is_empty()
     }
 
     /// The role of the pod with `ip`, if it may have one.
@@ -464,18 +474,34 @@ impl Issuer {
         caller: &Caller,
         from: Option<IpAddr>,
     ) -> Result<Issued, IssueError> {
-        let pod = self.token_pod(token, caller).await?;
-        if let Some(ip) = from.map(podiam_common::net::canonical)
-            && !pod.ips.iter().any(|own| own == ip)
-        {
-            let err = IssueError::TokenFromElsewhere {
-                pod: pod.key.clone(),
-                ip,
-            };
-            self.inner
-                .notifier
-                .pod_warning(&pod, "TokenUsedElsewhere", err.to_string());
-            return Err(err);
+        let mut pod = self.token_pod(token, caller).await?;
+        if let Some(ip) = from.map(podiam_common::net::canonical) {
+            if pod.ips.is_empty() {
+                // A container may ask before the kubelet's status write (its IPs) reaches
+                // the index: wait for it as for a new pod, then say "not yet", which the
+                // pod retries; never "not yours" for a pod with no address yet.
+                let index = &self.inner.index;
+                let with_ips = |index: &ClusterIndex| {
+                    index
+                        .pods()
+                        .get(&pod.key)
+                        .filter(|p| p.uid == pod.uid && !p.ips.is_empty())
+                };
+                index
+                    .wait_until(self.inner.lookup.wait, |i| with_ips(i).is_some())
+                    .await;
+                pod = with_ips(index).ok_or_else(|| IssueError::NoAddressYet(pod.key.clone()))?;
+            }
+            if !pod.ips.iter().any(|own| own == ip) {
+                let err = IssueError::TokenFromElsewhere {
+                    pod: pod.key.clone(),
+                    ip,
+                };
+                self.inner
+                    .notifier
+                    .pod_warning(&pod, "TokenUsedElsewhere", err.to_string());
+                return Err(err);
+            }
         }
         let account = account_of(pod.as_ref());
         let role = self.inner.index.accounts().role_of(&account);
@@ -804,9 +830,15 @@ impl Issuer {
             list.retain(|pod| pods.contains(pod));
             !list.is_empty()
         });
-        let sessions = users.len();
+        let keys: Vec<SessionKey> = users.keys().cloned().collect();
         drop(users);
         drop(pods);
+        // And the pairs whose pod maps to another session now (an annotation changed):
+        // without this, a pod whose annotations keep changing would keep adding sessions.
+        for key in &keys {
+            self.wants(key, true);
+        }
+        let sessions = self.inner.users.lock().len();
         tracing::debug!(pairs, warnings, sessions, "forgot pods gone from the index");
     }
 

@@ -171,19 +171,26 @@ impl Feed {
         }
     }
 
-    /// Registers a subscription of `node`, ending the oldest beyond the node's share.
-    fn register(&self, node: &Arc<str>) -> (u64, CancellationToken) {
+    /// Registers a subscription of `node`, ending the oldest beyond the node's share. When
+    /// the node is only named, not proven by a token (`bound` false: node binding off),
+    /// anyone with an agent's credentials could name any node, so a subscription beyond
+    /// the share is refused instead (`None`).
+    fn register(&self, node: &Arc<str>, bound: bool) -> Option<(u64, CancellationToken)> {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let token = CancellationToken::new();
+        let max = self.inner.settings.max_per_node.max(1);
         let mut nodes = self.inner.nodes.lock();
         let open = nodes.entry(node.clone()).or_default();
+        if !bound && open.len() >= max {
+            return None;
+        }
         open.push_back((id, token.clone()));
-        while open.len() > self.inner.settings.max_per_node.max(1) {
+        while open.len() > max {
             if let Some((_, oldest)) = open.pop_front() {
                 oldest.cancel();
             }
         }
-        (id, token)
+        Some((id, token))
     }
 
     /// Forgets subscription `id` of `node`.
@@ -197,9 +204,10 @@ impl Feed {
         }
     }
 
-    /// The node a subscription is for: the token's node with node binding (a different
-    /// name in the request is refused), else the name in the request.
-    async fn node(&self, token: Option<&str>, asked: &str) -> Result<Arc<str>, Status> {
+    /// The node a subscription is for, and whether a token proved it: the token's node
+    /// with node binding (a different name in the request is refused), else the name in
+    /// the request.
+    async fn node(&self, token: Option<&str>, asked: &str) -> Result<(Arc<str>, bool), Status> {
         let caller = self
             .inner
             .auth
@@ -213,14 +221,14 @@ impl Feed {
                 }
             })?;
         match caller.node {
-            Some(node) if asked.is_empty() || *asked == *node => Ok(node),
+            Some(node) if asked.is_empty() || *asked == *node => Ok((node, true)),
             Some(node) => Err(Status::permission_denied(format!(
                 "the agent's token is bound to node {node:?}, not {asked:?}"
             ))),
             None if asked.is_empty() => Err(Status::invalid_argument(
                 "no node named (node binding is off, so the request must name it)",
             )),
-            None => Ok(asked.into()),
+            None => Ok((asked.into(), false)),
         }
     }
 }
@@ -253,12 +261,19 @@ impl NodeFeed for Feed {
                 feed::MAX_HELD
             )));
         }
-        let node = match self.node(token.as_deref(), &watch.node).await {
+        let (node, bound) = match self.node(token.as_deref(), &watch.node).await {
             Ok(node) => node,
             Err(status) => {
                 m.subscriptions.with_label_values(&["refused"]).inc();
                 return Err(status);
             }
+        };
+        let Some((id, replaced)) = self.register(&node, bound) else {
+            m.subscriptions.with_label_values(&["refused"]).inc();
+            return Err(Status::resource_exhausted(format!(
+                "node {node} already has {} feed subscriptions",
+                self.inner.settings.max_per_node
+            )));
         };
         m.subscriptions.with_label_values(&["ok"]).inc();
         let held = watch.held.len();
@@ -266,7 +281,6 @@ impl NodeFeed for Feed {
         // Few messages queued per agent: an agent that reads slowly holds back its own
         // feed, not the server's memory.
         let (tx, rx) = mpsc::channel(2);
-        let (id, replaced) = self.register(&node);
         let sub = Subscription {
             feed: self.clone(),
             node,

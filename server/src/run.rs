@@ -157,11 +157,14 @@ pub(crate) async fn serve(s: Serve) -> anyhow::Result<()> {
         IssuerMetrics::register(&registry)?,
         Arc::new(notifier),
     );
-    // Nothing is prefetched or refreshed from a stale index.
-    broker_handle.set_demand(Arc::new(issuer.demand(readiness.clone())));
     // The container-credentials path's own readiness (its watches): a missing CRD or a
     // revoked right stops that path, not the metadata path.
     let pod_identity_ready = Readiness::new();
+    // Nothing is prefetched or refreshed from a stale index.
+    broker_handle.set_demand(Arc::new(issuer.demand(
+        readiness.clone(),
+        pod_tokens.is_some().then(|| pod_identity_ready.clone()),
+    )));
     let pod_tokens = pod_tokens.map(|reviewer| PodTokens {
         reviewer: reviewer(client.clone()),
         ready: pod_identity_ready.clone(),
@@ -212,9 +215,11 @@ pub(crate) async fn serve(s: Serve) -> anyhow::Result<()> {
     let api_listener = bind(listen, "agent API").await?;
     let admin = Admin::new(registry, readiness.clone());
     tasks.spawn("admin server", "admin", {
-        let shutdown = shutdown.clone();
+        let (shutdown, admin_listeners) = (shutdown.clone(), listeners.clone());
         async move {
-            admin.serve(admin_listener, shutdown).await;
+            admin
+                .serve(admin_listener, &admin_listeners, shutdown)
+                .await;
             Ok(())
         }
     });

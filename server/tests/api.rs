@@ -245,6 +245,40 @@ async fn tls_requires_a_client_certificate_from_the_ca() {
 }
 
 #[tokio::test]
+async fn unauthenticated_connections_from_one_address_hold_only_its_share() {
+    // An address that reaches the port opens 200 TCP connections and never starts TLS:
+    // beyond its share (16) they are closed at accept, and the ones held are closed when
+    // their handshake does not come; an agent from another address is served meanwhile.
+    let env = start().await;
+    let mut idle = Vec::new();
+    for _ in 0..200 {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.88:0".parse().unwrap()).unwrap();
+        if let Ok(tcp) = socket.connect(env.api).await {
+            idle.push(tcp);
+        }
+    }
+    let mut c = client(&env).await;
+    let (code, v) = credentials(&mut c, AGENT_A, "10.0.0.1", Some("web")).await;
+    assert_eq!(code, 200, "{v}");
+    let refused = env
+        .metric(r#"podiam_listener_refused_total{listener="agent_api",reason="per_source"}"#)
+        .await;
+    assert!(refused >= (200 - 16) as f64, "refused {refused}");
+    // The held ones are dropped when their handshake window (5 s) ends.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while env
+        .metric(r#"podiam_api_tls_handshakes_total{result="timeout"}"#)
+        .await
+        < 16.0
+    {
+        assert!(Instant::now() < deadline, "idle handshakes never timed out");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    drop(idle);
+}
+
+#[tokio::test]
 async fn a_thousand_concurrent_cold_requests_make_one_assume_role_call() {
     let env = start().await;
     let mut c = client(&env).await;

@@ -488,6 +488,30 @@ async fn a_token_is_worth_credentials_only_from_its_own_pods_address() {
     // IPv4-mapped IPv6 is the same address.
     let (code, v) = ask_from(&mut c, &one, "::ffff:10.9.1.1").await;
     assert_eq!(code, 200, "{v}");
+
+    // A pod whose first request comes before its IP reached the server: "not yet" (which
+    // the agent answers 503, retried), never "not yours".
+    env.kube.apply(
+        pod("bound", "fresh")
+            .service_account("app")
+            .node("node-a")
+            .build(),
+    );
+    let fresh = env
+        .kube
+        .issue_pod_token("bound", "fresh", AUDIENCE, HOUR)
+        .unwrap();
+    let (code, v) = ask_from(&mut c, &fresh, "10.9.1.5").await;
+    assert_eq!((code, v["code"].as_str()), (503, Some("not_ready")), "{v}");
+    env.kube.apply(
+        pod("bound", "fresh")
+            .service_account("app")
+            .node("node-a")
+            .ip("10.9.1.5")
+            .build(),
+    );
+    let (code, v) = ask_from(&mut c, &fresh, "10.9.1.5").await;
+    assert_eq!(code, 200, "{v}");
 }
 
 #[tokio::test]
@@ -600,4 +624,50 @@ async fn idle_connections_from_one_address_cannot_switch_the_webhook_off() {
             .await
             >= 1.0
     );
+}
+
+#[tokio::test]
+async fn with_a_client_ca_only_the_api_servers_certificate_reaches_the_webhook() {
+    let kube = FakeKube::start().await.unwrap();
+    kube.apply(namespace("team", &[]));
+    kube.apply(service_account("team", "app", Some(&arn("app"))));
+    let dir = tempfile::tempdir().unwrap();
+    // The API server's client certificate comes from a CA of its own.
+    let api_server_pki = podiam_tests::certs::Pki::generate(dir.path(), "apiserver").unwrap();
+    let client_ca = api_server_pki.ca.to_string_lossy().into_owned();
+    let extra = [
+        "--pod-identity",
+        "--webhook-listen",
+        "127.0.0.1:0",
+        "--webhook-client-ca",
+        &client_ca,
+    ];
+    let env = ServerStack::start(std::path::Path::new(BIN), kube, &extra)
+        .await
+        .expect("server stack (moto: run scripts/setup)");
+    let addr = env
+        .server
+        .logs()
+        .iter()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .find(|v| v["message"] == "admission webhook listening")
+        .and_then(|v| v["addr"].as_str()?.parse::<std::net::SocketAddr>().ok())
+        .unwrap();
+    let pod = json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "x", "namespace": "team"},
+        "spec": {"serviceAccountName": "app", "containers": [{"name": "c", "image": "i"}]}});
+    // No client certificate (any pod that reaches the port), or one of another CA (an
+    // agent's): no answer.
+    assert!(admit(addr, &env.pki.ca, "team", &pod).await.is_err());
+    for stranger in [&env.pki.client, &env.other.client] {
+        let config = tls_config(&env.pki.ca, Some(stranger)).unwrap();
+        assert!(ApiClient::connect(addr, config).await.is_err());
+    }
+    // The API server's certificate: answered.
+    let config = tls_config(&env.pki.ca, Some(&api_server_pki.client)).unwrap();
+    let mut c = ApiClient::connect(addr, config).await.unwrap();
+    let review = podiam_tests::admission::review("uid-1", "team", &pod);
+    let (status, v) = c.post("/mutate", None, review).await.unwrap();
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["response"]["patchType"], "JSONPatch", "{v}");
 }
