@@ -17,6 +17,11 @@ const BIN: &str = env!("CARGO_BIN_EXE_podiam-server");
 const AGENT_A: &str = "token-agent-node-a";
 
 async fn start() -> ServerStack {
+    start_with(&[]).await
+}
+
+/// [`start`] with `extra` server flags.
+async fn start_with(extra: &[&str]) -> ServerStack {
     let kube = FakeKube::start().await.unwrap();
     for object in team_a(TeamA {
         web: "10.0.0.1",
@@ -26,13 +31,13 @@ async fn start() -> ServerStack {
         kube.apply(object);
     }
     kube.add_token(AGENT_A, agent_identity("node-a"));
-    ServerStack::start(
-        std::path::Path::new(BIN),
-        kube,
-        &["--feed-heartbeat", "300ms"],
-    )
-    .await
-    .expect("server stack (moto: run scripts/setup)")
+    let flags: Vec<&str> = ["--feed-heartbeat", "300ms"]
+        .into_iter()
+        .chain(extra.iter().copied())
+        .collect();
+    ServerStack::start(std::path::Path::new(BIN), kube, &flags)
+        .await
+        .expect("server stack (moto: run scripts/setup)")
 }
 
 type Stream = tonic::Streaming<NodeUpdate>;
@@ -213,22 +218,7 @@ async fn ended(stream: &mut Stream) -> tonic::Status {
 
 #[tokio::test]
 async fn a_stale_view_ends_every_feed_and_refuses_new_ones_until_it_is_current_again() {
-    let kube = FakeKube::start().await.unwrap();
-    for object in team_a(TeamA {
-        web: "10.0.0.1",
-        denied: "10.0.0.2",
-        other_node: "10.0.0.3",
-    }) {
-        kube.apply(object);
-    }
-    kube.add_token(AGENT_A, agent_identity("node-a"));
-    let env = ServerStack::start(
-        std::path::Path::new(BIN),
-        kube,
-        &["--feed-heartbeat", "300ms", "--watch-stale-after", "1s"],
-    )
-    .await
-    .expect("server stack (moto: run scripts/setup)");
+    let env = start_with(&["--watch-stale-after", "1s"]).await;
     let mut stream = subscribe(&env, Some(AGENT_A), "", vec![]).await.unwrap();
     assert!(next(&mut stream).await.synced);
 

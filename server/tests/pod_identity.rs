@@ -63,6 +63,18 @@ async fn start() -> ServerStack {
         .expect("server stack (moto: run scripts/setup)")
 }
 
+/// The webhook's address, as the server announced it (after the agent API, which is what
+/// the stack waits for).
+fn webhook_addr(env: &ServerStack) -> std::net::SocketAddr {
+    env.server
+        .logs()
+        .iter()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .find(|v| v["message"] == "admission webhook listening")
+        .and_then(|v| v["addr"].as_str()?.parse::<std::net::SocketAddr>().ok())
+        .expect("the webhook announced its address")
+}
+
 async fn client(env: &ServerStack) -> ApiClient {
     let config = tls_config(&env.pki.ca, Some(&env.pki.client)).unwrap();
     ApiClient::connect(env.api, config).await.unwrap()
@@ -236,15 +248,7 @@ async fn tokens_that_are_not_a_live_pods_on_this_node_with_a_permitted_role_are_
 #[tokio::test]
 async fn the_webhook_mutates_only_pods_whose_service_account_has_a_role() {
     let env = start().await;
-    // Announced after the agent API, which is what the stack waits for.
-    let addr = env
-        .server
-        .logs()
-        .iter()
-        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
-        .find(|v| v["message"] == "admission webhook listening")
-        .and_then(|v| v["addr"].as_str()?.parse::<std::net::SocketAddr>().ok())
-        .unwrap();
+    let addr = webhook_addr(&env);
     let config = tls_config(&env.pki.ca, None).unwrap();
     let mut c = ApiClient::connect(addr, config).await.unwrap();
     let review = |sa: &str| {
@@ -576,14 +580,7 @@ async fn idle_connections_from_one_address_cannot_switch_the_webhook_off() {
     use tokio::io::AsyncReadExt;
     const HOSTILE: &str = "127.0.0.77";
     let env = start().await;
-    let addr = env
-        .server
-        .logs()
-        .iter()
-        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
-        .find(|v| v["message"] == "admission webhook listening")
-        .and_then(|v| v["addr"].as_str()?.parse::<std::net::SocketAddr>().ok())
-        .unwrap();
+    let addr = webhook_addr(&env);
     // One address that reaches the port holds 300 idle TLS connections (the review's
     // attack needed 128 to fill every slot).
     let config = tls_config(&env.pki.ca, None).unwrap();
@@ -645,14 +642,7 @@ async fn with_a_client_ca_only_the_api_servers_certificate_reaches_the_webhook()
     let env = ServerStack::start(std::path::Path::new(BIN), kube, &extra)
         .await
         .expect("server stack (moto: run scripts/setup)");
-    let addr = env
-        .server
-        .logs()
-        .iter()
-        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
-        .find(|v| v["message"] == "admission webhook listening")
-        .and_then(|v| v["addr"].as_str()?.parse::<std::net::SocketAddr>().ok())
-        .unwrap();
+    let addr = webhook_addr(&env);
     let pod = json!({"apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": "x", "namespace": "team"},
         "spec": {"serviceAccountName": "app", "containers": [{"name": "c", "image": "i"}]}});
