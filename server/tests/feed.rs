@@ -317,3 +317,26 @@ async fn one_node_cannot_make_a_server_hold_more_than_its_share() {
     );
     assert_eq!(env.metric("podiam_feed_streams").await, 2.0);
 }
+
+#[tokio::test]
+async fn without_node_binding_a_named_node_cannot_have_its_feed_taken_over() {
+    // With --node-binding=off a subscription only names its node, so anyone with the
+    // agents' certificate could name any node: beyond the node's share, a newer one is
+    // refused rather than ending the real agent's feed.
+    let env = start_with(&["--node-binding", "off"]).await;
+    let mut first = subscribe(&env, None, "node-a", vec![]).await.unwrap();
+    assert!(next(&mut first).await.synced);
+    let mut second = subscribe(&env, None, "node-a", vec![]).await.unwrap();
+    assert!(next(&mut second).await.synced);
+    let refused = subscribe(&env, None, "node-a", vec![]).await.unwrap_err();
+    assert_eq!(
+        refused.code(),
+        tonic::Code::ResourceExhausted,
+        "{refused:?}"
+    );
+    // The first two go on.
+    for stream in [&mut first, &mut second] {
+        assert!(next_result(stream).await.unwrap().is_some());
+    }
+    assert_eq!(env.metric("podiam_feed_streams").await, 2.0);
+}

@@ -58,6 +58,10 @@ pub enum Fault {
     /// stops permitting its role. No credentials of that role may be issued from then on,
     /// and none served once the node's feed is back; then the policy is restored.
     ApiDownRevoked,
+    /// No server for the hold time; meanwhile a pod is force-deleted (its API object
+    /// goes, its network stays). Its held credentials may be served while no server can
+    /// say, and never once its node's feed is back; then it is created again.
+    DeletedWhileHeld,
     /// The agent of the first node is stopped and started again at once.
     AgentRestart,
     /// The agent of the first node is stopped for the hold time: its pods must be refused
@@ -82,10 +86,11 @@ pub enum Fault {
 
 impl Fault {
     /// Every fault, in the order of the matrix.
-    pub const ALL: [Fault; 12] = [
+    pub const ALL: [Fault; 13] = [
         Fault::CertRotate,
         Fault::ServerRestart,
         Fault::ServerDown,
+        Fault::DeletedWhileHeld,
         Fault::ApiDown,
         Fault::ApiDownRevoked,
         Fault::WatchesCut,
@@ -104,6 +109,7 @@ impl Fault {
             Fault::ServerDown => "server-down",
             Fault::ApiDown => "api-down",
             Fault::ApiDownRevoked => "api-down-revoked",
+            Fault::DeletedWhileHeld => "deleted-while-held",
             Fault::AgentRestart => "agent-restart",
             Fault::AgentDown => "agent-down",
             Fault::StsThrottle => "sts-throttle",
@@ -143,6 +149,7 @@ impl Fault {
             Fault::ServerDown
                 | Fault::ApiDown
                 | Fault::ApiDownRevoked
+                | Fault::DeletedWhileHeld
                 | Fault::AgentDown
                 | Fault::StsThrottle
                 | Fault::StsError
@@ -245,6 +252,15 @@ struct Revoked {
 /// policy it is given back (as in `examples/sandbox.yaml`).
 const REVOKED_NAMESPACE: &str = "payments/";
 const REVOKED_POLICY: &str = "arn:aws:iam::123456789012:role/payments-.*";
+
+/// How [`Chaos::restore_after_feed`] gives a role back.
+#[derive(Clone, Copy, Debug)]
+enum Restore {
+    /// The namespace's policy as it was.
+    Policy,
+    /// The deleted pod, created again.
+    Pod,
+}
 
 /// Answers already in flight when a node's feed comes back.
 const FEED_GRACE: Duration = Duration::from_secs(1);
@@ -386,6 +402,13 @@ impl Chaos {
                 self.sandbox(&["api", "stop"])?;
                 self.revoke()?;
             }
+            Fault::DeletedWhileHeld => {
+                self.sandbox(&["server", "stop"])?;
+                let victim = self.victim()?;
+                let pod = self.targets[victim].pod.clone();
+                self.mark(victim, Instant::now());
+                self.sandbox(&["delete", "--keep-network", &pod])?;
+            }
             Fault::AgentRestart | Fault::AgentDown => {
                 self.sandbox(&["agent", "stop", &node])?;
             }
@@ -432,7 +455,11 @@ impl Chaos {
             }
             Fault::ApiDownRevoked => {
                 self.sandbox(&["api", "start"])?;
-                self.restore_after_feed()?;
+                self.restore_after_feed(Restore::Policy)?;
+            }
+            Fault::DeletedWhileHeld => {
+                self.sandbox(&["server", "start"])?;
+                self.restore_after_feed(Restore::Pod)?;
             }
             Fault::AgentRestart | Fault::AgentDown => {
                 self.sandbox(&["agent", "start", &node])?;
@@ -501,11 +528,7 @@ impl Chaos {
             std::thread::sleep(Duration::from_millis(200));
         }
         let since = Instant::now();
-        let victim = self
-            .targets
-            .iter()
-            .position(|t| t.token_file.is_none() && t.pod.starts_with(REVOKED_NAMESPACE))
-            .with_context(|| format!("no metadata-path pod in {REVOKED_NAMESPACE} under load"))?;
+        let victim = self.victim()?;
         let others: Vec<&str> = self
             .targets
             .iter()
@@ -515,6 +538,22 @@ impl Chaos {
             .collect();
         let permitted = format!("arn:aws:iam::{ACCOUNT}:role/({})", others.join("|"));
         self.apply_namespace(&permitted)?;
+        self.mark(victim, since);
+        Ok(())
+    }
+
+    /// The pod whose role a fault takes away: the first metadata-path pod of
+    /// [`REVOKED_NAMESPACE`].
+    fn victim(&self) -> anyhow::Result<usize> {
+        self.targets
+            .iter()
+            .position(|t| t.token_file.is_none() && t.pod.starts_with(REVOKED_NAMESPACE))
+            .with_context(|| format!("no metadata-path pod in {REVOKED_NAMESPACE} under load"))
+    }
+
+    /// From `since` on, `victim` may be answered only the credentials it had before (held
+    /// by its agent), and nothing once its node's feed is back.
+    fn mark(&mut self, victim: usize, since: Instant) {
         let known = self
             .samples
             .lock()
@@ -532,12 +571,11 @@ impl Chaos {
             fed: None,
             until: None,
         });
-        Ok(())
     }
 
     /// Once the revoked pod's node has its feed again (and the pod has been refused),
-    /// restores its namespace's policy.
-    fn restore_after_feed(&mut self) -> anyhow::Result<()> {
+    /// gives the role back: its namespace's policy, or the pod itself.
+    fn restore_after_feed(&mut self, restore: Restore) -> anyhow::Result<()> {
         let r = self.revoked.last().cloned().context("nothing revoked")?;
         let state = State::load(&self.name)?;
         let node = state
@@ -562,14 +600,15 @@ impl Chaos {
         if let Some(last) = self.revoked.last_mut() {
             last.fed = Some(fed);
         }
-        // The pod is refused from now on (a few rounds to see it).
+        // The pod gets nothing from now on (refused; a deleted pod's address waits for a
+        // new pod on it past the round's timeout): a few rounds to see it.
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let refused = self
-                .samples
-                .lock()
-                .iter()
-                .any(|s| s.pod == r.pod && s.at > fed && s.outcome == Outcome::Refused);
+            let refused = self.samples.lock().iter().any(|s| {
+                s.pod == r.pod
+                    && s.at > fed
+                    && matches!(s.outcome, Outcome::Refused | Outcome::Failed)
+            });
             if refused {
                 break;
             }
@@ -582,7 +621,28 @@ impl Chaos {
             std::thread::sleep(PACE);
         }
         std::thread::sleep(FEED_GRACE * 2);
-        self.apply_namespace(REVOKED_POLICY)?;
+        match restore {
+            Restore::Policy => self.apply_namespace(REVOKED_POLICY)?,
+            Restore::Pod => {
+                // Created again at the same address and node, on the network it kept.
+                let target = self.targets[r.pod].clone();
+                let (namespace, name) = target.pod.split_once('/').context("a pod's name")?;
+                let dir = tempfile::tempdir()?;
+                let file = dir.path().join("pod.yaml");
+                std::fs::write(
+                    &file,
+                    format!(
+                        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {namespace}\n  \
+                         annotations:\n    iam.amazonaws.com/role: {}\nspec:\n  nodeName: {}\n\
+                         status:\n  phase: Running\n  podIP: {ip}\n  podIPs:\n  - ip: {ip}\n",
+                        target.role,
+                        target.node,
+                        ip = target.ip,
+                    ),
+                )?;
+                self.sandbox(&["apply", &file.to_string_lossy()])?;
+            }
+        }
         if let Some(last) = self.revoked.last_mut() {
             last.until = Some(Instant::now());
         }
@@ -1001,7 +1061,10 @@ pub fn gone(name: &str) -> anyhow::Result<Vec<String>> {
 /// The processes that are gone without the fault stopping them.
 fn exited(before: &State, after: &State, fault: Fault, node: &str) -> Vec<String> {
     let mut gone = Vec::new();
-    let server_restarted = matches!(fault, Fault::ServerRestart | Fault::ServerDown);
+    let server_restarted = matches!(
+        fault,
+        Fault::ServerRestart | Fault::ServerDown | Fault::DeletedWhileHeld
+    );
     if !alive(after.server_pid) || (!server_restarted && before.server_pid != after.server_pid) {
         gone.push("podiam-server".to_string());
     }

@@ -64,6 +64,9 @@ fn under_load_no_fault_hands_out_wrong_credentials_or_stops_a_process() {
     // A role revoked while the server's view was stale: refused once the feed is back
     // (and, checked above, never issued anew meanwhile nor served after).
     assert!(row(Fault::ApiDownRevoked).refused > 0, "{table}");
+    // A pod force-deleted while the server was down: its held credentials while no server
+    // could say (checked above: never after its node's feed was back).
+    assert!(row(Fault::DeletedWhileHeld).ok > 0, "{table}");
     // A stopped agent fails closed: its pods' requests go unanswered, never elsewhere.
     assert!(row(Fault::AgentDown).failed > 0, "{table}");
     drop(load);

@@ -142,6 +142,10 @@ enum Cmd {
     Delete {
         /// NAMESPACE/NAME.
         pod: String,
+        /// Delete only the API object, as a force deletion does while the node still runs
+        /// the pod: its network and processes stay.
+        #[arg(long)]
+        keep_network: bool,
     },
     /// (internal) The supervisor `up` starts in the control namespace.
     #[command(hide = true)]
@@ -198,7 +202,9 @@ fn main() -> ExitCode {
                 file: std::path::absolute(&file)?,
             },
         ),
-        Cmd::Delete { pod } => control(&cli.name, &Request::Delete { pod }),
+        Cmd::Delete { pod, keep_network } => {
+            control(&cli.name, &Request::Delete { pod, keep_network })
+        }
         Cmd::Explain { pod, args } => explain(&cli.name, &pod, &args),
         Cmd::Supervise { file } => supervise(&cli.name, &file),
     });

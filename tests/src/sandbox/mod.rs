@@ -157,6 +157,10 @@ pub enum Request {
     Delete {
         /// `NAMESPACE/NAME`.
         pod: String,
+        /// Only the API object (a force deletion: the node's kubelet has not stopped the
+        /// pod yet, so its network and processes stay).
+        #[serde(default)]
+        keep_network: bool,
     },
     /// Stop podiam-server (SIGTERM; `up: false`) or start it again on the same ports.
     Server {

@@ -918,12 +918,17 @@ impl Supervisor {
                 self.state.save()?;
                 Ok(lines.join("\n"))
             }
-            Request::Delete { pod } => {
+            Request::Delete { pod, keep_network } => {
                 let Some((namespace, name)) = pod.split_once('/') else {
                     bail!("{pod:?}: give NAMESPACE/NAME");
                 };
                 if !self.kube.delete_pod(namespace, name) {
                     bail!("no pod {pod} in the sandbox");
+                }
+                if keep_network {
+                    return Ok(format!(
+                        "pod {pod} deleted from the API server; its network stays"
+                    ));
                 }
                 self.unwire(namespace, name)?;
                 Ok(format!("pod {pod} deleted"))
