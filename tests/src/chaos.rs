@@ -253,6 +253,19 @@ struct Revoked {
 const REVOKED_NAMESPACE: &str = "payments/";
 const REVOKED_POLICY: &str = "arn:aws:iam::123456789012:role/payments-.*";
 
+/// A running pod `namespace/name` with `role` on `node`, at `ip` if given (else the
+/// sandbox picks one).
+fn pod_yaml(namespace: &str, name: &str, role: &str, node: &str, ip: Option<IpAddr>) -> String {
+    let mut yaml = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {namespace}\n  \
+         annotations:\n    iam.amazonaws.com/role: {role}\nspec:\n  nodeName: {node}\n"
+    );
+    if let Some(ip) = ip {
+        yaml += &format!("status:\n  phase: Running\n  podIP: {ip}\n  podIPs:\n  - ip: {ip}\n");
+    }
+    yaml
+}
+
 /// How [`Chaos::restore_after_feed`] gives a role back.
 #[derive(Clone, Copy, Debug)]
 enum Restore {
@@ -625,22 +638,10 @@ impl Chaos {
             Restore::Policy => self.apply_namespace(REVOKED_POLICY)?,
             Restore::Pod => {
                 // Created again at the same address and node, on the network it kept.
-                let target = self.targets[r.pod].clone();
+                let target = &self.targets[r.pod];
                 let (namespace, name) = target.pod.split_once('/').context("a pod's name")?;
-                let dir = tempfile::tempdir()?;
-                let file = dir.path().join("pod.yaml");
-                std::fs::write(
-                    &file,
-                    format!(
-                        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {namespace}\n  \
-                         annotations:\n    iam.amazonaws.com/role: {}\nspec:\n  nodeName: {}\n\
-                         status:\n  phase: Running\n  podIP: {ip}\n  podIPs:\n  - ip: {ip}\n",
-                        target.role,
-                        target.node,
-                        ip = target.ip,
-                    ),
-                )?;
-                self.sandbox(&["apply", &file.to_string_lossy()])?;
+                let yaml = pod_yaml(namespace, name, &target.role, &target.node, Some(target.ip));
+                self.apply(&yaml)?;
             }
         }
         if let Some(last) = self.revoked.last_mut() {
@@ -651,16 +652,18 @@ impl Chaos {
 
     /// Applies [`REVOKED_NAMESPACE`] with `permitted` as its policy.
     fn apply_namespace(&self, permitted: &str) -> anyhow::Result<()> {
-        let dir = tempfile::tempdir()?;
-        let file = dir.path().join("namespace.yaml");
         let name = REVOKED_NAMESPACE.trim_end_matches('/');
-        std::fs::write(
-            &file,
-            format!(
-                "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {name}\n  annotations:\n    \
-                 iam.amazonaws.com/permitted: \"{permitted}\"\n"
-            ),
-        )?;
+        self.apply(&format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {name}\n  annotations:\n    \
+             iam.amazonaws.com/permitted: \"{permitted}\"\n"
+        ))
+    }
+
+    /// `podiam-sandbox apply` of `yaml`.
+    fn apply(&self, yaml: &str) -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let file = dir.path().join("apply.yaml");
+        std::fs::write(&file, yaml)?;
         self.sandbox(&["apply", &file.to_string_lossy()])?;
         Ok(())
     }
@@ -707,16 +710,7 @@ impl Chaos {
         name: &str,
         role: &str,
     ) -> anyhow::Result<()> {
-        let dir = tempfile::tempdir()?;
-        let file = dir.path().join("pod.yaml");
-        std::fs::write(
-            &file,
-            format!(
-                "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {namespace}\n  \
-                 annotations:\n    iam.amazonaws.com/role: {role}\nspec:\n  nodeName: {node}\n"
-            ),
-        )?;
-        self.sandbox(&["apply", &file.to_string_lossy()])?;
+        self.apply(&pod_yaml(namespace, name, role, node, None))?;
         let state = State::load(&self.name)?;
         let pod = state
             .pods
