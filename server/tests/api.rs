@@ -279,6 +279,30 @@ async fn unauthenticated_connections_from_one_address_hold_only_its_share() {
 }
 
 #[tokio::test]
+async fn the_admin_server_holds_only_a_share_of_connections_per_address() {
+    // 50 idle connections from one address: beyond its 8 they are closed at accept, and
+    // the probes and scrapes from elsewhere are answered.
+    let env = start().await;
+    let mut idle = Vec::new();
+    for _ in 0..50 {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.89:0".parse().unwrap()).unwrap();
+        if let Ok(tcp) = socket.connect(env.server.admin).await {
+            idle.push(tcp);
+        }
+    }
+    let ready = podiam_tests::http::get(env.server.admin, "/readyz")
+        .await
+        .unwrap();
+    assert_eq!(ready.0, 200, "{ready:?}");
+    let refused = env
+        .metric(r#"podiam_listener_refused_total{listener="admin",reason="per_source"}"#)
+        .await;
+    assert!(refused >= 42.0, "refused {refused}");
+    drop(idle);
+}
+
+#[tokio::test]
 async fn a_thousand_concurrent_cold_requests_make_one_assume_role_call() {
     let env = start().await;
     let mut c = client(&env).await;

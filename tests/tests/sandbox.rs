@@ -775,6 +775,15 @@ fn pod_identity_gives_pods_their_service_accounts_role_and_refuses_every_other_t
         "{hostnet}"
     );
 
+    // The same stolen token sent from a pod on its own node (a copy read from a shared
+    // volume): worth nothing away from its pod, and the owner's held credentials stay
+    // (checked through the outage below).
+    let thief = pi("analytics/etl", stolen.to_str().unwrap());
+    assert!(
+        thief.starts_with("400") && thief.contains("InvalidToken"),
+        "{thief}"
+    );
+
     // Through a server outage: a pod gets again what it was last handed for its token
     // (the node feed still lists it); nothing is handed to a token no server answered.
     sb.ok(&["server", "stop"]);
