@@ -51,6 +51,22 @@ async fn start() -> ServerStack {
         .expect("server stack (moto: run scripts/setup)")
 }
 
+/// `n` TCP connections from `from` to `to` that send nothing (those refused are left out).
+async fn idle_connections(
+    from: &str,
+    to: std::net::SocketAddr,
+    n: usize,
+) -> Vec<tokio::net::TcpStream> {
+    let from = from.parse().unwrap();
+    let mut idle = Vec::new();
+    for _ in 0..n {
+        if let Ok(tcp) = podiam_tests::imds_client::connect(from, to).await {
+            idle.push(tcp);
+        }
+    }
+    idle
+}
+
 async fn client(env: &ServerStack) -> ApiClient {
     let config = tls_config(&env.pki.ca, Some(&env.pki.client)).unwrap();
     ApiClient::connect(env.api, config).await.unwrap()
@@ -250,14 +266,7 @@ async fn unauthenticated_connections_from_one_address_hold_only_its_share() {
     // beyond its share (16) they are closed at accept, and the ones held are closed when
     // their handshake does not come; an agent from another address is served meanwhile.
     let env = start().await;
-    let mut idle = Vec::new();
-    for _ in 0..200 {
-        let socket = tokio::net::TcpSocket::new_v4().unwrap();
-        socket.bind("127.0.0.88:0".parse().unwrap()).unwrap();
-        if let Ok(tcp) = socket.connect(env.api).await {
-            idle.push(tcp);
-        }
-    }
+    let idle = idle_connections("127.0.0.88", env.api, 200).await;
     let mut c = client(&env).await;
     let (code, v) = credentials(&mut c, AGENT_A, "10.0.0.1", Some("web")).await;
     assert_eq!(code, 200, "{v}");
@@ -283,14 +292,7 @@ async fn the_admin_server_holds_only_a_share_of_connections_per_address() {
     // 50 idle connections from one address: beyond its 8 they are closed at accept, and
     // the probes and scrapes from elsewhere are answered.
     let env = start().await;
-    let mut idle = Vec::new();
-    for _ in 0..50 {
-        let socket = tokio::net::TcpSocket::new_v4().unwrap();
-        socket.bind("127.0.0.89:0".parse().unwrap()).unwrap();
-        if let Ok(tcp) = socket.connect(env.server.admin).await {
-            idle.push(tcp);
-        }
-    }
+    let idle = idle_connections("127.0.0.89", env.server.admin, 50).await;
     let ready = podiam_tests::http::get(env.server.admin, "/readyz")
         .await
         .unwrap();

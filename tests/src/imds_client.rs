@@ -23,7 +23,8 @@ pub struct Answer {
     pub body: String,
 }
 
-/// A TCP connection from `from` (a loopback address standing for a pod) to `to`.
+/// A TCP connection from `from` (a loopback address standing for a pod, or any party) to
+/// `to`.
 pub async fn connect(from: IpAddr, to: SocketAddr) -> std::io::Result<TcpStream> {
     let socket = match from {
         IpAddr::V4(_) => TcpSocket::new_v4()?,
